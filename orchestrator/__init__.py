@@ -1,0 +1,3 @@
+"""orch: a sharded multi-process orchestrator."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Where attempts run.
+
+A backend starts an attempt's process, signals its whole process group, and
+reports its output and its end to a ``Listener``. The master never touches a
+process directly, so another backend (a cluster engine) can run the same
+attempts elsewhere while the master keeps shard state, restarts, heartbeats,
+progress and checkpoints.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Stream(enum.IntEnum):
+    STDOUT = 1
+    STDERR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSpec:
+    """Everything needed to start one attempt; argv and env are fully rendered."""
+
+    index: int
+    shard_id: str
+    attempt: int
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str | None = None
+
+
+@dataclass(slots=True)
+class AttemptHandle:
+    """A started attempt as the master sees it."""
+
+    spec: AttemptSpec
+    pid: int | None
+    pgid: int | None
+    create_time: float | None
+
+
+class Listener(Protocol):
+    def on_output(self, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
+        """Bytes the attempt wrote, in order, per stream."""
+
+    def on_exit(self, handle: AttemptHandle, code: int) -> None:
+        """The attempt and its whole process group are gone; ``code`` is -N for signal N."""
+
+
+class Backend(abc.ABC):
+    """Start, signal and observe attempts."""
+
+    @abc.abstractmethod
+    def start(self, spec: AttemptSpec) -> AttemptHandle:
+        """Start the attempt; raise ``SpawnError`` with a plain reason when it cannot start."""
+
+    @abc.abstractmethod
+    def signal(self, handle: AttemptHandle, signum: int) -> None:
+        """Send ``signum`` to the attempt's whole process group (a no-op once it is gone)."""
+
+    @abc.abstractmethod
+    def live(self) -> list[AttemptHandle]:
+        """Attempts whose process group still exists."""
+
+    def close(self) -> None:
+        """Release the backend's resources (the master has stopped every attempt)."""

@@ -1,0 +1,284 @@
+"""The local backend: attempts are child processes of the master.
+
+- Each attempt is started with ``os.posix_spawn`` (vfork + exec in glibc, so
+  the cost does not grow with the master's memory) in a new session, so it
+  leads its own process group and stopping it is ``killpg``.
+- The master is a child subreaper (``PR_SET_CHILD_SUBREAPER``): grandchildren
+  whose parent died are re-parented to the master, not to init, so their
+  deaths also arrive as SIGCHLD and the master knows when a group is empty.
+- Exits are observed by event: SIGCHLD wakes the loop, which reaps with
+  ``waitpid(-1, WNOHANG)`` until nothing is left, tolerating pids it does not
+  know (re-parented grandchildren) and ECHILD. No thread per child, no timer.
+- An attempt is reported ended only once its leader has exited AND its
+  whole process group is gone; leftovers of a group whose leader exited get
+  SIGTERM, a grace period, then SIGKILL. So a new attempt never overlaps any
+  process of the previous one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator.backends import AttemptHandle, AttemptSpec, Backend, Listener, Stream
+from orchestrator.errors import SpawnError
+from orchestrator.loop import Loop
+
+PR_SET_CHILD_SUBREAPER = 36
+READ_BYTES = 1 << 16
+#: How often a draining group (leader gone, members left) is re-checked when no SIGCHLD comes.
+DRAIN_POLL_S = 0.25
+
+#: Signals whose disposition the master changes; reset to default in every child.
+_RESET_SIGNALS = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
+    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+)
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def resolve_executable(argv0: str, env_path: str | None, cwd: str | None) -> str:
+    """The path ``posix_spawn`` should exec, or SpawnError in plain words."""
+    if not argv0:
+        raise SpawnError("empty command")
+    if "/" in argv0:
+        path = argv0 if os.path.isabs(argv0) else os.path.join(cwd or os.getcwd(), argv0)
+        if not os.path.exists(path):
+            raise SpawnError(f"executable not found: {argv0!r}")
+        if os.path.isdir(path):
+            raise SpawnError(f"permission denied: {argv0!r} is a directory")
+        if not os.access(path, os.X_OK):
+            raise SpawnError(f"permission denied: {argv0!r} is not executable")
+        return path
+    found = shutil.which(argv0, path=env_path if env_path is not None else os.defpath)
+    if found is None:
+        raise SpawnError(f"executable not found: {argv0!r} (not on PATH)")
+    return found
+
+
+def process_create_time(pid: int) -> float | None:
+    """Start time of ``pid`` in clock ticks since boot, from /proc: pid plus this is unique."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return float(fields[19])
+
+
+@dataclass(slots=True)
+class _Local:
+    handle: AttemptHandle
+    out_fd: int | None
+    err_fd: int | None
+    code: int | None = None  # leader's exit, once reaped
+    draining: bool = False
+    term_sent: bool = False
+    extra: list[int] = field(default_factory=list)
+
+
+class LocalBackend(Backend):
+    def __init__(self, loop: Loop, listener: Listener, *, stop_timeout_s: float = 10.0) -> None:
+        self._loop = loop
+        self._listener = listener
+        self._stop_timeout_s = stop_timeout_s
+        self._by_pid: dict[int, _Local] = {}
+        self._draining: dict[int, _Local] = {}
+        self.subreaper = become_subreaper()
+        self.reaped_unknown = 0
+
+    # --- starting ---------------------------------------------------------
+
+    def start(self, spec: AttemptSpec) -> AttemptHandle:
+        cwd = spec.cwd
+        if cwd is not None and os.path.realpath(cwd) != os.path.realpath(os.getcwd()):
+            if not os.path.isdir(cwd):
+                raise SpawnError(f"cwd does not exist: {cwd!r}")
+            # posix_spawn cannot chdir before 3.13: go through env(1) -C, no shell involved.
+            exe = resolve_executable(spec.argv[0], spec.env.get("PATH"), cwd)
+            argv = ["env", "-C", cwd, "--", exe, *spec.argv[1:]]
+            path = resolve_executable("env", os.environ.get("PATH"), None)
+        else:
+            path = resolve_executable(spec.argv[0], spec.env.get("PATH"), cwd)
+            argv = list(spec.argv)
+        try:
+            out_r, out_w = os.pipe()
+        except OSError as exc:
+            raise SpawnError(_spawn_reason(exc, spec.argv[0]), transient=True) from None
+        try:
+            err_r, err_w = os.pipe()
+        except OSError as exc:
+            os.close(out_r)
+            os.close(out_w)
+            raise SpawnError(_spawn_reason(exc, spec.argv[0]), transient=True) from None
+        try:
+            pid = os.posix_spawn(
+                path,
+                argv,
+                spec.env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+                setsid=True,
+                setsigdef=_RESET_SIGNALS,
+                setsigmask=(),
+            )
+        except OSError as exc:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            transient = exc.errno in _TRANSIENT
+            raise SpawnError(_spawn_reason(exc, spec.argv[0]), transient=transient) from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        handle = AttemptHandle(spec=spec, pid=pid, pgid=pid, create_time=process_create_time(pid))
+        local = _Local(handle=handle, out_fd=out_r, err_fd=err_r)
+        self._by_pid[pid] = local
+        self._loop.add_reader(out_r, self._reader(local, Stream.STDOUT))
+        self._loop.add_reader(err_r, self._reader(local, Stream.STDERR))
+        return handle
+
+    def _reader(self, local: _Local, stream: Stream) -> Callable[[], None]:
+        def on_readable() -> None:
+            self._read(local, stream)
+
+        return on_readable
+
+    def _read(self, local: _Local, stream: Stream, drain: bool = False) -> None:
+        fd = local.out_fd if stream is Stream.STDOUT else local.err_fd
+        if fd is None:
+            return
+        while True:
+            try:
+                data = os.read(fd, READ_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._loop.remove_reader(fd)
+                os.close(fd)
+                if stream is Stream.STDOUT:
+                    local.out_fd = None
+                else:
+                    local.err_fd = None
+                return
+            self._listener.on_output(local.handle, stream, data)
+            if not drain:
+                return
+
+    # --- signals and exits ------------------------------------------------
+
+    def signal(self, handle: AttemptHandle, signum: int) -> None:
+        if handle.pgid is None:
+            return
+        try:
+            os.killpg(handle.pgid, signum)
+            if signum == signal.SIGTERM:
+                # A stopped (SIGSTOP) process acts on SIGTERM only once continued.
+                os.killpg(handle.pgid, signal.SIGCONT)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def reap(self) -> None:
+        """Collect every exited child; call on SIGCHLD."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            if pid == 0:
+                break
+            local = self._by_pid.get(pid)
+            if local is None:
+                self.reaped_unknown += 1
+                continue
+            local.code = os.waitstatus_to_exitcode(status)
+            self._draining[pid] = local
+        self._check_draining()
+
+    def _check_draining(self) -> None:
+        for pid, local in list(self._draining.items()):
+            if _group_alive(pid):
+                if not local.draining:
+                    local.draining = True
+                    self.signal(local.handle, signal.SIGTERM)
+                    self._loop.timers.set(
+                        ("drain-kill", pid), self._loop.clock() + self._stop_timeout_s,
+                        lambda h=local.handle: self.signal(h, signal.SIGKILL),
+                    )
+                self._loop.timers.set(
+                    ("drain-poll", pid), self._loop.clock() + DRAIN_POLL_S, self._check_draining
+                )
+                continue
+            del self._draining[pid]
+            self._loop.timers.cancel(("drain-kill", pid))
+            self._loop.timers.cancel(("drain-poll", pid))
+            self._finish(local)
+
+    def _finish(self, local: _Local) -> None:
+        self._read(local, Stream.STDOUT, drain=True)
+        self._read(local, Stream.STDERR, drain=True)
+        for fd in (local.out_fd, local.err_fd):
+            if fd is not None:
+                # Held open by a process that left the group: stop listening.
+                self._loop.remove_reader(fd)
+                os.close(fd)
+        local.out_fd = local.err_fd = None
+        pid = local.handle.pid
+        assert pid is not None and local.code is not None
+        del self._by_pid[pid]
+        self._listener.on_exit(local.handle, local.code)
+
+    def live(self) -> list[AttemptHandle]:
+        return [local.handle for local in self._by_pid.values()]
+
+    def kill_all(self) -> None:
+        """SIGKILL every live group: the last resort on a second Ctrl-C."""
+        for local in self._by_pid.values():
+            self.signal(local.handle, signal.SIGKILL)
+
+
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _spawn_reason(exc: OSError, argv0: str) -> str:
+    if exc.errno == errno.ENOENT:
+        return f"executable not found: {argv0!r}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {argv0!r}"
+    if exc.errno == errno.ENOEXEC:
+        return f"not an executable format: {argv0!r} (a script needs a #! line)"
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+        return f"out of resources: {exc.strerror}"
+    return f"{exc.strerror or exc} ({argv0!r})"

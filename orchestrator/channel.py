@@ -1,0 +1,114 @@
+"""The heartbeat channel: one ZeroMQ ROUTER socket per run, bound on ipc://.
+
+Shards connect DEALER sockets and send protocol messages (see
+docs/protocol.md). The channel decodes and hands each valid message to the
+master; garbage (wrong frame count, undecodable bytes, oversize frames,
+another run's id) is dropped and counted, never raised.
+
+ZeroMQ's notification fd is edge-triggered: after it wakes the loop the
+socket is drained until EAGAIN (in bounded batches, resumed from the loop's
+idle queue so that a flood never starves child exits or timers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import zmq
+
+from orchestrator.loop import Loop
+from shards.protocol import MAX_FRAME_BYTES, Kind, Message, ProtocolError, decode, encode
+
+BATCH = 4096
+
+
+class Channel:
+    def __init__(
+        self,
+        loop: Loop,
+        path: str,
+        run_id: str,
+        on_message: Callable[[bytes, Message], None],
+    ) -> None:
+        self._loop = loop
+        self._run_id = run_id
+        self._on_message = on_message
+        self.path = path
+        self.endpoint = "ipc://" + path
+        self.received = 0
+        self.garbage = 0
+        self._scheduled = False
+        self._ctx = zmq.Context.instance()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if os.path.exists(path):
+            os.unlink(path)  # left by a master that was killed
+        old_umask = os.umask(0o077)
+        try:
+            sock.bind(self.endpoint)
+        finally:
+            os.umask(old_umask)
+        self._sock = sock
+        self._fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self.drain)
+        loop.call_when_idle(self.drain)
+
+    def drain(self) -> None:
+        """Handle up to BATCH messages; come back from the idle queue if more wait."""
+        self._scheduled = False
+        sock = self._sock
+        recv = sock.recv_multipart
+        for _ in range(BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                self.garbage += 1
+                continue
+            if len(frames) != 2:
+                self.garbage += 1
+                continue
+            try:
+                msg = decode(frames[1])
+            except ProtocolError:
+                self.garbage += 1
+                continue
+            if msg.run != self._run_id:
+                self.garbage += 1
+                continue
+            self.received += 1
+            self._on_message(frames[0], msg)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_when_idle(self.drain)
+
+    def reply(self, identity: bytes, msg: Message) -> None:
+        try:
+            self._sock.send_multipart([identity, encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the shard is gone; it will time out on its own
+        # Sending can consume the edge of the notification fd: look again.
+        if not self._scheduled and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._scheduled = True
+            self._loop.call_when_idle(self.drain)
+
+    def ack(self, identity: bytes, msg: Message, ok: bool = True, why: str | None = None) -> None:
+        kind = Kind.ACK if ok else Kind.NACK
+        self.reply(
+            identity,
+            Message(kind=kind, run=msg.run, shard=msg.shard, attempt=msg.attempt, seq=msg.seq,
+                    message=why),
+        )
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self._sock.close(0)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

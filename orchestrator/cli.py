@@ -1,0 +1,147 @@
+"""The ``orch`` command line.
+
+The CLI is the edge: it builds the one immutable ``TaskConfig`` (CLI >
+orch.toml > defaults), reads and validates the shard list and the command
+template, and only then creates a run. Every user mistake surfaces as an
+``OrchError`` printed as ``orch: <one line>`` with exit code 2; nothing has
+been started when that happens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+import click
+
+from orchestrator import __version__
+from orchestrator.errors import RET_USAGE, OrchError, UsageError
+
+CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+class _RunCommand(click.Command):
+    """Remembers how many arguments came after ``--`` (the command to run)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["after_dashdash"] = len(args) - args.index("--") - 1 if "--" in args else None
+        return super().parse_args(ctx, args)
+
+
+def _home_option(f: Any) -> Any:
+    return click.option("--home", metavar="DIR", help="orch's home (default $ORCH_HOME, "
+                        "else $XDG_STATE_HOME/orch).")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="orch")
+def cli() -> None:
+    """orch: run a command once per shard, supervised, with progress and checkpoints."""
+
+
+@cli.command(cls=_RunCommand, context_settings={"allow_interspersed_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--shards", "shards_path", metavar="FILE", help="Shard list: CSV, JSON lines or text.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "jsonl", "text"]),
+              help="Shard list format (default: from the file extension).")
+@click.option("--split", type=int, metavar="N", help="N shards numbered 0..N-1.")
+@click.option("--range", "range_", metavar="A..B", help="One shard per integer A..B (inclusive).")
+@click.option("--config", "config_path", metavar="FILE", help="Task file (default ./orch.toml).")
+@click.option("-j", "--jobs", type=int, metavar="K", help="At most K shards run at once.")
+@click.option("--restart", type=click.Choice(["on-failure", "always", "never"]))
+@click.option("--max-restarts", type=int, metavar="N", help="Restarts allowed after the first attempt.")
+@click.option("--stop-timeout", metavar="DUR", help="Grace between SIGTERM and SIGKILL.")
+@click.option("--backoff-initial", metavar="DUR")
+@click.option("--backoff-max", metavar="DUR")
+@click.option("--backoff-reset", metavar="DUR", help="Healthy stretch that resets the backoff.")
+@click.option("--heartbeat-interval", metavar="DUR")
+@click.option("--heartbeat-timeout", metavar="DUR")
+@click.option("--stall-timeout", metavar="DUR")
+@click.option("--require-heartbeat", is_flag=True, default=None)
+@click.option("--max-memory", metavar="SIZE", help="Restart an attempt whose RSS exceeds SIZE.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment (templated).")
+@click.option("--cwd", metavar="DIR")
+@click.option("--shell", is_flag=True, default=None, help="Run the command with /bin/sh -c, values quoted.")
+@click.option("--name", metavar="NAME", help="A name to refer to the run by.")
+@click.option("-v", "--verbose", is_flag=True, help="Stream child output, prefixed by shard id.")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; print the run id.")
+@_home_option
+@click.pass_context
+def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
+    """Run a task once per shard: orch run [TASK] [OPTIONS] [-- COMMAND...]"""
+    from orchestrator import start
+
+    after = ctx.meta.get("after_dashdash")
+    args = tuple(args)
+    if after is None:
+        head, command = args, ()
+    else:
+        head, command = args[: len(args) - after], args[len(args) - after :]
+    if len(head) > 1:
+        raise UsageError(
+            f"unexpected arguments {' '.join(head[1:])!r}: put the command after '--' "
+            "(orch run --split 4 -- ./job.sh {index})"
+        )
+    sys.exit(start.run_command(head[0] if head else None, command, opts))
+
+
+@cli.command()
+@click.argument("run_key", metavar="[RUN]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/status-json.md).")
+@click.option("--all", "show_all", is_flag=True, help="List every run, not only the last 20.")
+@_home_option
+def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None) -> None:
+    """List runs, newest first, or show one RUN shard by shard."""
+    from orchestrator import show
+
+    sys.exit(show.status(run_key, as_json=as_json, show_all=show_all, home=home))
+
+
+@cli.command()
+@click.argument("run_key", metavar="RUN")
+@click.option("--shard", metavar="ID", help="One shard (by id, or by index).")
+@click.option("--stderr", is_flag=True, help="Show stderr instead of stdout.")
+@click.option("-n", "--tail", type=int, metavar="N", help="Only the last N lines.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing lines as they are written.")
+@_home_option
+def logs(run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool,
+         home: str | None) -> None:
+    """Show a run's output: one shard, or all shards interleaved with a prefix."""
+    from orchestrator import show
+
+    sys.exit(show.logs(run_key, shard=shard, stderr=stderr, tail=tail, follow=follow, home=home))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors, named exit codes, never a traceback for a user mistake."""
+    try:
+        cli.main(args=argv, prog_name="orch", standalone_mode=False)
+    except OrchError as exc:
+        click.echo(f"orch: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if type(exc).__name__.startswith("NoArgsIsHelp") and exc.ctx is not None:
+            click.echo(exc.ctx.get_help())
+            sys.exit(RET_USAGE)
+        hint = f" (orch {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "orch" else ""
+        click.echo(f"orch: {exc.format_message()}{hint}", err=True)
+        sys.exit(RET_USAGE)
+    except click.exceptions.Abort:
+        click.echo("orch: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"orch: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # `orch logs RUN | head`: the reader left; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

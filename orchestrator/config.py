@@ -1,0 +1,507 @@
+"""orch.toml and the one immutable ``TaskConfig`` built from it and the CLI.
+
+The config is built once, at the CLI edge (STYLE.md #10): ``build_task``
+layers the command-line overrides over the file's ``[tasks.NAME]`` table over
+the defaults in one visible ``ChainMap``, converts every value (durations,
+sizes, paths) and validates it, and hands back a frozen ``TaskConfig``. Every
+mistake is a ``ConfigError`` of one line naming the file, task and key, or the
+command-line flag the value came from; nothing is started on a bad config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import re
+import shlex
+import tomllib
+from collections import ChainMap
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import ConfigError, OrchError
+from orchestrator.sources import parse_range
+from orchestrator.units import format_duration, parse_duration, parse_size
+
+__all__ = ["ConfigFile", "Restart", "TaskConfig", "build_task", "find_config", "load_config"]
+
+CONFIG_NAME = "orch.toml"
+
+
+class Restart(enum.StrEnum):
+    """When a shard whose process ended is started again."""
+
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class FrozenEnv(Mapping[str, str]):
+    """An immutable, hashable (and picklable) str->str mapping, so TaskConfig is hashable."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._data = dict(items or {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenEnv({self._data!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig:
+    """Everything a run needs to know about its task; units are in the names."""
+
+    name: str = "run"
+    command: tuple[str, ...] = ()
+    call: str | None = None
+    shell: bool = False
+    shards: str | None = None
+    format: str | None = None
+    split: int | None = None
+    range: str | None = None
+    env: Mapping[str, str] = field(default_factory=FrozenEnv)
+    cwd: str | None = None
+    jobs: int | None = None
+    restart: Restart = Restart.ON_FAILURE
+    max_restarts: int = 5
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    backoff_factor: float = 2.0
+    backoff_jitter: float = 0.2
+    backoff_reset_s: float = 60.0
+    stop_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    stall_timeout_s: float | None = None
+    require_heartbeat: bool = False
+    max_memory_bytes: int | None = None
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "command", tuple(self.command))
+        if not isinstance(self.env, FrozenEnv):
+            object.__setattr__(self, "env", FrozenEnv(self.env))
+        object.__setattr__(self, "restart", Restart(self.restart))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the run snapshot); ``from_json`` gives back an equal config."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["command"] = list(self.command)
+        out["env"] = dict(self.env)
+        out["restart"] = str(self.restart)
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TaskConfig:
+        """Rebuild from ``to_json`` output; missing keys take defaults, unknown keys fail."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"task snapshot: unknown key {unknown[0]!r}")
+        values = dict(d)
+        for name in _FLOAT_FIELDS & set(values):
+            if isinstance(values[name], int) and not isinstance(values[name], bool):
+                values[name] = float(values[name])
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"task snapshot: {exc}") from None
+
+
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(TaskConfig) if "float" in str(f.type)}
+
+_DURATIONS = ("backoff_initial", "backoff_max", "backoff_reset", "stop_timeout",
+              "heartbeat_interval", "heartbeat_timeout", "stall_timeout")
+#: orch.toml key -> TaskConfig field (durations get "_s", sizes "_bytes").
+KEYS: dict[str, str] = {
+    **{key: key for key in ("command", "call", "shell", "shards", "format", "split", "range",
+                            "env", "cwd", "jobs", "restart", "max_restarts")},
+    **{key: key + "_s" for key in _DURATIONS},
+    "backoff_factor": "backoff_factor", "backoff_jitter": "backoff_jitter",
+    "require_heartbeat": "require_heartbeat", "max_memory": "max_memory_bytes",
+    "log_max_size": "log_max_bytes", "log_backups": "log_backups",
+}
+_FORMATS = ("csv", "tsv", "jsonl", "text")
+_CALL_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A parsed orch.toml: its absolute path and its key-validated task tables."""
+
+    path: str
+    tasks: Mapping[str, Mapping[str, Any]]
+
+    def task(self, name: str) -> Mapping[str, Any]:
+        """The raw table of task ``name``; an unknown name fails with a did-you-mean."""
+        if name in self.tasks:
+            return self.tasks[name]
+        known = ", ".join(self.tasks) or "none defined"
+        raise ConfigError(
+            f"unknown task {name!r} in {_display(self.path)} (known: {known}"
+            f"{_did_you_mean(name, list(self.tasks), sep='; ')})"
+        )
+
+
+def find_config(explicit: str | None, cwd: str) -> str | None:
+    """The explicit path if given, else ``orch.toml`` in ``cwd`` if it exists, else None."""
+    if explicit is not None:
+        return os.path.join(cwd, explicit)
+    candidate = os.path.join(cwd, CONFIG_NAME)
+    return candidate if os.path.isfile(candidate) else None
+
+
+def load_config(path: str) -> ConfigFile:
+    """Read and parse orch.toml, rejecting unknown keys with their line and a did-you-mean.
+
+    Values are type-checked later, by ``build_task``, for the task being run.
+    """
+    shown = _display(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{shown}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{shown}:{line}: not valid UTF-8") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_toml_error(shown, str(exc))) from None
+    for key in doc:
+        if key != "tasks":
+            raise ConfigError(
+                f"{shown}{_line_of(text, key, None)}: unknown top-level key {key!r} (orch.toml "
+                f"holds [tasks.NAME] tables{_did_you_mean(key, ['tasks'], sep='; ')})"
+            )
+    tasks = doc.get("tasks", {})
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"{shown}{_line_of(text, 'tasks', None)}: 'tasks' must be a table")
+    for name, table in tasks.items():
+        where = f"{shown}{_section_line(text, name)}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [tasks.{name}] must be a table, got {_kind(table)}")
+        if not _NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: task name {name!r}: use letters, digits, '_', '-', '.'")
+        for key in table:
+            if key not in KEYS:
+                raise ConfigError(
+                    f"{shown}{_line_of(text, key, name)}: unknown key {key!r} in [tasks.{name}]"
+                    f"{_did_you_mean(key, list(KEYS), sep=' (', end=')')}"
+                )
+    return ConfigFile(path=os.path.abspath(path), tasks=tasks)
+
+
+def _toml_error(shown: str, message: str) -> str:
+    match = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
+    if match:
+        return f"{shown}:{match.group(2)}:{match.group(3)}: {match.group(1)}"
+    return f"{shown}: {message.replace('end of document', 'end of file')}"
+
+
+def _quoted(name: str) -> str:
+    return rf"(?:{re.escape(name)}|\"{re.escape(name)}\"|'{re.escape(name)}')"
+
+
+def _section(text: str, name: str) -> re.Match[str] | None:
+    """Where [tasks.NAME] (or a dotted/inline form) is in the text; tomllib gives no positions."""
+    quoted = _quoted(name)
+    return re.search(rf"^\s*\[\s*tasks\s*\.\s*{quoted}\s*\]", text, re.MULTILINE) or re.search(
+        rf"^\s*(?:tasks\s*\.\s*)?{quoted}\s*[.=]", text, re.MULTILINE
+    )
+
+
+def _section_line(text: str, name: str) -> str:
+    """':N' for the line of [tasks.NAME], or '' when it cannot be found."""
+    match = _section(text, name)
+    return f":{text.count(chr(10), 0, match.start()) + 1}" if match else ""
+
+
+def _line_of(text: str, key: str, section: str | None) -> str:
+    """':N' for the line where ``key`` is set (after [tasks.SECTION] if given), or ''."""
+    header = _section(text, section) if section is not None else None
+    start = header.end() if header else 0
+    name = _quoted(key)
+    for pattern in (rf"^\s*{name}\s*=", rf"^\s*\[\s*{name}\s*[.\]]", rf"(?:^|[\s{{,.]){name}\s*="):
+        match = re.compile(pattern, re.MULTILINE).search(text, start)
+        if match:
+            return f":{text.count(chr(10), 0, match.end() - 1) + 1}"
+    return ""
+
+
+def _display(path: str) -> str:
+    """The path relative to the working directory when it lies below it, else absolute."""
+    try:
+        absolute = os.path.abspath(path)
+        relative = os.path.relpath(absolute)
+    except (OSError, ValueError):
+        return path
+    return absolute if relative.startswith("..") else relative
+
+
+def _did_you_mean(word: str, candidates: list[str], *, sep: str, end: str = "") -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f"{sep}did you mean {close[0]!r}?{end}" if close else ""
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a value came from: the text to name it by, and the base for relative paths."""
+
+    where: str
+    base: str
+
+
+def build_task(
+    *,
+    name: str,
+    file_task: Mapping[str, Any] | None,
+    file_path: str | None,
+    overrides: Mapping[str, Any],
+    cwd: str,
+) -> TaskConfig:
+    """Merge CLI ``overrides`` > ``file_task`` > defaults, convert and validate.
+
+    Two groups are taken whole from the highest layer that sets any of their
+    keys, so ``--split 4`` replaces the file's ``shards`` rather than clashing
+    with it: what to run (command/call; shell follows unless given on the CLI)
+    and the shard list (shards/split/range). ``env`` tables are merged, CLI
+    entries winning. Raises ``ConfigError`` naming the flag or file/task/key.
+    """
+    cli = {key: value for key, value in overrides.items() if value is not None}
+    for key in cli:
+        if key not in KEYS:
+            raise ValueError(f"build_task: unknown override {key!r}")
+    file = dict(file_task or {})
+    shown = _display(file_path) if file_path else CONFIG_NAME
+    for key in file:
+        if key not in KEYS:
+            raise ConfigError(f"{shown}: unknown key {key!r} in [tasks.{name}]"
+                              f"{_did_you_mean(key, list(KEYS), sep=' (', end=')')}")
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.'")
+    file_base = os.path.dirname(os.path.abspath(file_path)) if file_path else cwd
+    origins = (
+        (cli, lambda key: _Origin(_flag(key), cwd)),
+        (file, lambda key: _Origin(f"{shown}: [tasks.{name}] {key}", file_base)),
+    )
+    # The precedence, in one place: CLI > file > defaults (defaults = TaskConfig()).
+    layers = ChainMap(cli, file)
+
+    def origin(key: str) -> _Origin:
+        return next(make(key) for layer, make in origins if key in layer)
+
+    values: dict[str, Any] = {"name": name}
+    grouped = ("command", "call", "shell", "shards", "split", "range", "env")
+    for key in KEYS:
+        if key in layers and key not in grouped:
+            values[KEYS[key]] = _convert(key, layers[key], origin(key))
+
+    run_layer = _top_layer(layers, ("command", "call"))
+    if run_layer is None:
+        raise ConfigError("no command: give one after -- or set command/call in orch.toml")
+    if "command" in run_layer and "call" in run_layer:
+        raise ConfigError(f"{origin('call').where}: give either command or call, not both")
+    shell_layer = cli if "shell" in cli else run_layer
+    if "shell" in shell_layer:
+        values["shell"] = _convert("shell", shell_layer["shell"], origin("shell"))
+    if "call" in run_layer:
+        values["call"] = _convert("call", run_layer["call"], origin("call"))
+        if values.get("shell"):
+            raise ConfigError(f"{origin('shell').where}: shell = true needs a command, not call")
+    else:
+        values["command"] = _command(run_layer["command"], origin("command"),
+                                     values.get("shell", False))
+
+    shard_layer = _top_layer(layers, ("shards", "split", "range"))
+    if shard_layer is None:
+        raise ConfigError("no shard list: give --shards FILE, --split N or --range A..B")
+    given = [key for key in ("shards", "split", "range") if key in shard_layer]
+    if len(given) > 1:
+        raise ConfigError(f"{origin(given[1]).where}: give only one of shards, split, range "
+                          f"(got {' and '.join(given)})")
+    values[given[0]] = _convert(given[0], shard_layer[given[0]], origin(given[0]))
+
+    env: dict[str, str] = {}
+    for layer, make in reversed(origins):
+        if "env" in layer:
+            env.update(_env(layer["env"], make("env")))
+    values["env"] = env
+    config = TaskConfig(**values)
+    _check_relations(config, origin, layers)
+    return config
+
+
+def _top_layer(layers: ChainMap[str, Any], keys: tuple[str, ...]) -> Mapping[str, Any] | None:
+    return next((layer for layer in layers.maps if any(k in layer for k in keys)), None)
+
+
+def _flag(key: str) -> str:
+    return "the command after --" if key == "command" else "--" + key.replace("_", "-")
+
+
+def _check_relations(
+    config: TaskConfig, origin: Callable[[str], _Origin], layers: ChainMap[str, Any]
+) -> None:
+    """Constraints between keys; the error names a key the user actually set."""
+
+    def name(*keys: str) -> str:
+        return next(origin(k).where for k in keys if k in layers)
+
+    if config.backoff_initial_s > config.backoff_max_s:
+        raise ConfigError(
+            f"{name('backoff_initial', 'backoff_max')}: backoff_initial "
+            f"({format_duration(config.backoff_initial_s)}) is larger than backoff_max "
+            f"({format_duration(config.backoff_max_s)})"
+        )
+    if config.heartbeat_timeout_s <= config.heartbeat_interval_s:
+        raise ConfigError(
+            f"{name('heartbeat_timeout', 'heartbeat_interval')}: heartbeat_timeout "
+            f"({format_duration(config.heartbeat_timeout_s)}) must be longer than "
+            f"heartbeat_interval ({format_duration(config.heartbeat_interval_s)})"
+        )
+
+
+# ----------------------------------------------------------------------------- converters
+
+_BOOLS = {"shell", "require_heartbeat"}
+_INTS = {"split": 1, "jobs": 1, "max_restarts": 0, "log_backups": 0}
+_NUMBERS = {"backoff_factor": (1.0, None), "backoff_jitter": (0.0, 1.0)}
+_SIZES = {"max_memory", "log_max_size"}
+_ZERO_IS_NONE = {"stall_timeout", "max_memory"}  # 0 switches the check off
+_POSITIVE = {"heartbeat_interval", "heartbeat_timeout", "log_max_size"}
+_CHOICES = {"format": _FORMATS, "restart": tuple(r.value for r in Restart)}
+
+
+def _convert(key: str, value: Any, origin: _Origin) -> Any:
+    """Check the type of one orch.toml/CLI value and convert it to its TaskConfig form."""
+    where = origin.where
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise _expected(origin, "true or false", value)
+        return value
+    if key in _INTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _expected(origin, f"an integer >= {_INTS[key]}", value)
+        if value < _INTS[key]:
+            raise ConfigError(f"{where}: must be at least {_INTS[key]}, got {value}")
+        return value
+    if key in _NUMBERS:
+        low, high = _NUMBERS[key]
+        what = f"a number from {low:g} to {high:g}" if high is not None else f"a number >= {low:g}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _expected(origin, what, value)
+        if not low <= value <= (high if high is not None else float("inf")):
+            raise ConfigError(f"{where}: must be {what[2:]}, got {value!r}")
+        return float(value)
+    if key in _DURATIONS or key in _SIZES:
+        try:
+            amount = (parse_duration if key in _DURATIONS else parse_size)(value, where=where)
+        except OrchError as exc:
+            raise ConfigError(str(exc)) from None
+        if amount == 0 and key in _ZERO_IS_NONE:
+            return None
+        if amount == 0 and key in _POSITIVE:
+            raise ConfigError(f"{where}: must be more than 0, got {value!r}")
+        return amount
+    if key in _CHOICES:
+        choices = _CHOICES[key]
+        if not isinstance(value, str):
+            raise _expected(origin, "one of " + ", ".join(choices), value)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}"
+                              f"{_did_you_mean(value, list(choices), sep='; ')}")
+        return value
+    if key == "range":
+        try:
+            first, last = parse_range(value, where=where)
+        except OrchError as exc:
+            raise ConfigError(str(exc)) from None
+        return f"{first}..{last}"
+    if not isinstance(value, str) or not value.strip():
+        raise _expected(origin, "a non-empty string", value)
+    if key == "call":
+        if not _CALL_RE.fullmatch(value.strip()):
+            raise _expected(origin, "'package.module:function'", value)
+        return value.strip()
+    path = os.path.normpath(os.path.join(origin.base, os.path.expanduser(value)))
+    if key == "cwd" and not os.path.isdir(path):
+        raise ConfigError(f"{where}: no such directory {path!r}")
+    return path
+
+
+def _kind(value: object) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    kind = kinds.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} {shown}" if isinstance(value, int | float | str) and len(shown) < 40 else kind
+
+
+def _expected(origin: _Origin, what: str, value: object) -> ConfigError:
+    return ConfigError(f"{origin.where}: expected {what}, got {_kind(value)}")
+
+
+def _command(value: object, origin: _Origin, shell: bool) -> tuple[str, ...]:
+    """argv from an array, or from a string split like a shell would (kept whole for shell)."""
+    if isinstance(value, str):
+        try:
+            argv = [value] if shell else shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(f"{origin.where}: cannot split the command ({exc})") from None
+    elif isinstance(value, list | tuple):
+        argv = list(value)
+        for i, arg in enumerate(argv):
+            if not isinstance(arg, str):
+                raise ConfigError(f"{origin.where}[{i}]: expected a string, got {_kind(arg)}")
+    else:
+        raise _expected(origin, "an array of strings or a string", value)
+    if not argv or not argv[0].strip():
+        raise ConfigError(f"{origin.where}: empty command")
+    if shell and len(argv) != 1:
+        raise ConfigError(f"{origin.where}: with shell = true the command must be one string, "
+                          f"got {len(argv)} elements")
+    return tuple(argv)
+
+
+def _env(value: object, origin: _Origin) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise _expected(origin, "a table of strings", value)
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(f"{origin.where}: invalid environment variable name {key!r}")
+        if not isinstance(item, str):
+            raise ConfigError(f"{origin.where}.{key}: expected a string, got {_kind(item)} "
+                              f'(quote it: {key} = "...")')
+    return dict(value)

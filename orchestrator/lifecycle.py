@@ -1,0 +1,381 @@
+"""The shard lifecycle: a pure state machine.
+
+``step(shard, event, now, policy, rand) -> (shard, actions)`` decides what
+happens to one shard when something happens to it. It makes no os calls and
+reads no clock: the master feeds it events and carries out the actions it
+returns, so every restart, backoff and give-up decision can be replayed in a
+unit test from an event history with a fake clock.
+
+States::
+
+    pending --Start--> running --Exited(0)--> done
+       ^                  |  \\--Exited(!=0)--> backoff --BackoffElapsed--> pending
+       |                  |                    \\-> failed (after max_restarts)
+       |                  +--Hung/Stalled/Memory/Stop/Restart--> stopping
+       |                                                          |
+       +------------------ Exited ----------------------------------+
+                           (stop -> stopped; hung -> backoff/failed; restart -> pending)
+
+A slot (one of ``--jobs``) is held exactly while the shard is ``running`` or
+``stopping``: a shard waiting out its backoff does not keep a sibling from
+starting.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from orchestrator.config import Restart, TaskConfig
+
+
+class State(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def holds_slot(self) -> bool:
+        return self is State.RUNNING or self is State.STOPPING
+
+
+_TERMINAL = frozenset({State.DONE, State.FAILED, State.STOPPED})
+
+
+class Intent(enum.StrEnum):
+    """Why the master is stopping a running attempt."""
+
+    STOP = "stop"  # the user asked; the shard ends stopped
+    SHUTDOWN = "shutdown"  # orch itself is stopping; the shard ends stopped
+    RESTART = "restart"  # the user asked for a fresh attempt now
+    HUNG = "hung"  # no heartbeat within the heartbeat timeout
+    STALLED = "stalled"  # heartbeats but no progress within the stall timeout
+    MEMORY = "memory"  # rss over max_memory
+
+
+_FAILURE_INTENTS = frozenset({Intent.HUNG, Intent.STALLED, Intent.MEMORY})
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The task settings the lifecycle needs, in seconds."""
+
+    restart: Restart = Restart.ON_FAILURE
+    max_restarts: int = 5
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    backoff_factor: float = 2.0
+    backoff_jitter: float = 0.2
+    backoff_reset_s: float = 60.0
+    stop_timeout_s: float = 10.0
+
+    @classmethod
+    def from_task(cls, task: TaskConfig) -> Policy:
+        return cls(
+            restart=task.restart,
+            max_restarts=task.max_restarts,
+            backoff_initial_s=task.backoff_initial_s,
+            backoff_max_s=task.backoff_max_s,
+            backoff_factor=task.backoff_factor,
+            backoff_jitter=task.backoff_jitter,
+            backoff_reset_s=task.backoff_reset_s,
+            stop_timeout_s=task.stop_timeout_s,
+        )
+
+
+def backoff_delay(policy: Policy, level: int, u: float) -> float:
+    """Delay before restart number ``level + 1`` of a streak, ``u`` uniform in [0, 1).
+
+    Exponential, capped at ``backoff_max_s``, with jitter that only ever adds
+    (up to ``backoff_jitter`` of the delay), so a restart never comes sooner
+    than the nominal backoff allows while many shards failing together still
+    spread out.
+    """
+    nominal = min(policy.backoff_max_s, policy.backoff_initial_s * policy.backoff_factor**level)
+    return nominal * (1.0 + policy.backoff_jitter * u)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """What the lifecycle knows of one shard. Times are monotonic seconds."""
+
+    state: State = State.PENDING
+    attempt: int = 0  # number of the current (or last) attempt; 0 before the first
+    failures: int = 0  # failed attempts in a row, reset after a healthy stretch
+    level: int = 0  # backoff level: short-lived attempts in a row
+    started_at: float | None = None
+    intent: Intent | None = None
+    reason: str | None = None  # why the shard is in its state (last exit, give-up, stop)
+    ready_at: float | None = None  # when the backoff ends
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The master has a free slot for this pending shard."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    """The attempt's process exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnFailed:
+    """The attempt could not be started; ``reason`` is in plain words.
+
+    A ``transient`` cause (out of file descriptors) is retried with backoff
+    like a crash; any other (no such executable) ends the shard at once.
+    """
+
+    reason: str
+    transient: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """The attempt's process and its whole process group are gone.
+
+    ``code`` is the exit status, or ``-N`` when signal N killed it.
+    """
+
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """Liveness or memory watch says the running attempt must go."""
+
+    intent: Intent
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequested:
+    intent: Intent = Intent.STOP
+
+
+@dataclass(frozen=True, slots=True)
+class RestartRequested:
+    """The user wants a fresh attempt now, with the backoff reset."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffElapsed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GraceElapsed:
+    """The stop timeout has passed since SIGTERM: escalate to SIGKILL."""
+
+
+Event = (
+    Start
+    | Spawned
+    | SpawnFailed
+    | Exited
+    | Kill
+    | StopRequested
+    | RestartRequested
+    | BackoffElapsed
+    | GraceElapsed
+)
+
+
+# --- actions ----------------------------------------------------------------
+
+
+class TimerKind(enum.StrEnum):
+    BACKOFF = "backoff"
+    GRACE = "grace"
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """Send ``signum`` to the attempt's whole process group."""
+
+    signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    kind: TimerKind
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    kind: TimerKind
+
+
+Action = Spawn | Signal | SetTimer | CancelTimer
+
+Rand = Callable[[], float]
+
+
+def describe_exit(code: int) -> str:
+    """``exit 3`` or ``signal 9 (SIGKILL)``."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+    return f"signal {-code} ({name})"
+
+
+def step(
+    shard: Shard, event: Event, now: float, policy: Policy, rand: Rand
+) -> tuple[Shard, list[Action]]:
+    """Apply ``event`` to ``shard``; return the new shard and the actions to carry out.
+
+    Events that make no sense in the current state (a late timer, a second
+    stop) leave the shard unchanged and ask for nothing.
+    """
+    state = shard.state
+    match event:
+        case Start() if state is State.PENDING:
+            attempt = shard.attempt + 1
+            return (
+                replace(shard, state=State.RUNNING, attempt=attempt, started_at=now, intent=None),
+                [Spawn(attempt)],
+            )
+        case Spawned():
+            return shard, []
+        case SpawnFailed(reason=reason, transient=transient) if state is State.RUNNING:
+            what = f"cannot start: {reason}"
+            if transient and policy.restart is not Restart.NEVER:
+                return _schedule_restart(shard, now, policy, rand, what, True, [])
+            return replace(shard, state=State.FAILED, reason=what), []
+        case Exited(code=code) if state in (State.RUNNING, State.STOPPING):
+            return _exited(shard, code, now, policy, rand)
+        case Kill(intent=intent, reason=reason) if state is State.RUNNING:
+            return _begin_stop(shard, intent, now, policy, reason)
+        case StopRequested(intent=intent):
+            return _stop_requested(shard, intent, now, policy)
+        case RestartRequested():
+            return _restart_requested(shard, now, policy)
+        case BackoffElapsed() if state is State.BACKOFF:
+            return replace(shard, state=State.PENDING, ready_at=None), []
+        case GraceElapsed() if state is State.STOPPING:
+            return shard, [Signal(signal.SIGKILL)]
+    return shard, []
+
+
+def _begin_stop(
+    shard: Shard, intent: Intent, now: float, policy: Policy, reason: str | None = None
+) -> tuple[Shard, list[Action]]:
+    new = replace(shard, state=State.STOPPING, intent=intent, reason=reason or shard.reason)
+    return new, [Signal(signal.SIGTERM), SetTimer(TimerKind.GRACE, now + policy.stop_timeout_s)]
+
+
+def _stop_requested(
+    shard: Shard, intent: Intent, now: float, policy: Policy
+) -> tuple[Shard, list[Action]]:
+    reason = "stopped by user" if intent is Intent.STOP else "stopped: orch is shutting down"
+    match shard.state:
+        case State.RUNNING:
+            return _begin_stop(shard, intent, now, policy, reason)
+        case State.STOPPING:
+            # A stop overrides a restart or a hung kill already under way;
+            # the grace timer already running keeps its deadline.
+            return replace(shard, intent=intent, reason=reason), []
+        case State.BACKOFF:
+            stopped = replace(shard, state=State.STOPPED, reason=reason, ready_at=None)
+            return stopped, [CancelTimer(TimerKind.BACKOFF)]
+        case State.PENDING:
+            return replace(shard, state=State.STOPPED, reason=reason), []
+    return shard, []
+
+
+def _restart_requested(shard: Shard, now: float, policy: Policy) -> tuple[Shard, list[Action]]:
+    match shard.state:
+        case State.RUNNING:
+            return _begin_stop(shard, Intent.RESTART, now, policy, "restarted by user")
+        case State.STOPPING:
+            return shard, []
+        case State.BACKOFF:
+            fresh = replace(
+                shard, state=State.PENDING, failures=0, level=0, ready_at=None,
+                reason="restarted by user",
+            )
+            return fresh, [CancelTimer(TimerKind.BACKOFF)]
+        case State.DONE | State.FAILED | State.STOPPED:
+            fresh = replace(
+                shard, state=State.PENDING, failures=0, level=0, reason="restarted by user"
+            )
+            return fresh, []
+    return shard, []
+
+
+def _exited(
+    shard: Shard, code: int, now: float, policy: Policy, rand: Rand
+) -> tuple[Shard, list[Action]]:
+    actions: list[Action] = []
+    if shard.state is State.STOPPING:
+        actions.append(CancelTimer(TimerKind.GRACE))
+        intent = shard.intent
+        if intent in (Intent.STOP, Intent.SHUTDOWN):
+            return replace(shard, state=State.STOPPED, intent=None), actions
+        if intent is Intent.RESTART:
+            fresh = replace(shard, state=State.PENDING, failures=0, level=0, intent=None)
+            return fresh, actions
+        # hung, stalled, memory: a failure whatever the exit status says
+        return _schedule_restart(shard, now, policy, rand, shard.reason or str(intent), True, actions)
+
+    what = describe_exit(code)
+    if code == 0 and policy.restart is not Restart.ALWAYS:
+        return replace(shard, state=State.DONE, reason="exit 0"), actions
+    if policy.restart is Restart.NEVER:
+        return replace(shard, state=State.FAILED, reason=what), actions
+    return _schedule_restart(shard, now, policy, rand, what, code != 0, actions)
+
+
+def _schedule_restart(
+    shard: Shard,
+    now: float,
+    policy: Policy,
+    rand: Rand,
+    what: str,
+    failed: bool,
+    actions: list[Action],
+) -> tuple[Shard, list[Action]]:
+    """Back off before the next attempt, or give up after ``max_restarts`` failures in a row."""
+    ran_s = now - shard.started_at if shard.started_at is not None else 0.0
+    healthy = ran_s >= policy.backoff_reset_s
+    failures = 0 if healthy else shard.failures
+    level = 0 if healthy else shard.level
+    if failed:
+        failures += 1
+        if failures > policy.max_restarts:
+            attempts = shard.attempt
+            reason = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} (last: {what})"
+            return (
+                replace(shard, state=State.FAILED, failures=failures, intent=None, reason=reason),
+                actions,
+            )
+    delay = backoff_delay(policy, level, rand())
+    base = replace(shard, failures=failures, level=level + 1, intent=None, reason=what)
+    if delay <= 0.0:
+        return replace(base, state=State.PENDING, ready_at=None), actions
+    ready_at = now + delay
+    actions.append(SetTimer(TimerKind.BACKOFF, ready_at))
+    return replace(base, state=State.BACKOFF, ready_at=ready_at), actions

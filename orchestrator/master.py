@@ -1,0 +1,545 @@
+"""The master: one process, one thread, one loop that owns every shard's state.
+
+The master turns what happens (a slot frees, a child exits, a heartbeat or
+a protocol line arrives, a timer fires, a signal or control request comes
+in) into lifecycle events, runs them through ``lifecycle.step`` and carries
+out the actions it returns: spawn through the backend, signal a process
+group, set or cancel a timer. Every state change is staged in the store and
+committed at the end of the loop iteration (group commit), before any reply
+that depends on it (checkpoint acks) goes out.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from orchestrator import lifecycle as lc
+from orchestrator.backends import AttemptHandle, AttemptSpec, Backend, Stream
+from orchestrator.backends.local import LocalBackend, process_create_time
+from orchestrator.channel import Channel
+from orchestrator.config import TaskConfig
+from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK, SpawnError, TemplateError
+from orchestrator.lifecycle import Intent, State
+from orchestrator.liveness import Watch
+from orchestrator.logs import ShardLogs, protocol_lines, stamp
+from orchestrator.loop import Loop, raise_fd_limit
+from orchestrator.runs import LOGS, ipc_path
+from orchestrator.sources import ShardList
+from orchestrator.store import Store
+from orchestrator.start import compile_command
+from orchestrator.template import shard_values
+from shards import protocol as proto
+
+#: Default ceiling on children alive at once when --jobs is not given.
+DEFAULT_MAX_JOBS = 1000
+#: File descriptors one live attempt costs the master: two pipes, two log files.
+FDS_PER_ATTEMPT = 4
+PROGRESS_FLUSH_S = 1.0
+
+
+@dataclass(slots=True)
+class Runtime:
+    """The master's view of one shard beyond its lifecycle state."""
+
+    life: lc.Shard
+    handle: AttemptHandle | None = None
+    logs: ShardLogs | None = None
+    watch: Watch | None = None
+    done: int | None = None
+    total: int | None = None
+    checkpoint: Any = None
+    has_checkpoint: bool = False
+    checkpoint_done: int | None = None
+    heartbeat_at: float | None = None  # wall clock
+    rss: int | None = None
+    attempt_started: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class View:
+    """What the master tells the person watching; the base class says nothing."""
+
+    def started(self, master: Master) -> None: ...
+    def event(self, text: str) -> None: ...
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None: ...
+    def tick(self, master: Master) -> None: ...
+    def finished(self, master: Master) -> None: ...
+    verbose = False
+    tick_s = 1.0
+
+
+def default_jobs(count: int, requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
+    return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
+
+
+class Master:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        run_dir: str,
+        task: TaskConfig,
+        shards: ShardList,
+        store: Store,
+        view: View | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+        backend: Callable[[Loop, Master], Backend] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.task = task
+        self.shards = shards
+        self.store = store
+        self.view = view or View()
+        self.policy = lc.Policy.from_task(task)
+        self.rand = rand
+        self.loop = Loop(clock)
+        self.jobs = default_jobs(len(shards), task.jobs)
+        self.template = compile_command(task)
+        self.rt: list[Runtime] = []
+        self.ready: deque[int] = deque()
+        self.running = 0
+        self.started_wall = time.time()
+        self.started_mono = clock()
+        self.interrupted: int | None = None
+        self.stale_messages = 0
+        self._progress_dirty: set[int] = set()
+        self._ids: dict[str, int] = {}
+        self._acks: list[tuple[bytes, proto.Message]] = []
+        self._unfinished = 0
+        make_backend = backend or (lambda loop, m: LocalBackend(loop, m, stop_timeout_s=task.stop_timeout_s))
+        self.backend = make_backend(self.loop, self)
+        self.channel: Channel | None = None
+        self._base_env = dict(os.environ)
+
+    # --- setup --------------------------------------------------------------
+
+    def _load_runtime(self) -> None:
+        """Build each shard's runtime from the store: fresh runs and resumed ones alike."""
+        rows = self.store.shards()
+        for row in rows:
+            state = State(row["state"])
+            attempts = row["attempts"] or 0
+            if not state.terminal:
+                state = State.PENDING  # a resumed run restarts whatever was not finished
+            life = lc.Shard(state=state, attempt=attempts, reason=row.get("reason"))
+            rt = Runtime(life=life, done=row.get("checkpoint_done"), total=row.get("total"))
+            if row.get("checkpoint") is not None or row.get("checkpoint_done") is not None:
+                rt.checkpoint = row.get("checkpoint")
+                rt.has_checkpoint = row.get("checkpoint") is not None
+                rt.checkpoint_done = row.get("checkpoint_done")
+            if state.terminal:
+                rt.done = row.get("done")
+            else:
+                self._unfinished += 1
+                self.ready.append(row["idx"])
+                if row["state"] != State.PENDING:
+                    self.store.set_shard(row["idx"], state=State.PENDING.value, pid=None)
+            self.rt.append(rt)
+            self._ids[row["id"]] = row["idx"]
+
+    def run(self) -> int:
+        """Supervise until every shard is terminal; return the run's exit code."""
+        self._load_runtime()
+        loop = self.loop
+        loop.handle_signals({
+            signal.SIGCHLD: self.handle_sigchld,
+            signal.SIGINT: self.handle_sigint,
+            signal.SIGTERM: self.handle_sigterm,
+            signal.SIGHUP: self.handle_sigterm,
+        })
+        if self.task.cwd:
+            os.chdir(self.task.cwd)
+        path = ipc_path(self.run_dir, self.run_id, "hb.sock")
+        self.channel = Channel(loop, path, self.run_id, self.on_message)
+        self.store.set_run(
+            state="running", master_pid=os.getpid(),
+            master_create_time=process_create_time(os.getpid()), endpoint=self.channel.endpoint,
+            jobs=self.jobs, exit_code=None, ended_at=None,
+        )
+        self.store.commit()
+        self.view.started(self)
+        loop.timers.set("tick", loop.clock() + self.view.tick_s, self._tick)
+        self._schedule()
+        try:
+            while self._unfinished > 0 or self.running > 0:
+                loop.run_once()
+        finally:
+            self._flush_progress()
+            code = self.exit_code()
+            self.store.set_run(state=self.run_state(), exit_code=code, ended_at=time.time())
+            self.store.commit()
+            self.channel.close()
+            self.backend.close()
+            loop.close()
+        self.view.finished(self)
+        return code
+
+    # --- signals --------------------------------------------------------------
+
+    def handle_sigchld(self, signum: int) -> None:
+        reap = getattr(self.backend, "reap", None)
+        if reap is not None:
+            reap()
+
+    def handle_sigint(self, signum: int) -> None:
+        self._interrupt(signum)
+
+    def handle_sigterm(self, signum: int) -> None:
+        self._interrupt(signum)
+
+    def _interrupt(self, signum: int) -> None:
+        if self.interrupted is not None:
+            self.view.event("second interrupt: killing every shard now")
+            kill_all = getattr(self.backend, "kill_all", None)
+            if kill_all is not None:
+                kill_all()
+            return
+        self.interrupted = signum
+        self.view.event(f"{signal.Signals(signum).name}: stopping every shard "
+                        f"(SIGTERM, then SIGKILL after {self.task.stop_timeout_s:g}s)")
+        self.stop_all(Intent.SHUTDOWN)
+
+    # --- control (also used by the control socket) ------------------------------
+
+    def stop_all(self, intent: Intent = Intent.STOP) -> None:
+        self.ready.clear()
+        for idx in range(len(self.rt)):
+            self.apply(idx, lc.StopRequested(intent))
+
+    def stop_shard(self, idx: int) -> None:
+        self.apply(idx, lc.StopRequested(Intent.STOP))
+
+    def restart_shard(self, idx: int) -> None:
+        self.apply(idx, lc.RestartRequested())
+
+    def scale(self, jobs: int) -> None:
+        self.jobs = jobs
+        self._schedule()
+
+    # --- the lifecycle ----------------------------------------------------------
+
+    def apply(self, idx: int, event: lc.Event) -> None:
+        rt = self.rt[idx]
+        old = rt.life
+        now = self.loop.clock()
+        new, actions = lc.step(old, event, now, self.policy, self.rand)
+        rt.life = new
+        for action in actions:
+            self._act(idx, action)
+        if new.state is not old.state:
+            self._changed(idx, old, new)
+
+    def _act(self, idx: int, action: lc.Action) -> None:
+        match action:
+            case lc.Spawn(attempt=attempt):
+                self._spawn(idx, attempt)
+            case lc.Signal(signum=signum):
+                handle = self.rt[idx].handle
+                if handle is not None:
+                    self.backend.signal(handle, signum)
+            case lc.SetTimer(kind=kind, at=at):
+                event: lc.Event = lc.BackoffElapsed() if kind is lc.TimerKind.BACKOFF else lc.GraceElapsed()
+                self.loop.timers.set((idx, kind), at, lambda: self.apply(idx, event))
+            case lc.CancelTimer(kind=kind):
+                self.loop.timers.cancel((idx, kind))
+
+    def _changed(self, idx: int, old: lc.Shard, new: lc.Shard) -> None:
+        if new.state.holds_slot and not old.state.holds_slot:
+            self.running += 1
+        elif old.state.holds_slot and not new.state.holds_slot:
+            self.running -= 1
+        if new.state.terminal and not old.state.terminal:
+            self._unfinished -= 1
+            rt = self.rt[idx]
+            if rt.logs is not None:
+                rt.logs.close()
+                rt.logs = None
+        elif old.state.terminal and not new.state.terminal:
+            self._unfinished += 1
+        fields: dict[str, Any] = {"state": new.state.value, "reason": new.reason,
+                                  "updated_at": time.time()}
+        if new.state is State.PENDING:
+            self.ready.append(idx)
+        if new.state is State.FAILED:
+            rt = self.rt[idx]
+            self.view.event(f"shard {self.shards[idx].id} failed: {new.reason}")
+            if rt.notes:
+                fields["last_error"] = "\n".join(rt.notes)
+        self.store.set_shard(idx, **fields)
+        self.loop.call_when_idle(self._schedule)
+        self.loop.call_when_idle(self._commit)
+
+    def _schedule(self) -> None:
+        ready = self.ready
+        while ready and self.running < self.jobs and self.interrupted is None:
+            idx = ready.popleft()
+            if self.rt[idx].life.state is State.PENDING:
+                self.apply(idx, lc.Start())
+
+    def _commit(self) -> None:
+        if self.store.dirty:
+            self.store.commit()
+        if self._acks:
+            acks, self._acks = self._acks, []
+            assert self.channel is not None
+            for identity, msg in acks:
+                self.channel.ack(identity, msg)
+
+    # --- attempts -------------------------------------------------------------
+
+    def _spawn(self, idx: int, attempt: int) -> None:
+        rt = self.rt[idx]
+        shard = self.shards[idx]
+        try:
+            spec = self._spec(idx, attempt)
+            handle = self.backend.start(spec)
+        except (SpawnError, TemplateError) as exc:
+            transient = getattr(exc, "transient", False)
+            self.store.attempt_started(idx, attempt, pid=None, pgid=None, create_time=None,
+                                       started_at=time.time())
+            self.store.attempt_ended(idx, attempt, ended_at=time.time(), exit_code=None,
+                                     signal=None, reason=f"cannot start: {exc}")
+            self.store.set_shard(idx, attempts=attempt, pid=None)
+            self.apply(idx, lc.SpawnFailed(str(exc), transient))
+            return
+        now_wall = time.time()
+        rt.handle = handle
+        rt.attempt_started = self.loop.clock()
+        rt.notes = []
+        if rt.logs is None:
+            rt.logs = ShardLogs(
+                os.path.join(self.run_dir, LOGS), idx, shard.id, self.task.log_max_bytes,
+                self.task.log_backups, self.view.event,
+            )
+        rt.logs.begin(attempt, handle.pid)
+        rt.watch = Watch(
+            started_at=rt.attempt_started,
+            heartbeat_timeout_s=self.task.heartbeat_timeout_s,
+            stall_timeout_s=self.task.stall_timeout_s,
+            require_heartbeat=self.task.require_heartbeat,
+        )
+        rt.done = rt.checkpoint_done
+        self._arm_watch(idx)
+        self.store.attempt_started(idx, attempt, pid=handle.pid, pgid=handle.pgid,
+                                   create_time=handle.create_time, started_at=now_wall)
+        self.store.set_shard(idx, attempts=attempt, pid=handle.pid, pgid=handle.pgid,
+                             pid_create_time=handle.create_time, started_at=now_wall,
+                             ended_at=None, exit_code=None, signal=None, done=rt.done)
+
+    def _spec(self, idx: int, attempt: int) -> AttemptSpec:
+        rt = self.rt[idx]
+        shard = self.shards[idx]
+        cp_text = orjson.dumps(rt.checkpoint).decode() if rt.has_checkpoint else ""
+        values = shard_values(shard, len(self.shards), cp_text)
+        env = self._base_env.copy()
+        env.update(self.template.render_env(values))
+        env.update({
+            proto.ENV_RUN_ID: self.run_id,
+            proto.ENV_SHARD_ID: shard.id,
+            proto.ENV_SHARD_INDEX: str(idx),
+            proto.ENV_SHARD_COUNT: str(len(self.shards)),
+            proto.ENV_ATTEMPT: str(attempt),
+            proto.ENV_SHARD: orjson.dumps(dict(shard.record)).decode(),
+            proto.ENV_HEARTBEAT_INTERVAL: f"{self.task.heartbeat_interval_s:g}",
+            proto.ENV_MASTER_PID: str(os.getpid()),
+        })
+        if self.channel is not None:
+            env[proto.ENV_ENDPOINT] = self.channel.endpoint
+        if rt.has_checkpoint:
+            env[proto.ENV_CHECKPOINT] = cp_text
+        if rt.checkpoint_done is not None:
+            env[proto.ENV_CHECKPOINT_DONE] = str(rt.checkpoint_done)
+        return AttemptSpec(index=idx, shard_id=shard.id, attempt=attempt,
+                           argv=self.template.render_argv(values), env=env, cwd=self.task.cwd)
+
+    def on_output(self, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
+        idx = handle.spec.index
+        rt = self.rt[idx]
+        if rt.logs is None:
+            return
+        ts = stamp()
+        if stream is Stream.STDOUT:
+            block = rt.logs.out.feed(data, ts)
+            for line in protocol_lines(block):
+                self._stdout_report(idx, handle, line)
+        else:
+            block = rt.logs.err.feed(data, ts)
+        if block and self.view.verbose:
+            self.view.line(handle.spec.shard_id, stream, block)
+
+    def on_exit(self, handle: AttemptHandle, code: int) -> None:
+        idx = handle.spec.index
+        rt = self.rt[idx]
+        if rt.handle is not handle:
+            return
+        what = lc.describe_exit(code)
+        duration = self.loop.clock() - rt.attempt_started
+        if rt.logs is not None:
+            rt.logs.end(handle.spec.attempt, what, duration)
+            if code != 0:
+                rt.notes = rt.logs.stderr_tail()
+        rt.handle = None
+        rt.watch = None
+        self.loop.timers.cancel((idx, "watch"))
+        self._flush_one(idx)
+        reason = rt.life.reason if rt.life.state is State.STOPPING else what
+        self.store.attempt_ended(
+            idx, handle.spec.attempt, ended_at=time.time(),
+            exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
+            reason=reason,
+        )
+        self.store.set_shard(
+            idx, pid=None, ended_at=time.time(), exit_code=code if code >= 0 else None,
+            signal=-code if code < 0 else None,
+            last_error="\n".join(rt.notes) if rt.notes else None,
+        )
+        if code != 0 and rt.life.state is State.RUNNING and self.interrupted is None:
+            self.view.event(f"shard {handle.spec.shard_id} attempt {handle.spec.attempt}: {what}")
+        self.apply(idx, lc.Exited(code))
+
+    # --- liveness ---------------------------------------------------------------
+
+    def _arm_watch(self, idx: int) -> None:
+        watch = self.rt[idx].watch
+        if watch is None or (idx, "watch") in self.loop.timers:
+            return
+        deadline = watch.next_deadline()
+        if deadline is not None:
+            self.loop.timers.set((idx, "watch"), deadline, lambda: self._check_watch(idx))
+
+    def _check_watch(self, idx: int) -> None:
+        rt = self.rt[idx]
+        if rt.watch is None or rt.life.state is not State.RUNNING:
+            return
+        verdict = rt.watch.verdict(self.loop.clock())
+        if verdict is None:
+            self._arm_watch(idx)
+            return
+        intent, reason = verdict
+        self.view.event(f"shard {self.shards[idx].id}: {reason}; killing attempt {rt.life.attempt}")
+        self.apply(idx, lc.Kill(intent, reason))
+
+    def _beat(self, idx: int, done: int | None, total: int | None) -> None:
+        rt = self.rt[idx]
+        if done is not None:
+            rt.done = done if rt.checkpoint_done is None else max(done, rt.checkpoint_done)
+        if total is not None:
+            rt.total = total
+        rt.heartbeat_at = time.time()
+        if rt.watch is not None:
+            rt.watch.beat(self.loop.clock(), rt.done, rt.total)
+            self._arm_watch(idx)
+        if not self._progress_dirty:
+            self.loop.timers.set("progress", self.loop.clock() + PROGRESS_FLUSH_S,
+                                 self._flush_progress)
+        self._progress_dirty.add(idx)
+
+    def _flush_one(self, idx: int) -> None:
+        rt = self.rt[idx]
+        self.store.set_shard(idx, done=rt.done, total=rt.total, heartbeat_at=rt.heartbeat_at)
+        self._progress_dirty.discard(idx)
+
+    def _flush_progress(self) -> None:
+        for idx in list(self._progress_dirty):
+            self._flush_one(idx)
+        self.loop.call_when_idle(self._commit)
+
+    def _current(self, shard_id: str, attempt: int) -> int | None:
+        """The shard index when ``attempt`` is the shard's current one, else None (stale)."""
+        idx = self._ids.get(shard_id)
+        if idx is None or self.rt[idx].life.attempt != attempt:
+            self.stale_messages += 1
+            return None
+        return idx
+
+    def on_message(self, identity: bytes, msg: proto.Message) -> None:
+        idx = self._current(msg.shard, msg.attempt)
+        if idx is None:
+            if msg.kind in (proto.Kind.CHECKPOINT, proto.Kind.END) and self.channel is not None:
+                self.channel.ack(identity, msg, ok=False, why="stale attempt: a newer one runs")
+            return
+        self._beat(idx, msg.done, msg.total)
+        if msg.kind is proto.Kind.CHECKPOINT:
+            self._store_checkpoint(idx, msg.checkpoint, msg.done)
+            self._acks.append((identity, msg))
+            self.loop.call_when_idle(self._commit)
+        elif msg.kind is proto.Kind.END:
+            self._flush_one(idx)
+            self._acks.append((identity, msg))
+            self.loop.call_when_idle(self._commit)
+        if msg.rss is not None:
+            self.rt[idx].rss = msg.rss
+
+    def _store_checkpoint(self, idx: int, checkpoint: Any, done: int | None) -> None:
+        rt = self.rt[idx]
+        rt.checkpoint = checkpoint
+        rt.has_checkpoint = True
+        rt.checkpoint_done = done if done is not None else rt.done
+        self.store.set_shard(idx, checkpoint=checkpoint, checkpoint_done=rt.checkpoint_done,
+                             checkpoint_at=time.time())
+        self._flush_one(idx)
+
+    def _stdout_report(self, idx: int, handle: AttemptHandle, line: bytes) -> None:
+        rt = self.rt[idx]
+        if rt.handle is not handle:
+            return
+        try:
+            report = proto.parse_line(line)
+        except proto.ProtocolError:
+            self.store.add_counter("bad_stdout_lines", 1)
+            return
+        if report is None:
+            return
+        done = report.done
+        if report.advance is not None:
+            done = (rt.done or 0) + report.advance
+        self._beat(idx, done, report.total)
+        if report.has_checkpoint:
+            self._store_checkpoint(idx, report.checkpoint, rt.done)
+            self.loop.call_when_idle(self._commit)
+
+    # --- reporting -----------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self.view.tick(self)
+        self.loop.timers.set("tick", self.loop.clock() + self.view.tick_s, self._tick)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for rt in self.rt:
+            key = rt.life.state.value
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def run_state(self) -> str:
+        if self._unfinished > 0 or self.running > 0:
+            return "running"
+        counts = self.counts()
+        if self.interrupted is not None:
+            return "stopped"
+        if counts.get("failed"):
+            return "failed"
+        if counts.get("stopped"):
+            return "stopped"
+        return "done"
+
+    def exit_code(self) -> int:
+        if self.interrupted == signal.SIGINT:
+            return RET_INTERRUPTED
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        return RET_OK if self.run_state() == "done" else RET_FAILED

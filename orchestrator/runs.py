@@ -1,0 +1,110 @@
+"""Orch's home, run ids and run directories.
+
+Layout::
+
+    $ORCH_HOME (or $XDG_STATE_HOME/orch, or ~/.local/state/orch)
+      runs/<run-id>/            mode 0700
+        state.db                SQLite (WAL): run, shards, attempts, checkpoints
+        task.json               the task the run started with
+        logs/<index>-<id>.out   per-shard stdout, timestamped, rotated
+        logs/<index>-<id>.err   per-shard stderr
+        master.log              the master's own log (detached runs)
+        master.pid
+        hb.sock, control.sock   ZeroMQ ipc endpoints while the master lives
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Mapping
+
+from orchestrator.errors import RunNotFound
+
+STATE_DB = "state.db"
+TASK_JSON = "task.json"
+LOGS = "logs"
+MASTER_LOG = "master.log"
+MASTER_PID = "master.pid"
+#: sockaddr_un holds 108 bytes; keep ipc paths safely under it.
+MAX_IPC_PATH = 100
+
+
+def home_dir(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """``--home`` > ``$ORCH_HOME`` > ``$XDG_STATE_HOME/orch`` > ``~/.local/state/orch``."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    if env.get("ORCH_HOME"):
+        return os.path.abspath(os.path.expanduser(env["ORCH_HOME"]))
+    state = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(os.path.abspath(state), "orch")
+
+
+def runs_root(home: str) -> str:
+    return os.path.join(home, "runs")
+
+
+def new_run_id(now: float | None = None) -> str:
+    """``20261126-191501-3fa9``: sorts by start time, unique with the random tail."""
+    t = time.localtime(time.time() if now is None else now)
+    return time.strftime("%Y%m%d-%H%M%S", t) + "-" + secrets.token_hex(2)
+
+
+def create_run_dir(home: str, run_id: str) -> str:
+    root = runs_root(home)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    path = os.path.join(root, run_id)
+    os.mkdir(path, 0o700)
+    os.mkdir(os.path.join(path, LOGS), 0o700)
+    return path
+
+
+def list_run_dirs(home: str) -> list[str]:
+    """Run directories, newest first (run ids sort by start time)."""
+    root = runs_root(home)
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    dirs = [
+        os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, STATE_DB))
+    ]
+    return sorted(dirs, key=os.path.basename, reverse=True)
+
+
+def resolve_run(home: str, key: str, names: Mapping[str, str] | None = None) -> str:
+    """The run directory for ``key``: a run id, a unique id prefix, or a ``--name``.
+
+    ``names`` maps run directory -> name (read by the caller from the
+    databases); a name given to several runs means the newest of them.
+    """
+    root = runs_root(home)
+    exact = os.path.join(root, key)
+    if key and "/" not in key and os.path.exists(os.path.join(exact, STATE_DB)):
+        return exact
+    dirs = list_run_dirs(home)
+    if names:
+        for d in dirs:  # newest first
+            if names.get(d) == key:
+                return d
+    prefixed = [d for d in dirs if os.path.basename(d).startswith(key)] if key else []
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if len(prefixed) > 1:
+        few = ", ".join(os.path.basename(d) for d in prefixed[:5])
+        raise RunNotFound(f"run {key!r} is ambiguous in {home} (matches {few})")
+    raise RunNotFound(f"no run {key!r} in {home} ('orch status' lists runs)")
+
+
+def ipc_path(run_dir: str, run_id: str, name: str) -> str:
+    """A socket path inside the run directory, or a short private one when that is too long."""
+    path = os.path.join(run_dir, name)
+    if len(path) <= MAX_IPC_PATH:
+        return path
+    base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    os.chmod(base, 0o700)
+    return os.path.join(base, f"{run_id}-{name}")

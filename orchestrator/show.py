@@ -1,0 +1,266 @@
+"""``orch status`` and ``orch logs``: read-only views of runs, live or ended.
+
+Both work from any terminal: they read the run's SQLite database (WAL, so a
+reader never blocks the master) and its log files.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from orchestrator.errors import RET_OK, OrchError, RunNotFound
+from orchestrator.report import open_run, run_detail, run_summary
+from orchestrator.runs import home_dir, list_run_dirs, resolve_run
+from orchestrator.store import Store
+from orchestrator.units import format_bytes, format_duration
+
+LIST_LIMIT = 20
+
+
+def _names(home: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for d in list_run_dirs(home):
+        try:
+            store = open_run(d)
+        except OrchError:
+            continue
+        try:
+            out[d] = store.run().get("name") or ""
+        finally:
+            store.close()
+    return out
+
+
+def find_run(key: str, home: str | None) -> str:
+    root = home_dir(home)
+    try:
+        return resolve_run(root, key)
+    except RunNotFound:
+        return resolve_run(root, key, _names(root))
+
+
+def _dump(obj: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def status(run_key: str | None, *, as_json: bool, show_all: bool, home: str | None) -> int:
+    if run_key is None:
+        return _status_all(as_json=as_json, show_all=show_all, home=home)
+    run_dir = find_run(run_key, home)
+    store = open_run(run_dir)
+    try:
+        detail = run_detail(store, run_dir)
+    finally:
+        store.close()
+    if as_json:
+        _dump(detail)
+    else:
+        _print_detail(detail)
+    return RET_OK
+
+
+def _status_all(*, as_json: bool, show_all: bool, home: str | None) -> int:
+    root = home_dir(home)
+    dirs = list_run_dirs(root)
+    if not show_all and not as_json:
+        dirs = dirs[:LIST_LIMIT]
+    runs = []
+    for d in dirs:
+        try:
+            store = open_run(d)
+        except OrchError:
+            continue
+        try:
+            runs.append(run_summary(store, d))
+        finally:
+            store.close()
+    if as_json:
+        _dump(runs)
+        return RET_OK
+    if not runs:
+        print(f"no runs in {root}")
+        return RET_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("RUN", "NAME", "STATE", "STARTED", "SHARDS", "ITEMS"):
+        table.add_column(col)
+    for r in runs:
+        counts = r["counts"]
+        shards = " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        items = ""
+        if r["items_done"]:
+            items = f"{r['items_done']:,}" + (f"/{r['items_total']:,}" if r["items_total"] else "")
+        started = (r["started_at"] or "")[:19].replace("T", " ")
+        table.add_row(r["id"], r["name"] or "-", _state_markup(r["state"]), started, shards, items)
+    Console().print(table)
+    if any(r["state"] == "lost" for r in runs):
+        print("lost: the master died while the run was live; 'orch resume RUN' finishes it")
+    return RET_OK
+
+
+def _state_markup(state: str) -> str:
+    colour = {"done": "green", "failed": "red", "running": "cyan", "stopped": "yellow",
+              "lost": "magenta", "backoff": "yellow", "stopping": "yellow"}.get(state)
+    return f"[{colour}]{state}[/]" if colour else state
+
+
+def _print_detail(d: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = (f"run [cyan]{d['id']}[/] ({d['name'] or '-'}): {_state_markup(d['state'])}, "
+            f"{d['shard_count']} shards, {format_duration(d['duration_s'])}")
+    if d["exit_code"] is not None:
+        head += f", exit code {d['exit_code']}"
+    console.print(head, highlight=False)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
+    line = counts
+    if d["items_done"]:
+        line += f" | {d['items_done']:,}" + (f"/{d['items_total']:,}" if d["items_total"] else "")
+        line += " items"
+        if d["rate"]:
+            line += f", {d['rate']:,.1f}/s"
+        if d["eta_s"] is not None:
+            line += f", ETA {format_duration(d['eta_s'])}"
+    console.print(line, highlight=False)
+    if d["state"] == "lost":
+        console.print(f"[magenta]the master is gone[/]: 'orch resume {d['id']}' finishes the run")
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("SHARD", "STATE", "ATT", "PID", "PROGRESS", "HEARTBEAT", "CPU", "RSS", "REASON"):
+        table.add_column(col, overflow="fold")
+    for s in d["shards"]:
+        prog = ""
+        if s["done"] is not None:
+            prog = f"{s['done']:,}" + (f"/{s['total']:,}" if s["total"] else "")
+            if s["total"]:
+                prog += f" {s['done'] / s['total']:.0%}"
+        hb = format_duration(s["heartbeat_age_s"]) if s["heartbeat_age_s"] is not None else ""
+        cpu = f"{s['cpu_percent']:.0f}%" if s["cpu_percent"] is not None else ""
+        rss = format_bytes(s["rss_bytes"]) if s["rss_bytes"] is not None else ""
+        reason = s["reason"] if s["state"] not in ("running", "pending") else ""
+        if s["state"] == "done":
+            reason = ""
+        table.add_row(s["id"], _state_markup(s["state"]), str(s["attempts"]),
+                      str(s["pid"] or ""), prog, hb, cpu, rss, reason or "")
+    console.print(table)
+
+
+def print_summary(store: Store, run_dir: str, out: Any = None) -> None:
+    """The end-of-run summary: counts, duration, and each failed shard with its reason."""
+    out = out or sys.stdout
+    d = run_detail(store, run_dir, sample=False)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
+    out.write(f"orch: run {d['id']} {d['state']} in {format_duration(d['duration_s'])}: {counts}\n")
+    bad = [s for s in d["shards"] if s["state"] in ("failed", "stopped")]
+    for s in bad[:20]:
+        if s["state"] == "stopped":
+            continue
+        out.write(f"  {s['id']}: {s['reason']}\n")
+        for ln in (s["last_error"] or "").splitlines()[-5:]:
+            out.write(f"    | {ln}\n")
+        out.write(f"    log: {s['log_stderr']}\n")
+    failed = sum(1 for s in bad if s["state"] == "failed")
+    if failed > 20:
+        out.write(f"  ... and {failed - 20} more failed shards ('orch status {d['id']}')\n")
+    out.flush()
+
+
+# --- logs ----------------------------------------------------------------------
+
+
+def _log_files(path: str) -> list[str]:
+    """Rotated backups oldest first, then the live file."""
+    backups = []
+    i = 1
+    while os.path.exists(f"{path}.{i}"):
+        backups.append(f"{path}.{i}")
+        i += 1
+    return [*reversed(backups), path] if os.path.exists(path) or backups else []
+
+
+def _lines(paths: list[str], prefix: str) -> Iterator[tuple[str, str]]:
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    yield line[:24], prefix + line
+        except FileNotFoundError:
+            continue
+
+
+def logs(run_key: str, *, shard: str | None, stderr: bool, tail: int | None, follow: bool,
+         home: str | None) -> int:
+    run_dir = find_run(run_key, home)
+    store = open_run(run_dir)
+    try:
+        detail = run_detail(store, run_dir, sample=False)
+    finally:
+        store.close()
+    key = "log_stderr" if stderr else "log_stdout"
+    shards = detail["shards"]
+    if shard is not None:
+        match = [s for s in shards if s["id"] == shard]
+        if not match and shard.isdigit():
+            match = [s for s in shards if s["index"] == int(shard)]
+        if not match:
+            raise RunNotFound(f"run {detail['id']} has no shard {shard!r}")
+        shards = match
+    many = len(shards) > 1
+    streams = [_lines(_log_files(s[key]), f"[{s['id']}] " if many else "") for s in shards]
+    merged = (text for _, text in heapq.merge(*streams, key=lambda t: t[0]))
+    out = sys.stdout
+    if tail is not None:
+        for text in deque(merged, maxlen=max(0, tail)):
+            out.write(text)
+    else:
+        for text in merged:
+            out.write(text)
+    out.flush()
+    if follow:
+        _follow(run_dir, [(s[key], f"[{s['id']}] " if many else "") for s in shards])
+    return RET_OK
+
+
+def _follow(run_dir: str, files: list[tuple[str, str]], poll_s: float = 0.2) -> None:
+    """Print new lines as they are written, until Ctrl-C or the run ends and goes quiet."""
+    offsets = {p: (os.path.getsize(p) if os.path.exists(p) else 0) for p, _ in files}
+    inodes = {p: (os.stat(p).st_ino if os.path.exists(p) else None) for p, _ in files}
+    partial: dict[str, str] = {}
+    while True:
+        wrote = False
+        for path, prefix in files:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if inodes.get(path) != st.st_ino:  # rotated: start the new file from its top
+                inodes[path], offsets[path] = st.st_ino, 0
+            if st.st_size <= offsets[path]:
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(offsets[path])
+                chunk = f.read()
+                offsets[path] = f.tell()
+            text = partial.pop(path, "") + chunk
+            lines = text.split("\n")
+            if lines[-1]:
+                partial[path] = lines[-1]
+            for ln in lines[:-1]:
+                sys.stdout.write(prefix + ln + "\n")
+                wrote = True
+        if wrote:
+            sys.stdout.flush()
+        else:
+            time.sleep(poll_s)

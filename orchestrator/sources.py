@@ -1,0 +1,443 @@
+"""Shard lists: reading CSV, JSON lines, text, ``--split N`` and ``--range A..B``.
+
+A shard list is validated completely before a run starts (DESIGN.md #8): a bad
+byte, a short row, an empty or duplicate id is reported as one line naming the
+file and the physical line (quoted CSV fields may span lines; the line given is
+where the record starts). Nothing is half-started because of a bad row 90,000.
+
+Memory is kept lean because a shard list of 100,000 rows is ordinary: CSV rows
+are stored as tuples sharing one header, ``--split``/``--range`` are virtual,
+and ``Shard`` objects are built only when asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
+
+import orjson
+
+from orchestrator.errors import ShardListError
+
+__all__ = ["MAX_VIRTUAL_SHARDS", "Shard", "ShardList", "load_shards", "parse_range"]
+
+#: Upper bound for ``--split``/``--range`` so a typo cannot create a billion shards.
+MAX_VIRTUAL_SHARDS = 10_000_000
+
+_FORMATS = {"csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl", "text": "text",
+            "txt": "text"}
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# Repeated CSV values (a country, a status) are stored once; the cache per column is
+# bounded so a column of unique values costs little more than no cache at all.
+_CACHE_LIMIT = 4096
+_RANGE_RE = re.compile(r"\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One piece of work: its position, its id, its record, and where it came from.
+
+    ``line`` is the 1-based physical line of the source where the record starts,
+    or 0 for ``--split``/``--range`` shards.
+    """
+
+    index: int
+    id: str
+    record: Mapping[str, Any]
+    line: int
+
+
+class ShardList(Sequence[Shard]):
+    """An immutable, validated sequence of shards with unique, non-empty ids.
+
+    ``fields`` holds the fields that every record has, so templates can be
+    checked against 100,000 records without looking at each one.
+    """
+
+    __slots__ = ("_id_at", "_index_of", "_len", "_line_at", "_record_at", "fields", "format",
+                 "path", "source")
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        path: str | None,
+        format: str,
+        fields: frozenset[str],
+        length: int,
+        id_at: Callable[[int], str],
+        record_at: Callable[[int], Mapping[str, Any]],
+        line_at: Callable[[int], int],
+        index_of: Callable[[str], int | None],
+    ) -> None:
+        self.source = source
+        self.path = path
+        self.format = format
+        self.fields = fields
+        self._len = length
+        self._id_at = id_at
+        self._record_at = record_at
+        self._line_at = line_at
+        self._index_of = index_of
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Sequence[tuple[str, Mapping[str, Any], int]],
+        *,
+        source: str,
+        format: str,
+        path: str | None = None,
+    ) -> ShardList:
+        """Rebuild a list from stored ``(id, record, line)`` rows, e.g. on resume."""
+        ids = [row[0] for row in records]
+        recs = [row[1] for row in records]
+        lines = [row[2] for row in records]
+        index: dict[str, int] = {}
+        for i, shard_id in enumerate(ids):
+            if not isinstance(shard_id, str) or not shard_id:
+                raise ShardListError(f"{source}: shard {i} has an invalid id {shard_id!r}")
+            if index.setdefault(shard_id, i) != i:
+                raise ShardListError(f"{source}: duplicate shard id {shard_id!r}")
+        return cls(
+            source=source, path=path, format=format, fields=_common_keys(recs),
+            length=len(ids), id_at=ids.__getitem__, record_at=recs.__getitem__,
+            line_at=lines.__getitem__, index_of=index.get,
+        )
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> Shard: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Shard]: ...
+
+    def __getitem__(self, i: int | slice) -> Shard | list[Shard]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"shard index {i} out of range")
+        return Shard(i, self._id_at(i), self._record_at(i), self._line_at(i))
+
+    def __iter__(self) -> Iterator[Shard]:
+        id_at, record_at, line_at = self._id_at, self._record_at, self._line_at
+        for i in range(self._len):
+            yield Shard(i, id_at(i), record_at(i), line_at(i))
+
+    def index_of(self, shard_id: str) -> int | None:
+        """The index of the shard with this id, or None."""
+        return self._index_of(shard_id)
+
+    def __repr__(self) -> str:
+        return f"<ShardList {self.source!r} format={self.format} len={self._len}>"
+
+
+def _common_keys(records: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    if not records:
+        return frozenset()
+    common = set(records[0])
+    for record in records:
+        if common and not common.issubset(record):
+            common.intersection_update(record)
+    return frozenset(common)
+
+
+def parse_range(text: object, *, where: str = "--range") -> tuple[int, int]:
+    """Parse ``A..B`` (integers, both ends inclusive, like shell ``{1..10}``)."""
+    match = _RANGE_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ShardListError(f"{where}: invalid range {text!r} (use A..B, e.g. 1..10)")
+    start, end = int(match.group(1)), int(match.group(2))
+    if end < start:
+        raise ShardListError(f"{where}: end {end} is before start {start} in {text!r}")
+    if end - start + 1 > MAX_VIRTUAL_SHARDS:
+        raise ShardListError(
+            f"{where}: {end - start + 1} shards is more than the limit of {MAX_VIRTUAL_SHARDS}"
+        )
+    return start, end
+
+
+def load_shards(
+    path: str | None = None,
+    *,
+    split: int | None = None,
+    range_: str | None = None,
+    fmt: str | None = None,
+) -> ShardList:
+    """Load and validate a shard list from exactly one of a file, ``split`` or ``range_``.
+
+    The file format is ``fmt`` (csv, tsv, jsonl, text) or follows the extension
+    (.csv, .tsv, .jsonl/.ndjson, anything else is text). Every problem raises
+    ``ShardListError`` with one line naming the source and line.
+    """
+    given = [name for name, v in (("--shards", path), ("--split", split), ("--range", range_))
+             if v is not None]
+    if not given:
+        raise ShardListError("no shard list: give --shards FILE, --split N or --range A..B")
+    if len(given) > 1:
+        raise ShardListError(f"give only one shard list, got {' and '.join(given)}")
+    if split is not None:
+        return _split(split)
+    if range_ is not None:
+        return _range(range_)
+    assert path is not None
+    return _load_file(path, fmt)
+
+
+def _split(n: object) -> ShardList:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ShardListError(f"--split: must be a whole number, got {n!r}")
+    if n < 1:
+        raise ShardListError(f"--split: must be at least 1, got {n}")
+    if n > MAX_VIRTUAL_SHARDS:
+        raise ShardListError(f"--split: must be at most {MAX_VIRTUAL_SHARDS}, got {n}")
+    empty: Mapping[str, Any] = {}
+    return ShardList(
+        source=f"--split {n}", path=None, format="split", fields=frozenset(), length=n,
+        id_at=str, record_at=lambda i: empty, line_at=lambda i: 0,
+        index_of=lambda s: _virtual_index(s, 0, n),
+    )
+
+
+def _range(text: str) -> ShardList:
+    start, end = parse_range(text)
+    n = end - start + 1
+    return ShardList(
+        source=f"--range {start}..{end}", path=None, format="range", fields=frozenset({"value"}),
+        length=n, id_at=lambda i: str(start + i), record_at=lambda i: {"value": start + i},
+        line_at=lambda i: 0, index_of=lambda s: _virtual_index(s, start, n),
+    )
+
+
+def _virtual_index(shard_id: str, start: int, n: int) -> int | None:
+    """Index of a canonical integer id ("7", "-3"; not "07" or "+7") in start..start+n-1."""
+    if not re.fullmatch(r"-?\d{1,20}", shard_id, re.ASCII):
+        return None
+    value = int(shard_id)
+    if str(value) != shard_id or not start <= value < start + n:
+        return None
+    return value - start
+
+
+def _load_file(path: str, fmt: str | None) -> ShardList:
+    src = path
+    if fmt is not None:
+        kind = _FORMATS.get(fmt.lower())
+        if kind is None:
+            raise ShardListError(f"--format: unknown format {fmt!r} (use csv, tsv, jsonl or text)")
+    else:
+        kind = _EXTENSIONS.get(os.path.splitext(path)[1].lower(), "text")
+    text = _read_text(path)
+    abspath = os.path.abspath(path)
+    if kind in ("csv", "tsv"):
+        return _load_csv(text, src, abspath, "\t" if kind == "tsv" else ",")
+    if kind == "jsonl":
+        return _load_jsonl(text, src, abspath)
+    return _load_text(text, src, abspath)
+
+
+def _read_text(path: str) -> str:
+    """Read the file as UTF-8 (BOM dropped); name the line and column of a bad byte."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ShardListError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ShardListError(f"{path}: is a directory, not a shard list file") from None
+    except PermissionError:
+        raise ShardListError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise ShardListError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ShardListError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column})"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def _physical_lines(text: str) -> Iterator[str]:
+    """Lines split on "\\n" only (keeping it), unlike str.splitlines which also splits
+    on form feeds and U+2028 that may legally sit inside a CSV or JSON value."""
+    start, n, find = 0, len(text), text.find
+    while start < n:
+        end = find("\n", start)
+        if end == -1:
+            yield text[start:]
+            return
+        yield text[start : end + 1]
+        start = end + 1
+
+
+def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
+    reader = csv.reader(_physical_lines(text), delimiter=delimiter, strict=True)
+    header: tuple[str, ...] | None = None
+    rows: list[tuple[str, ...]] = []
+    lines = array("q")
+    index: dict[str, int] = {}
+    caches: list[dict[str, str]] = []
+    id_col, prev = 0, 0
+    while True:
+        start = prev + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            raise ShardListError(f"{src}:{start}: malformed CSV ({exc})") from None
+        prev = reader.line_num
+        if row is None:
+            break
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if header is None:
+            header = tuple(row)
+            id_col = _check_header(header, src, start)
+            caches = [{} for _ in header]
+            continue
+        if len(row) != len(header):
+            raise ShardListError(
+                f"{src}:{start}: row has {len(row)} fields, header has {len(header)}"
+            )
+        shard_id = row[id_col]
+        if not shard_id.strip():
+            raise ShardListError(f"{src}:{start}: empty shard id in column {header[id_col]!r}")
+        first = index.setdefault(shard_id, len(rows))
+        if first != len(rows):
+            raise ShardListError(
+                f"{src}:{start}: duplicate shard id {shard_id!r} (first at line {lines[first]})"
+            )
+        for col, value in enumerate(row):
+            cache = caches[col]
+            hit = cache.get(value)
+            if hit is not None:
+                row[col] = hit
+            elif len(cache) < _CACHE_LIMIT:
+                cache[value] = value
+        rows.append(tuple(row))
+        lines.append(start)
+    if header is None:
+        raise ShardListError(f"{src}: no header row (the file is empty)")
+    if not rows:
+        raise ShardListError(f"{src}: no shards (header but no rows)")
+    names = header
+    return ShardList(
+        source=src, path=abspath, format="csv", fields=frozenset(names), length=len(rows),
+        id_at=lambda i: rows[i][id_col], record_at=lambda i: dict(zip(names, rows[i])),
+        line_at=lines.__getitem__, index_of=index.get,
+    )
+
+
+def _check_header(header: tuple[str, ...], src: str, line: int) -> int:
+    seen: dict[str, int] = {}
+    for col, name in enumerate(header, 1):
+        if not name.strip():
+            raise ShardListError(f"{src}:{line}: empty column name in header (column {col})")
+        if name in seen:
+            raise ShardListError(
+                f"{src}:{line}: duplicate column name {name!r} in header "
+                f"(columns {seen[name]} and {col})"
+            )
+        seen[name] = col
+    return header.index("id") if "id" in seen else 0
+
+
+def _load_jsonl(text: str, src: str, abspath: str) -> ShardList:
+    records: list[dict[str, Any]] = []
+    ids: list[str] = []
+    lines = array("q")
+    index: dict[str, int] = {}
+    for number, raw in enumerate(_physical_lines(text), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ShardListError(f"{src}:{number}: invalid JSON ({exc.msg} at column "
+                                 f"{exc.colno})") from None
+        if not isinstance(record, dict):
+            raise ShardListError(
+                f"{src}:{number}: expected a JSON object, got {_json_kind(record)}"
+            )
+        shard_id = _jsonl_id(record, src, number)
+        first = index.setdefault(shard_id, len(records))
+        if first != len(records):
+            raise ShardListError(
+                f"{src}:{number}: duplicate shard id {shard_id!r} (first at line {lines[first]})"
+            )
+        records.append(record)
+        ids.append(shard_id)
+        lines.append(number)
+    if not records:
+        raise ShardListError(f"{src}: no shards (no JSON lines)")
+    return ShardList(
+        source=src, path=abspath, format="jsonl", fields=_common_keys(records),
+        length=len(records), id_at=ids.__getitem__,
+        record_at=records.__getitem__, line_at=lines.__getitem__, index_of=index.get,
+    )
+
+
+def _jsonl_id(record: Mapping[str, Any], src: str, line: int) -> str:
+    if not record:
+        raise ShardListError(f"{src}:{line}: empty JSON object (no field for the shard id)")
+    key = "id" if "id" in record else next(iter(record))
+    value = record[key]
+    if isinstance(value, str):
+        shard_id = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        shard_id = orjson.dumps(value).decode() if isinstance(value, float) else str(value)
+    else:
+        raise ShardListError(
+            f"{src}:{line}: shard id in field {key!r} must be a string or number, "
+            f"got {_json_kind(value)}"
+        )
+    if not shard_id.strip():
+        raise ShardListError(f"{src}:{line}: empty shard id in field {key!r}")
+    return shard_id
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _load_text(text: str, src: str, abspath: str) -> ShardList:
+    values: list[str] = []
+    lines = array("q")
+    index: dict[str, int] = {}
+    for number, raw in enumerate(_physical_lines(text), 1):
+        value = raw.strip()
+        if not value:
+            continue
+        first = index.setdefault(value, len(values))
+        if first != len(values):
+            raise ShardListError(
+                f"{src}:{number}: duplicate shard id {value!r} (first at line {lines[first]})"
+            )
+        values.append(value)
+        lines.append(number)
+    if not values:
+        raise ShardListError(f"{src}: no shards (the file has no non-blank lines)")
+    return ShardList(
+        source=src, path=abspath, format="text", fields=frozenset({"line"}), length=len(values),
+        id_at=values.__getitem__, record_at=lambda i: {"line": values[i]},
+        line_at=lines.__getitem__, index_of=index.get,
+    )

@@ -1,0 +1,431 @@
+"""The run's state database: one SQLite file per run, written by the master only.
+
+* One writer, many readers: the master writes; ``orch status`` reads at any
+  time, live or after the run. WAL mode lets readers see the last committed
+  state without blocking the writer or being blocked by it.
+* Never corrupted by a kill (promise 7): every change is inside a transaction,
+  visible only at ``COMMIT``; WAL frames are checksummed, so a kill at any
+  instant (mid-statement, mid-commit, mid-checkpoint) leaves the old or the new
+  state and the next connection replays or discards the WAL tail.
+* ``synchronous=NORMAL``: ``commit()`` returns once the WAL frames are handed
+  to the OS, so a commit survives a SIGKILL of the master. There is no fsync
+  per commit: an OS crash or power loss may lose the last few commits, but
+  never corrupts. The master commits a shard's ``done`` before acting on it.
+* Group commit: mutating methods only stage SQL (cached prepared statements)
+  in one open transaction; the master calls ``commit()`` once per loop
+  iteration, so a burst of progress messages costs one WAL write.
+* Readers open with ``?mode=ro``: that works while the master is live and
+  after it is gone, even after a SIGKILL left a hot WAL. If ``-wal``/``-shm``
+  are missing, SQLite creates them, which needs write access to the run
+  directory (it is the user's own, mode 0700). Readers never keep a
+  transaction open between calls, so they never hold back WAL checkpoints.
+* The schema version is ``PRAGMA user_version``; a database from a newer orch
+  is refused with ``StoreError`` rather than misread.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from orchestrator.errors import OrchError
+
+__all__ = ["SCHEMA_VERSION", "RunRow", "Store", "StoreError"]
+
+#: Bumped on any incompatible schema change; stored in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
+_BUSY_TIMEOUT_MS = 5000
+#: Keep the WAL file from staying huge after a burst (bytes).
+_JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+
+
+class StoreError(OrchError):
+    """Raised when a run's database cannot be opened or has an unknown schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """What ``Store.create`` records about a new run."""
+
+    id: str
+    name: str
+    task_json: dict[str, Any]
+    source: str
+    shard_count: int
+    started_at: float
+    jobs: int | None
+
+
+# Column sets used to validate set_run/set_shard kwargs are read back from this
+# schema (PRAGMA table_info) when a store is opened, so they cannot drift apart.
+_SCHEMA = """
+CREATE TABLE run (
+  id TEXT NOT NULL, name TEXT NOT NULL, task_json BLOB NOT NULL, source TEXT NOT NULL,
+  shard_count INTEGER NOT NULL, state TEXT NOT NULL, exit_code INTEGER,
+  started_at REAL NOT NULL, ended_at REAL, master_pid INTEGER, master_create_time REAL,
+  endpoint TEXT, control TEXT, jobs INTEGER
+);
+CREATE TABLE shards (
+  idx INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, record BLOB NOT NULL, line INTEGER,
+  state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+  pid INTEGER, pgid INTEGER, pid_create_time REAL,
+  exit_code INTEGER, signal INTEGER, reason TEXT, last_error TEXT,
+  started_at REAL, ended_at REAL, done INTEGER, total INTEGER,
+  checkpoint BLOB, checkpoint_done INTEGER, checkpoint_at REAL,
+  heartbeat_at REAL, updated_at REAL
+);
+CREATE TABLE attempts (
+  shard_idx INTEGER NOT NULL, attempt INTEGER NOT NULL,
+  pid INTEGER, pgid INTEGER, create_time REAL, started_at REAL, ended_at REAL,
+  exit_code INTEGER, signal INTEGER, reason TEXT,
+  PRIMARY KEY (shard_idx, attempt)
+);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+"""
+# Built after the bulk insert (faster than maintaining it row by row).
+_INDEXES = "CREATE INDEX shards_state ON shards (state)"
+
+
+def _encode_json(value: Any) -> bytes | None:
+    """orjson-encode ``value``; ``None`` is stored as SQL NULL.
+
+    ``bytes`` are taken as JSON the caller already encoded (e.g. a checkpoint
+    as it arrived on the wire) and are only validated, not re-encoded.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        orjson.loads(raw)  # reject garbage before it reaches every reader
+        return raw
+    return orjson.dumps(value)
+
+
+def _decode_json(raw: bytes | None) -> Any:
+    return None if raw is None else orjson.loads(raw)
+
+
+def _rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _decode_shard(row: dict[str, Any]) -> dict[str, Any]:
+    row["record"] = _decode_json(row["record"])
+    row["checkpoint"] = _decode_json(row["checkpoint"])
+    return row
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _connect(path: str, mode: str) -> sqlite3.Connection:
+    uri = Path(path).absolute().as_uri() + f"?mode={mode}"
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _remove_db_files(path: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+class Store:
+    """A run's state database: the master's writer or a read-only view.
+
+    Use ``Store.create`` (new run) or ``Store.open`` (resume, or
+    ``readonly=True`` for ``orch status``); never the constructor directly.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: str, *, readonly: bool) -> None:
+        self._conn = conn
+        self.path = path
+        self.readonly = readonly
+        self._dirty = False
+        self._update_sql: dict[tuple[str, ...], str] = {}
+        self._settable = {
+            table: frozenset(row[1] for row in conn.execute(f"PRAGMA table_info({table})")) - fixed
+            for table, fixed in (("run", {"id"}), ("shards", {"idx", "id", "record", "line"}))
+        }
+
+    # --- opening and closing ---
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        run: RunRow,
+        shards: Iterable[tuple[str, Mapping[str, Any], int]],
+    ) -> Store:
+        """Create a run database with its run row and every shard, in one transaction.
+
+        Fails with ``StoreError`` if ``path`` exists. If anything fails, the
+        file is removed again, so a run is either fully recorded or absent.
+        """
+        try:
+            # O_EXCL claims the path atomically: two creates cannot share it.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise StoreError(f"{path}: a run database already exists") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create run database: {_one_line(exc)}") from None
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(path, "rw")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            for ddl in _SCHEMA.split(";"):
+                conn.execute(ddl)
+            conn.execute(
+                "INSERT INTO run (id, name, task_json, source, shard_count, state, started_at,"
+                " jobs) VALUES (:id, :name, :task_json, :source, :shard_count, 'pending',"
+                " :started_at, :jobs)",
+                asdict(run) | {"task_json": orjson.dumps(run.task_json)},
+            )
+            cur = conn.executemany(
+                "INSERT INTO shards (idx, id, record, line) VALUES (?, ?, ?, ?)",
+                (
+                    (idx, sid, orjson.dumps(rec if type(rec) is dict else dict(rec)), line)
+                    for idx, (sid, rec, line) in enumerate(shards)
+                ),
+            )
+            if cur.rowcount != run.shard_count:
+                raise ValueError(
+                    f"RunRow.shard_count is {run.shard_count} but {cur.rowcount} shards were given"
+                )
+            conn.execute(_INDEXES)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+            store = cls(conn, path, readonly=False)
+            store._configure_writer()
+            return store
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            _remove_db_files(path)
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise StoreError(f"{path}: {_one_line(exc)}") from None
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{path}: cannot create run database: {_one_line(exc)}") from None
+            raise
+
+    @classmethod
+    def open(cls, path: str, *, readonly: bool = False) -> Store:
+        """Open an existing run database; the writer (resume) or a read-only view."""
+        if not os.path.isfile(path):
+            raise StoreError(f"{path}: no run database there")
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(path, "ro" if readonly else "rw")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                raise StoreError(
+                    f"{path}: not an orch run database (or its creation was interrupted)"
+                )
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: run database has schema version {version}, newer than this"
+                    f" orch understands ({SCHEMA_VERSION}); upgrade orch"
+                )
+            (rows,) = conn.execute("SELECT count(*) FROM run").fetchone()
+            if rows != 1:
+                raise StoreError(f"{path}: run database has {rows} run rows, expected 1")
+            store = cls(conn, path, readonly=readonly)
+            if not readonly:
+                store._configure_writer()
+            return store
+        except (StoreError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"{path}: cannot open run database: {_one_line(exc)}") from None
+
+    def _configure_writer(self) -> None:
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT_BYTES}")
+
+    def close(self) -> None:
+        """Close the connection; anything staged and not committed is rolled back."""
+        self._conn.close()
+        self._dirty = False
+
+    # --- writer: staged in one open transaction until commit() ---
+
+    def _begin(self) -> None:
+        if self.readonly:
+            raise RuntimeError(f"{self.path}: store was opened read-only")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.path}: cannot write: {_one_line(exc)}") from None
+        self._dirty = True
+
+    def set_run(self, **fields: Any) -> None:
+        """Stage an update of the run row (any column except ``id``)."""
+        if "task_json" in fields:
+            fields["task_json"] = orjson.dumps(fields["task_json"])
+        self._stage_update("run", fields)
+
+    def set_shard(self, idx: int, **fields: Any) -> None:
+        """Stage an update of one shard (any column except idx/id/record/line).
+
+        ``checkpoint`` is orjson-encoded here; pass it only when it changed.
+        """
+        if "checkpoint" in fields:
+            fields["checkpoint"] = _encode_json(fields["checkpoint"])
+        if self._stage_update("shards", fields, idx) == 0:
+            raise ValueError(f"no shard with idx {idx}")
+
+    def _stage_update(self, table: str, fields: dict[str, Any], *idx: int) -> int:
+        """Stage ``UPDATE table SET fields`` (of shard ``idx``); return the rows changed."""
+        if not fields:
+            return -1
+        key = (table, *fields)
+        sql = self._update_sql.get(key)
+        if sql is None:  # first use of this column set: validate it and prepare the SQL
+            unknown = sorted(set(fields) - self._settable[table])
+            if unknown:
+                raise ValueError(
+                    f"{table}: cannot set column(s) {', '.join(unknown)};"
+                    f" settable: {', '.join(sorted(self._settable[table]))}"
+                )
+            sql = f"UPDATE {table} SET " + ", ".join(f"{c} = ?" for c in fields)
+            sql = self._update_sql[key] = sql + (" WHERE idx = ?" if idx else "")
+        if not self._dirty:
+            self._begin()
+        return self._conn.execute(sql, (*fields.values(), *idx)).rowcount
+
+    def attempt_started(
+        self,
+        idx: int,
+        attempt: int,
+        *,
+        pid: int | None,
+        pgid: int | None,
+        create_time: float | None,
+        started_at: float,
+    ) -> None:
+        """Stage a new attempt row; (idx, attempt) must be new."""
+        if not self._dirty:
+            self._begin()
+        self._conn.execute(
+            "INSERT INTO attempts (shard_idx, attempt, pid, pgid, create_time, started_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (idx, attempt, pid, pgid, create_time, started_at),
+        )
+
+    def attempt_ended(
+        self,
+        idx: int,
+        attempt: int,
+        *,
+        ended_at: float,
+        exit_code: int | None,
+        signal: int | None,
+        reason: str | None,
+    ) -> None:
+        """Stage the end of an attempt recorded by ``attempt_started``."""
+        if not self._dirty:
+            self._begin()
+        cur = self._conn.execute(
+            "UPDATE attempts SET ended_at = ?, exit_code = ?, signal = ?, reason = ?"
+            " WHERE shard_idx = ? AND attempt = ?",
+            (ended_at, exit_code, signal, reason, idx, attempt),
+        )
+        if cur.rowcount != 1:
+            raise ValueError(f"no attempt {attempt} of shard idx {idx} was started")
+
+    def add_counter(self, name: str, delta: int) -> None:
+        """Stage ``counters[name] += delta`` (created at 0 if new)."""
+        if not self._dirty:
+            self._begin()
+        self._conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, delta),
+        )
+
+    def commit(self) -> None:
+        """Make everything staged durable in one transaction (no-op if nothing is)."""
+        if not self._dirty:
+            return
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.path}: cannot commit: {_one_line(exc)}") from None
+        self._dirty = False
+
+    @property
+    def dirty(self) -> bool:
+        """True when something was staged since the last commit."""
+        return self._dirty
+
+    # --- readers: plain JSON-friendly dicts; the writer sees its staged state ---
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: cannot read: {_one_line(exc)}") from None
+
+    def run(self) -> dict[str, Any]:
+        """The run row, ``task_json`` decoded."""
+        (row,) = _rows(self._query("SELECT * FROM run"))
+        row["task_json"] = _decode_json(row["task_json"])
+        return row
+
+    def shards(self, *, states: Collection[str] | None = None) -> list[dict[str, Any]]:
+        """All shards (or those in ``states``) ordered by idx, record/checkpoint decoded."""
+        if states is None:
+            cur = self._query("SELECT * FROM shards ORDER BY idx")
+        else:
+            states = tuple(states)
+            if not states:
+                return []
+            marks = ", ".join("?" * len(states))
+            cur = self._query(f"SELECT * FROM shards WHERE state IN ({marks}) ORDER BY idx", states)
+        return [_decode_shard(row) for row in _rows(cur)]
+
+    def shard(self, key: str | int) -> dict[str, Any] | None:
+        """One shard by id (``str``) or idx (``int``); None if there is none."""
+        column = "id" if isinstance(key, str) else "idx"
+        rows = _rows(self._query(f"SELECT * FROM shards WHERE {column} = ?", (key,)))
+        return _decode_shard(rows[0]) if rows else None
+
+    def attempts(self, idx: int) -> list[dict[str, Any]]:
+        """Every attempt of shard ``idx``, oldest first."""
+        return _rows(
+            self._query("SELECT * FROM attempts WHERE shard_idx = ? ORDER BY attempt", (idx,))
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Shard state -> number of shards in it (states with no shard are absent)."""
+        return dict(self._query("SELECT state, count(*) FROM shards GROUP BY state").fetchall())
+
+    def counters(self) -> dict[str, int]:
+        """Every counter the master added to (e.g. dropped_garbage, dropped_stale)."""
+        return dict(self._query("SELECT name, value FROM counters ORDER BY name").fetchall())
+
+    def progress_totals(self) -> tuple[int, int | None]:
+        """(sum of done, sum of total); total is None while a running shard has no total."""
+        done, total, unknown = self._query(
+            "SELECT coalesce(sum(done), 0), sum(total),"
+            " coalesce(sum(state = 'running' AND total IS NULL), 0) FROM shards"
+        ).fetchone()
+        return int(done), (None if unknown or total is None else int(total))

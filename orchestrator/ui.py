@@ -1,0 +1,197 @@
+"""What the foreground ``orch run`` shows while it supervises.
+
+- On a terminal: a compact live view redrawn a few times a second with rich
+  (overall progress bar with rate and ETA, shard counts by state, the
+  shards that matter: failing, stalled, slowest), and failures printed above
+  it as they happen.
+- Not a terminal (a log file, CI): a plain line every few seconds and one
+  line per failure, nothing else.
+- ``--verbose``: child output lines prefixed with the shard id, as well.
+
+The master calls ``tick`` from its loop; views never run threads of their
+own, so the master's single thread stays the only one touching shard state.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.backends import Stream
+from orchestrator.lifecycle import State
+from orchestrator.master import View
+from orchestrator.units import format_duration
+
+if TYPE_CHECKING:
+    from orchestrator.master import Master
+
+_ORDER = ("running", "pending", "backoff", "stopping", "done", "failed", "stopped")
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    parts = [f"{counts[s]} {s}" for s in _ORDER if counts.get(s)]
+    return ", ".join(parts) or "no shards"
+
+
+class Rate:
+    """Items per second over a sliding window of samples."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, done: int) -> float | None:
+        s = self._samples
+        s.append((now, done))
+        while len(s) > 2 and now - s[0][0] > self.window_s:
+            s.popleft()
+        if len(s) < 2 or s[-1][0] <= s[0][0]:
+            return None
+        return max(0.0, (s[-1][1] - s[0][1]) / (s[-1][0] - s[0][0]))
+
+
+def progress_of(master: Master) -> tuple[int, int | None]:
+    done = 0
+    total: int | None = 0
+    for rt in master.rt:
+        done += rt.done or 0
+        if total is not None:
+            if rt.total is None:
+                if not rt.life.state is State.DONE:
+                    total = None
+            else:
+                total += rt.total
+    return done, (total or None)
+
+
+class PlainView(View):
+    """Periodic plain lines, for logs and pipes."""
+
+    def __init__(self, out: Any = None, tick_s: float = 5.0, verbose: bool = False) -> None:
+        self.out = out or sys.stdout
+        self.tick_s = tick_s
+        self.verbose = verbose
+        self._rate = Rate(30.0)
+        self._last = ""
+
+    def _print(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def started(self, master: Master) -> None:
+        self._print(
+            f"orch: run {master.run_id}: {len(master.shards)} shards, jobs {master.jobs}, "
+            f"logs in {master.run_dir}/logs"
+        )
+
+    def event(self, text: str) -> None:
+        self._print(f"orch: {text}")
+
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None:
+        tag = f"[{shard_id}]" if stream is Stream.STDOUT else f"[{shard_id}!]"
+        text = data.decode("utf-8", "replace").rstrip("\n")
+        self._print("\n".join(f"{tag} {ln}" for ln in text.split("\n")))
+
+    def status_line(self, master: Master) -> str:
+        line = counts_text(master.counts())
+        done, total = progress_of(master)
+        if done or total:
+            rate = self._rate.add(time.monotonic(), done)
+            line += f" | {done}" + (f"/{total}" if total else "") + " items"
+            if rate is not None:
+                line += f", {rate:,.0f}/s"
+                if total and rate > 0:
+                    line += f", ETA {format_duration((total - done) / rate)}"
+        return line
+
+    def tick(self, master: Master) -> None:
+        line = self.status_line(master)
+        if line != self._last:
+            self._last = line
+            self._print(f"orch: {line}")
+
+
+class LiveView(PlainView):
+    """A rich live panel for terminals."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        from rich.console import Console
+
+        super().__init__(tick_s=0.2, verbose=verbose)
+        self.console = Console()
+        self._live: Any = None
+        self._t0 = time.monotonic()
+
+    def started(self, master: Master) -> None:
+        from rich.live import Live
+
+        self.console.print(
+            f"[bold]orch[/] run [cyan]{master.run_id}[/]: {len(master.shards)} shards, "
+            f"jobs {master.jobs}, logs in {master.run_dir}/logs"
+        )
+        self._live = Live(console=self.console, auto_refresh=False, transient=True)
+        self._live.start()
+
+    def event(self, text: str) -> None:
+        self.console.print(f"[yellow]orch:[/] {text}", highlight=False)
+
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None:
+        style = "dim" if stream is Stream.STDOUT else "red"
+        text = data.decode("utf-8", "replace").rstrip("\n")
+        for ln in text.split("\n"):
+            self.console.print(f"[{style}]\\[{shard_id}][/] {ln}", highlight=False, markup=True)
+
+    def render(self, master: Master) -> Any:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        counts = master.counts()
+        done, total = progress_of(master)
+        rate = self._rate.add(time.monotonic(), done)
+        grid = Table.grid(padding=(0, 1), expand=True)
+        grid.add_column(ratio=1)
+        finished = sum(counts.get(s, 0) for s in ("done", "failed", "stopped"))
+        n = len(master.shards)
+        if total:
+            bar_total, bar_done, what = total, done, f"{done:,}/{total:,} items"
+        else:
+            bar_total, bar_done, what = n, finished, f"{finished}/{n} shards"
+        tail = ""
+        if rate:
+            tail = f"  {rate:,.0f}/s"
+            if total and rate > 0:
+                tail += f"  ETA {format_duration((total - done) / rate)}"
+        grid.add_row(ProgressBar(total=max(1, bar_total), completed=bar_done))
+        elapsed = format_duration(time.monotonic() - self._t0)
+        grid.add_row(f"{what}{tail}  [dim]{elapsed}[/]")
+        grid.add_row(counts_text(counts))
+        for text in self._notable(master):
+            grid.add_row(text)
+        return grid
+
+    def _notable(self, master: Master, limit: int = 5) -> list[str]:
+        """Shards worth a look: backing off after failures, then the slowest running."""
+        rows: list[str] = []
+        for i, rt in enumerate(master.rt):
+            if rt.life.state is State.BACKOFF and len(rows) < limit:
+                rows.append(f"[yellow]{master.shards[i].id}[/] backoff "
+                            f"(attempt {rt.life.attempt}: {rt.life.reason})")
+        running = [
+            (rt.done / rt.total if rt.total else 0.0, i)
+            for i, rt in enumerate(master.rt)
+            if rt.life.state is State.RUNNING and rt.total
+        ]
+        for frac, i in sorted(running)[: max(0, limit - len(rows))]:
+            rows.append(f"[dim]{master.shards[i].id}[/] {frac:6.1%}")
+        return rows
+
+    def tick(self, master: Master) -> None:
+        if self._live is not None:
+            self._live.update(self.render(master), refresh=True)
+
+    def finished(self, master: Master) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
