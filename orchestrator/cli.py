@@ -114,6 +114,62 @@ def logs(run_key: str, shard: str | None, stderr: bool, tail: int | None, follow
     sys.exit(show.logs(run_key, shard=shard, stderr=stderr, tail=tail, follow=follow, home=home))
 
 
+@cli.command()
+@click.argument("run_key", metavar="RUN")
+@click.option("--shard", metavar="ID", help="Stop only this shard.")
+@_home_option
+def stop(run_key: str, shard: str | None, home: str | None) -> None:
+    """Stop a live run (SIGTERM, grace, SIGKILL), or one of its shards."""
+    from orchestrator import steer
+
+    sys.exit(steer.stop(run_key, shard, home))
+
+
+@cli.command()
+@click.argument("run_key", metavar="RUN")
+@click.option("--shard", metavar="ID", required=True, help="The shard to restart.")
+@_home_option
+def restart(run_key: str, shard: str, home: str | None) -> None:
+    """Start a new attempt of one shard now, with its backoff reset."""
+    from orchestrator import steer
+
+    sys.exit(steer.restart(run_key, shard, home))
+
+
+@cli.command()
+@click.argument("run_key", metavar="RUN")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), required=True, metavar="K")
+@_home_option
+def scale(run_key: str, jobs: int, home: str | None) -> None:
+    """Change how many shards of a live run may run at once."""
+    from orchestrator import steer
+
+    sys.exit(steer.scale(run_key, jobs, home))
+
+
+@cli.command()
+@click.argument("run_key", metavar="RUN")
+@click.option("--timeout", "timeout_s", type=float, metavar="SECONDS")
+@_home_option
+def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
+    """Block until RUN ends; exit with its exit code."""
+    from orchestrator import steer
+
+    sys.exit(steer.wait(run_key, home, timeout_s))
+
+
+@cli.command()
+@click.argument("run_key", metavar="RUN")
+@click.option("-d", "--detach", "detach_", is_flag=True, help="Resume in the background.")
+@click.option("-v", "--verbose", is_flag=True)
+@_home_option
+def resume(run_key: str, detach_: bool, verbose: bool, home: str | None) -> None:
+    """Finish a stopped or lost run: unfinished shards restart from their checkpoints."""
+    from orchestrator import steer
+
+    sys.exit(steer.resume(run_key, home, detach_, verbose))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, named exit codes, never a traceback for a user mistake."""
     try:

@@ -324,9 +324,9 @@ def build_task(
 
     values: dict[str, Any] = {"name": name}
     grouped = ("command", "call", "shell", "shards", "split", "range", "env")
-    for key in KEYS:
+    for key, field_name in KEYS.items():
         if key in layers and key not in grouped:
-            values[KEYS[key]] = _convert(key, layers[key], origin(key))
+            values[field_name] = _convert(key, layers[key], origin(key))
 
     run_layer = _top_layer(layers, ("command", "call"))
     if run_layer is None:
@@ -423,7 +423,7 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _expected(origin, what, value)
         if not low <= value <= (high if high is not None else float("inf")):
-            raise ConfigError(f"{where}: must be {what[2:]}, got {value!r}")
+            raise ConfigError(f"{where}: must be {what}, got {value!r}")
         return float(value)
     if key in _DURATIONS or key in _SIZES:
         try:

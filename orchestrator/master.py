@@ -26,6 +26,8 @@ from orchestrator import lifecycle as lc
 from orchestrator.backends import AttemptHandle, AttemptSpec, Backend, Stream
 from orchestrator.backends.local import LocalBackend, process_create_time
 from orchestrator.channel import Channel
+from orchestrator.control import ControlServer
+from orchestrator.guardian import Guardian
 from orchestrator.config import TaskConfig
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK, SpawnError, TemplateError
 from orchestrator.lifecycle import Intent, State
@@ -43,7 +45,7 @@ from shards import protocol as proto
 DEFAULT_MAX_JOBS = 1000
 #: File descriptors one live attempt costs the master: two pipes, two log files.
 FDS_PER_ATTEMPT = 4
-PROGRESS_FLUSH_S = 1.0
+PROGRESS_FLUSH_S = 0.5
 
 
 @dataclass(slots=True)
@@ -123,6 +125,8 @@ class Master:
         make_backend = backend or (lambda loop, m: LocalBackend(loop, m, stop_timeout_s=task.stop_timeout_s))
         self.backend = make_backend(self.loop, self)
         self.channel: Channel | None = None
+        self.control: ControlServer
+        self.guardian: Guardian
         self._base_env = dict(os.environ)
 
     # --- setup --------------------------------------------------------------
@@ -163,12 +167,15 @@ class Master:
         })
         if self.task.cwd:
             os.chdir(self.task.cwd)
+        # Fork the guardian before any thread exists (the ZeroMQ context starts some).
+        self.guardian = Guardian(self.task.stop_timeout_s)
         path = ipc_path(self.run_dir, self.run_id, "hb.sock")
         self.channel = Channel(loop, path, self.run_id, self.on_message)
+        self.control = ControlServer(loop, ipc_path(self.run_dir, self.run_id, "control.sock"), self)
         self.store.set_run(
             state="running", master_pid=os.getpid(),
             master_create_time=process_create_time(os.getpid()), endpoint=self.channel.endpoint,
-            jobs=self.jobs, exit_code=None, ended_at=None,
+            control=self.control.endpoint, jobs=self.jobs, exit_code=None, ended_at=None,
         )
         self.store.commit()
         self.view.started(self)
@@ -181,9 +188,13 @@ class Master:
             self._flush_progress()
             code = self.exit_code()
             self.store.set_run(state=self.run_state(), exit_code=code, ended_at=time.time())
+            self.store.add_counter("dropped_garbage", self.garbage_messages())
+            self.store.add_counter("dropped_stale", self.stale_messages)
             self.store.commit()
+            self.control.close()
             self.channel.close()
             self.backend.close()
+            self.guardian.close()
             loop.close()
         self.view.finished(self)
         return code
@@ -238,10 +249,11 @@ class Master:
         now = self.loop.clock()
         new, actions = lc.step(old, event, now, self.policy, self.rand)
         rt.life = new
-        for action in actions:
-            self._act(idx, action)
+        # Record the change before acting: an action (a spawn that fails) may step again.
         if new.state is not old.state:
             self._changed(idx, old, new)
+        for action in actions:
+            self._act(idx, action)
 
     def _act(self, idx: int, action: lc.Action) -> None:
         match action:
@@ -318,6 +330,8 @@ class Master:
             return
         now_wall = time.time()
         rt.handle = handle
+        if handle.pgid is not None:
+            self.guardian.watch(handle.pgid)
         rt.attempt_started = self.loop.clock()
         rt.notes = []
         if rt.logs is None:
@@ -394,6 +408,8 @@ class Master:
                 rt.notes = rt.logs.stderr_tail()
         rt.handle = None
         rt.watch = None
+        if handle.pgid is not None:
+            self.guardian.forget(handle.pgid)
         self.loop.timers.cancel((idx, "watch"))
         self._flush_one(idx)
         reason = rt.life.reason if rt.life.state is State.STOPPING else what
@@ -517,6 +533,22 @@ class Master:
     def _tick(self) -> None:
         self.view.tick(self)
         self.loop.timers.set("tick", self.loop.clock() + self.view.tick_s, self._tick)
+
+    def shard_index(self, shard_id: str) -> int | None:
+        return self._ids.get(shard_id)
+
+    def items(self) -> tuple[int, int | None]:
+        done, total, known = 0, 0, True
+        for rt in self.rt:
+            done += rt.done or 0
+            if rt.total is None:
+                known = known and rt.life.state is State.DONE
+            else:
+                total += rt.total
+        return done, (total if known and total else None)
+
+    def garbage_messages(self) -> int:
+        return self.channel.garbage if self.channel is not None else 0
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -63,18 +63,11 @@ class ShardList(Sequence[Shard]):
                  "path", "source")
 
     def __init__(
-        self,
-        *,
-        source: str,
-        path: str | None,
-        format: str,
-        fields: frozenset[str],
-        length: int,
-        id_at: Callable[[int], str],
-        record_at: Callable[[int], Mapping[str, Any]],
-        line_at: Callable[[int], int],
-        index_of: Callable[[str], int | None],
+        self, *, source: str, path: str | None, format: str, fields: frozenset[str], length: int,
+        id_at: Callable[[int], str], record_at: Callable[[int], Mapping[str, Any]],
+        line_at: Callable[[int], int], index_of: Callable[[str], int | None],
     ) -> None:
+        """Built by the loaders below; the callables give shard ``i``'s parts on demand."""
         self.source = source
         self.path = path
         self.format = format
@@ -87,11 +80,7 @@ class ShardList(Sequence[Shard]):
 
     @classmethod
     def from_records(
-        cls,
-        records: Sequence[tuple[str, Mapping[str, Any], int]],
-        *,
-        source: str,
-        format: str,
+        cls, records: Sequence[tuple[str, Mapping[str, Any], int]], *, source: str, format: str,
         path: str | None = None,
     ) -> ShardList:
         """Rebuild a list from stored ``(id, record, line)`` rows, e.g. on resume."""
@@ -310,14 +299,9 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
             raise ShardListError(
                 f"{src}:{start}: row has {len(row)} fields, header has {len(header)}"
             )
-        shard_id = row[id_col]
-        if not shard_id.strip():
+        if not row[id_col].strip():
             raise ShardListError(f"{src}:{start}: empty shard id in column {header[id_col]!r}")
-        first = index.setdefault(shard_id, len(rows))
-        if first != len(rows):
-            raise ShardListError(
-                f"{src}:{start}: duplicate shard id {shard_id!r} (first at line {lines[first]})"
-            )
+        _add_id(index, lines, row[id_col], start, src)
         for col, value in enumerate(row):
             cache = caches[col]
             hit = cache.get(value)
@@ -326,7 +310,6 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
             elif len(cache) < _CACHE_LIMIT:
                 cache[value] = value
         rows.append(tuple(row))
-        lines.append(start)
     if header is None:
         raise ShardListError(f"{src}: no header row (the file is empty)")
     if not rows:
@@ -334,9 +317,19 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
     names = header
     return ShardList(
         source=src, path=abspath, format="csv", fields=frozenset(names), length=len(rows),
-        id_at=lambda i: rows[i][id_col], record_at=lambda i: dict(zip(names, rows[i])),
+        id_at=lambda i: rows[i][id_col], record_at=lambda i: dict(zip(names, rows[i], strict=True)),
         line_at=lines.__getitem__, index_of=index.get,
     )
+
+
+def _add_id(index: dict[str, int], lines: array[int], shard_id: str, line: int, src: str) -> None:
+    """Record a new shard's id and line; a duplicate names both lines."""
+    first = index.setdefault(shard_id, len(lines))
+    if first != len(lines):
+        raise ShardListError(
+            f"{src}:{line}: duplicate shard id {shard_id!r} (first at line {lines[first]})"
+        )
+    lines.append(line)
 
 
 def _check_header(header: tuple[str, ...], src: str, line: int) -> int:
@@ -371,14 +364,9 @@ def _load_jsonl(text: str, src: str, abspath: str) -> ShardList:
                 f"{src}:{number}: expected a JSON object, got {_json_kind(record)}"
             )
         shard_id = _jsonl_id(record, src, number)
-        first = index.setdefault(shard_id, len(records))
-        if first != len(records):
-            raise ShardListError(
-                f"{src}:{number}: duplicate shard id {shard_id!r} (first at line {lines[first]})"
-            )
+        _add_id(index, lines, shard_id, number, src)
         records.append(record)
         ids.append(shard_id)
-        lines.append(number)
     if not records:
         raise ShardListError(f"{src}: no shards (no JSON lines)")
     return ShardList(
@@ -408,15 +396,9 @@ def _jsonl_id(record: Mapping[str, Any], src: str, line: int) -> str:
 
 
 def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
+    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+             str: "a string", list: "an array"}
+    return kinds.get(type(value), "an object")
 
 
 def _load_text(text: str, src: str, abspath: str) -> ShardList:
@@ -427,13 +409,8 @@ def _load_text(text: str, src: str, abspath: str) -> ShardList:
         value = raw.strip()
         if not value:
             continue
-        first = index.setdefault(value, len(values))
-        if first != len(values):
-            raise ShardListError(
-                f"{src}:{number}: duplicate shard id {value!r} (first at line {lines[first]})"
-            )
+        _add_id(index, lines, value, number, src)
         values.append(value)
-        lines.append(number)
     if not values:
         raise ShardListError(f"{src}: no shards (the file has no non-blank lines)")
     return ShardList(

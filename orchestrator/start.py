@@ -7,6 +7,7 @@ mistake leaves nothing behind and starts nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -119,6 +120,9 @@ def create_run(
 
 def prepare(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) -> tuple[TaskConfig, ShardList]:
     task = resolve_task(head, command, opts)
+    if task.cwd is None:
+        # Pin the directory the user ran orch in: a detached or resumed master runs elsewhere.
+        task = dataclasses.replace(task, cwd=os.getcwd())
     shards = load_shards(task.shards, split=task.split, range_=task.range, fmt=task.format)
     preflight(task, compile_command(task), shards)
     return task, shards

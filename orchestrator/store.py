@@ -172,8 +172,9 @@ class Store:
     ) -> Store:
         """Create a run database with its run row and every shard, in one transaction.
 
-        Fails with ``StoreError`` if ``path`` exists. If anything fails, the
-        file is removed again, so a run is either fully recorded or absent.
+        Fails with ``StoreError`` if ``path`` exists. If anything fails, the file
+        is removed again; a kill mid-create leaves a file that ``open`` refuses
+        as interrupted. Either way there is never a half-recorded run.
         """
         try:
             # O_EXCL claims the path atomically: two creates cannot share it.

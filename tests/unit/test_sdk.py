@@ -10,7 +10,6 @@ deadlines, never fixed sleeps.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -191,8 +190,27 @@ def test_final_count_of_two_million_advances_is_recorded(
     assert len(ends) == 1 and ends[0].done == 2_000_000
     # Coalescing: <= one progress beat per 0.2 s + one periodic beat per 1 s, plus END.
     assert len(master.msgs()) <= 3 + elapsed_s * (1 / 0.2 + 1 / 1.0)
-    dones = [m.done for m in master.msgs()]
-    assert dones == sorted(dones)
+
+
+def test_progress_beats_flow_and_stay_coalesced_while_the_shard_is_busy(
+    master: FakeMaster, tmp_path: Path
+) -> None:
+    code = """
+        import time, shards
+        advance = shards.advance
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            for _ in range(10_000):
+                advance()
+    """
+    t0 = time.monotonic()
+    rc, _, err = finish(start(code, master.endpoint, tmp_path, ORCH_HEARTBEAT_INTERVAL="1.0"))
+    elapsed_s = time.monotonic() - t0
+    assert (rc, err) == (0, "")
+    beats = [m.done for m in master.msgs(Kind.HEARTBEAT) if m.done is not None]
+    assert len(beats) >= 4  # progress is reported during the loop, not only at the end
+    assert beats == sorted(beats) and beats[-1] > 0
+    assert len(master.msgs()) <= 3 + elapsed_s * (1 / 0.2 + 1 / 1.0)
 
 
 def test_resumed_attempt_continues_from_its_checkpoint(master: FakeMaster, tmp_path: Path) -> None:
@@ -384,7 +402,7 @@ def test_master_death_terminates_the_process_group(master: FakeMaster, tmp_path:
 
 # -- runner ---------------------------------------------------------------------------
 
-TASK = '''
+TASK = """
 import shards
 
 NOT_CALLABLE = 3
@@ -397,7 +415,7 @@ def run(info):
 
 def boom(info):
     raise ValueError("boom")
-'''
+"""
 
 
 def test_runner_calls_the_function_with_info(master: FakeMaster, tmp_path: Path) -> None:

@@ -96,6 +96,19 @@ def test_create_accepts_any_mapping_as_record(db: str) -> None:
     with_store.close()
 
 
+def test_paths_with_uri_special_characters(tmp_path: Path) -> None:
+    odd = tmp_path / "a b#c?d%20e"
+    odd.mkdir()
+    path = str(odd / "state.db")
+    Store.create(path, run_row(), shard_list(3)).close()
+    for readonly in (False, True):
+        opened = Store.open(path, readonly=readonly)
+        assert opened.counts() == {"pending": 3}
+        opened.close()
+    assert all(name.startswith("state.db") for name in os.listdir(odd))
+    assert os.listdir(tmp_path) == [odd.name]  # nothing landed at a mis-decoded path
+
+
 def test_create_refuses_existing_file(store: Store, db: str) -> None:
     with pytest.raises(StoreError, match="already exists"):
         Store.create(db, run_row(), shard_list(3))

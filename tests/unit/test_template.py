@@ -72,7 +72,7 @@ def test_malformed_templates(text: str, message: str) -> None:
 
 def test_render_missing_value_is_a_template_error() -> None:
     t = Template.compile("{id}-{nope}", where="argv[1]")
-    with pytest.raises(TemplateError, match="argv\\[1\\]: no value for field 'nope'"):
+    with pytest.raises(TemplateError, match=r"argv\[1\]: no value for field 'nope'"):
         t.render({"id": "x"})
 
 
@@ -89,8 +89,10 @@ def test_compile_never_crashes(text: str) -> None:
 
 _piece = st.one_of(
     st.tuples(st.just("lit"), st.text(max_size=8)),
-    st.tuples(st.just("field"), st.text(min_size=1, max_size=6).filter(
-        lambda s: "{" not in s and "}" not in s)),
+    st.tuples(
+        st.just("field"),
+        st.text(min_size=1, max_size=6).filter(lambda s: "{" not in s and "}" not in s),
+    ),
 )
 
 
@@ -162,7 +164,7 @@ def test_nul_byte_in_argv_names_the_element() -> None:
 
 def test_nul_byte_in_env_names_the_variable() -> None:
     ct = CommandTemplate.compile(["a"], {"FOO": "{id}"}, where="command")
-    with pytest.raises(TemplateError, match="env FOO .*NUL bytes cannot be passed to a process"):
+    with pytest.raises(TemplateError, match=r"env FOO .*NUL bytes cannot be passed to a process"):
         ct.render_env({"id": "\0"})
 
 
@@ -200,8 +202,17 @@ def test_shell_quoting_round_trips(value: str) -> None:
 
 
 def test_shard_values_stringify_and_builtins_win() -> None:
-    record = {"id": "record-id", "n": 42, "ok": True, "f": 1.5, "none": None,
-              "tags": ["a", 1], "obj": {"k": "v"}, "s": "text", "index": "x"}
+    record = {
+        "id": "record-id",
+        "n": 42,
+        "ok": True,
+        "f": 1.5,
+        "none": None,
+        "tags": ["a", 1],
+        "obj": {"k": "v"},
+        "s": "text",
+        "index": "x",
+    }
     shard = Shard(index=3, id="acme", record=record, line=4)
     values = shard_values(shard, 10, checkpoint="page=7")
     assert values["n"] == "42"
@@ -215,7 +226,7 @@ def test_shard_values_stringify_and_builtins_win() -> None:
     assert values["count"] == "10"
     assert values["id"] == "acme"
     assert values["checkpoint"] == "page=7"
-    assert BUILTIN_FIELDS == {"index", "count", "id", "checkpoint"}
+    assert {"index", "count", "id", "checkpoint"} == BUILTIN_FIELDS
 
 
 def test_shard_values_default_checkpoint_is_empty() -> None:
@@ -238,8 +249,9 @@ def _write(path: Path, text: str) -> str:
 
 def test_check_fields_passes_with_builtins_and_columns(tmp_path: Path) -> None:
     shards = load_shards(_write(tmp_path / "m.csv", "id,name\na,x\nb,y\n"))
-    ct = CommandTemplate.compile(["p", "{id}", "{name}", "{index}/{count}", "{checkpoint}"], {},
-                                 where="c")
+    ct = CommandTemplate.compile(
+        ["p", "{id}", "{name}", "{index}/{count}", "{checkpoint}"], {}, where="c"
+    )
     check_fields(ct, shards)
 
 
@@ -257,7 +269,7 @@ def test_check_fields_csv_names_column_and_suggests(tmp_path: Path) -> None:
 def test_check_fields_jsonl_names_first_record_lacking_it(tmp_path: Path) -> None:
     lines = ['{"id": "a", "merchant": "m", "name": "n"}'] * 1
     lines += [f'{{"id": "r{i}", "merchant": "m"}}' for i in range(3)]
-    lines += ['', '{"id": "x", "name": "nm"}', '{"id": "y"}']
+    lines += ["", '{"id": "x", "name": "nm"}', '{"id": "y"}']
     path = _write(tmp_path / "m.jsonl", "\n".join(lines) + "\n")
     shards = load_shards(path)
     ct = CommandTemplate.compile(["p"], {"M": "{merchant}"}, where="c")
@@ -279,7 +291,8 @@ def test_check_fields_split_lists_builtins() -> None:
 
 
 def test_check_fields_range_has_value() -> None:
-    check_fields(CommandTemplate.compile(["p", "{value}"], {}, where="c"), load_shards(range_="1..3"))
+    ct = CommandTemplate.compile(["p", "{value}"], {}, where="c")
+    check_fields(ct, load_shards(range_="1..3"))
 
 
 def test_check_fields_large_list_uses_common_fields(tmp_path: Path) -> None:

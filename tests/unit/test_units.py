@@ -41,8 +41,31 @@ def test_parse_duration_accepts(value: object, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [-1, -0.5, "-1", "", "   ", "abc", "1x", "s", "ms", "1h30", "1.2.3", "nan", "inf", "1e3",
-     True, False, None, float("nan"), float("inf"), [1], {"s": 1}, "5 m x", "1..2s"],
+    [
+        -1,
+        -0.5,
+        "-1",
+        "",
+        "   ",
+        "abc",
+        "1x",
+        "s",
+        "ms",
+        "1h30",
+        "1.2.3",
+        "nan",
+        "inf",
+        "1e3",
+        True,
+        False,
+        None,
+        float("nan"),
+        float("inf"),
+        [1],
+        {"s": 1},
+        "5 m x",
+        "1..2s",
+    ],
 )
 def test_parse_duration_rejects(value: object) -> None:
     with pytest.raises(UnitError) as info:
@@ -56,7 +79,7 @@ def test_parse_duration_rejects(value: object) -> None:
 def test_parse_duration_too_large_is_a_unit_error() -> None:
     with pytest.raises(UnitError, match="too large"):
         parse_duration(10**400, where="x")
-    with pytest.raises(UnitError, match="^x: "):
+    with pytest.raises(UnitError, match=r"^x: "):
         parse_duration("9" * 400, where="x")
 
 

@@ -1,0 +1,183 @@
+"""The control socket: a small versioned JSON request/reply API per run.
+
+The master binds a ZeroMQ ROUTER at ``ipc://<run dir>/control.sock``
+(mode 0600 in a 0700 directory). A client sends one frame, a JSON object
+``{"v": 1, "op": ..., ...}``, and gets one frame back: ``{"v": 1, "ok":
+true, ...}`` or ``{"v": 1, "ok": false, "error": "..."}``. Operations:
+
+- ``ping``: ``{"pid": ...}``
+- ``status``: live counts, jobs, items done/total
+- ``stop``: ``{"shard": ID}`` stops one shard, without it the whole run
+- ``restart``: ``{"shard": ID}``: a new attempt now, backoff reset
+- ``scale``: ``{"jobs": K}``: change concurrency live (K >= 1)
+
+Every request is validated; garbage gets an error reply (or, if it is not
+even a ZeroMQ envelope, is dropped and counted), never a crash. See
+docs/protocol.md for the full reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import zmq
+
+from orchestrator.errors import MasterUnreachable
+from orchestrator.loop import Loop
+
+if TYPE_CHECKING:
+    from orchestrator.master import Master
+
+CONTROL_VERSION = 1
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class ControlServer:
+    def __init__(self, loop: Loop, path: str, master: Master) -> None:
+        self._loop = loop
+        self._master = master
+        self.path = path
+        self.endpoint = "ipc://" + path
+        self.garbage = 0
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        if os.path.exists(path):
+            os.unlink(path)
+        old = os.umask(0o077)
+        try:
+            sock.bind(self.endpoint)
+        finally:
+            os.umask(old)
+        self._sock = sock
+        self._fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self.drain)
+        loop.call_when_idle(self.drain)
+        self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "ping": self.op_ping,
+            "status": self.op_status,
+            "stop": self.op_stop,
+            "restart": self.op_restart,
+            "scale": self.op_scale,
+        }
+
+    def drain(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                self.garbage += 1
+                continue
+            reply = self.handle(frames[-1])
+            try:
+                self._sock.send_multipart([frames[0], b"", orjson.dumps(reply)]
+                                          if len(frames) == 3 and frames[1] == b""
+                                          else [frames[0], orjson.dumps(reply)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def handle(self, raw: bytes) -> dict[str, Any]:
+        try:
+            req = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.garbage += 1
+            return _error("request is not JSON")
+        if not isinstance(req, dict):
+            self.garbage += 1
+            return _error("request must be a JSON object")
+        if req.get("v") != CONTROL_VERSION:
+            return _error(f"unsupported version {req.get('v')!r} (this master speaks {CONTROL_VERSION})")
+        op = req.get("op")
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return _error(f"unknown op {op!r} (known: {', '.join(self._ops)})")
+        try:
+            out = handler(req)
+        except _BadRequest as exc:
+            return _error(str(exc))
+        return {"v": CONTROL_VERSION, "ok": True, **out}
+
+    # --- operations -------------------------------------------------------------
+
+    def _shard(self, req: dict[str, Any]) -> int | None:
+        shard = req.get("shard")
+        if shard is None:
+            return None
+        if not isinstance(shard, str):
+            raise _BadRequest("'shard' must be a string id")
+        idx = self._master.shard_index(shard)
+        if idx is None:
+            raise _BadRequest(f"no shard {shard!r} in this run")
+        return idx
+
+    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "run": self._master.run_id}
+
+    def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        m = self._master
+        done, total = m.items()
+        return {"run": m.run_id, "counts": m.counts(), "jobs": m.jobs, "running": m.running,
+                "items_done": done, "items_total": total,
+                "dropped": {"garbage": m.garbage_messages(), "stale": m.stale_messages}}
+
+    def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        idx = self._shard(req)
+        if idx is None:
+            self._master.stop_all()
+        else:
+            self._master.stop_shard(idx)
+        return {}
+
+    def op_restart(self, req: dict[str, Any]) -> dict[str, Any]:
+        idx = self._shard(req)
+        if idx is None:
+            raise _BadRequest("restart needs 'shard'")
+        self._master.restart_shard(idx)
+        return {}
+
+    def op_scale(self, req: dict[str, Any]) -> dict[str, Any]:
+        jobs = req.get("jobs")
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+            raise _BadRequest("'jobs' must be an integer >= 1")
+        self._master.scale(jobs)
+        return {"jobs": jobs}
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self._sock.close(0)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _error(text: str) -> dict[str, Any]:
+    return {"v": CONTROL_VERSION, "ok": False, "error": text}
+
+
+def request(endpoint: str, op: str, timeout_s: float = 2.0, **fields: Any) -> dict[str, Any]:
+    """Send one request to a live master; MasterUnreachable when it does not answer."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(orjson.dumps({"v": CONTROL_VERSION, "op": op, **fields}))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise MasterUnreachable(f"the master at {endpoint} did not answer within {timeout_s:g}s")
+        reply = orjson.loads(sock.recv())
+    finally:
+        sock.close(0)
+    if not isinstance(reply, dict):
+        raise MasterUnreachable(f"the master at {endpoint} sent a malformed reply")
+    return reply

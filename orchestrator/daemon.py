@@ -1,0 +1,214 @@
+"""Detached masters, resume, and cleaning up after a master that died.
+
+``orch run -d`` validates and creates the run in the foreground (so a user
+mistake is still a one-line error), then starts ``python -m
+orchestrator.daemon RUN_DIR``: a new session with no controlling terminal,
+stdin from /dev/null, stdout and stderr to ``master.log`` in the run
+directory. The CLI waits until the master has recorded itself as running,
+then prints the run id as its last line.
+
+``orch resume RUN`` first makes sure nothing of the run still lives: every
+recorded attempt whose pid still exists with the same start time (so a
+reused pid is never touched), and every process in a recorded process group
+that carries the run's ``ORCH_RUN_ID``, gets SIGTERM, a grace period, then
+SIGKILL. Only then does a master start on the same run directory; it
+restarts the unfinished shards from their checkpoints and leaves done
+shards done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from orchestrator.config import TaskConfig
+from orchestrator.errors import RET_OK, RET_USAGE, OrchError
+from orchestrator.report import master_alive
+from orchestrator.runs import MASTER_LOG, MASTER_PID, STATE_DB
+from orchestrator.sources import ShardList
+from orchestrator.store import Store
+
+START_TIMEOUT_S = 15.0
+
+
+class RunIsLive(OrchError):
+    """Raised when resuming a run whose master is still alive."""
+
+
+def detach(run_id: str, run_dir: str, *, resume: bool = False) -> int:
+    """Start the master in the background; print the run id once it runs."""
+    log = open(os.path.join(run_dir, MASTER_LOG), "ab")
+    argv = [sys.executable, "-m", "orchestrator.daemon", run_dir]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        close_fds=True, cwd="/",
+    )
+    log.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    store = Store.open(os.path.join(run_dir, STATE_DB), readonly=True)
+    try:
+        while time.monotonic() < deadline:
+            run = store.run()
+            if run.get("master_pid") == proc.pid and run.get("state") == "running":
+                break
+            if run.get("master_pid") == proc.pid and run.get("state") != "running":
+                break  # it already finished (a very short run)
+            if proc.poll() is not None:
+                raise OrchError(f"the master exited at start ({_last_line(run_dir)})")
+            time.sleep(0.02)
+        else:
+            raise OrchError(f"the master did not start within {START_TIMEOUT_S:g}s "
+                            f"(see {os.path.join(run_dir, MASTER_LOG)})")
+    finally:
+        store.close()
+    print(f"orch: {'resumed' if resume else 'started'} run in the background "
+          f"(master pid {proc.pid}); 'orch status {run_id}', 'orch logs {run_id} -f'")
+    print(run_id)
+    return RET_OK
+
+
+def _last_line(run_dir: str) -> str:
+    try:
+        with open(os.path.join(run_dir, MASTER_LOG), encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        return lines[-1] if lines else "no output"
+    except OSError:
+        return "no log"
+
+
+def load_run(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store]:
+    """Open a run for its master: the task snapshot and the shard list from the database."""
+    store = Store.open(os.path.join(run_dir, STATE_DB))
+    run = store.run()
+    task = TaskConfig.from_json(run["task_json"])
+    rows = store.shards()
+    shards = ShardList.from_records(
+        [(r["id"], r["record"] or {}, r["line"] or 0) for r in rows],
+        source=run.get("source") or "", format="stored",
+    )
+    return run["id"], task, shards, store
+
+
+def _proc_start(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return float(fields[19])
+
+
+def _proc_pgid_env(pid: int, run_id: str) -> tuple[int, bool] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        pgid = int(fields[2])
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pgid, (b"ORCH_RUN_ID=" + run_id.encode() + b"\0") in env or env.startswith(
+        b"ORCH_RUN_ID=" + run_id.encode())
+
+
+def leftovers(store: Store, run_id: str) -> list[int]:
+    """Pids of processes that still belong to the run (verified, never a reused pid)."""
+    pids: set[int] = set()
+    pgids: set[int] = set()
+    for row in store.shards():
+        for att in store.attempts(row["idx"]):
+            if att.get("ended_at") is not None or not att.get("pid"):
+                continue
+            pid = att["pid"]
+            if att.get("create_time") is not None and _proc_start(pid) == float(att["create_time"]):
+                pids.add(pid)
+            if att.get("pgid"):
+                pgids.add(att["pgid"])
+    if pgids:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            info = _proc_pgid_env(int(name), run_id)
+            if info is not None and info[0] in pgids and info[1]:
+                pids.add(int(name))
+    pids.discard(os.getpid())
+    return sorted(pids)
+
+
+def kill_leftovers(store: Store, run_id: str, grace_s: float) -> int:
+    """SIGTERM, grace, SIGKILL every leftover process of the run; return how many there were."""
+    pids = leftovers(store, run_id)
+    for pid in pids:
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    deadline = time.monotonic() + grace_s
+    live = list(pids)
+    while live and time.monotonic() < deadline:
+        time.sleep(0.05)
+        live = [p for p in live if _proc_start(p) is not None and not _zombie(p)]
+    for pid in live:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(pids)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+
+
+def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store]:
+    run_id, task, shards, store = load_run(run_dir)
+    run = store.run()
+    if run.get("state") == "running" and master_alive(run):
+        store.close()
+        raise RunIsLive(f"run {run_id} is live (master pid {run['master_pid']}); "
+                        "'orch stop' it first or 'orch wait' for it")
+    killed = kill_leftovers(store, run_id, task.stop_timeout_s)
+    if killed:
+        print(f"orch: stopped {killed} leftover process{'es' if killed != 1 else ''} of run {run_id}")
+    # Attempts the dead master never saw end are closed now, with what we know.
+    for row in store.shards(states=["running", "stopping"]):
+        for att in store.attempts(row["idx"]):
+            if att.get("ended_at") is None:
+                store.attempt_ended(row["idx"], att["attempt"], ended_at=time.time(),
+                                    exit_code=None, signal=None, reason="lost with the master")
+    store.commit()
+    return run_id, task, shards, store
+
+
+def main(argv: list[str]) -> int:
+    """``python -m orchestrator.daemon RUN_DIR``: the detached master."""
+    from orchestrator.master import Master
+    from orchestrator.ui import PlainView
+
+    if len(argv) != 1:
+        print("usage: python -m orchestrator.daemon RUN_DIR", file=sys.stderr)
+        return RET_USAGE
+    run_dir = argv[0]
+    run_id, task, shards, store = load_run(run_dir)
+    with open(os.path.join(run_dir, MASTER_PID), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store,
+                    view=PlainView(tick_s=10.0))
+    code = master.run()
+    store.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

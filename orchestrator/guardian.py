@@ -1,0 +1,115 @@
+"""The guardian: stops every attempt of a run when its master dies without warning.
+
+A graceful master stops its shards itself. A master killed with SIGKILL
+cannot, and ``posix_spawn`` leaves no way to set a parent-death signal in
+the children. So at start the master forks this small process (before any
+thread exists) in its own session, and keeps the write end of a pipe to it.
+The master writes ``+PGID`` when an attempt starts and ``-PGID`` when its
+group is gone. When the pipe reaches EOF, the master is gone: if groups are
+still listed, the guardian sends them SIGTERM (and SIGCONT), waits the grace
+period, then SIGKILLs what is left. It ignores SIGINT, SIGTERM and SIGHUP so
+that whatever killed the master does not take it along first.
+
+SDK shards also watch the master themselves (docs/protocol.md); the
+guardian is what covers shards that know nothing of orch, and their
+grandchildren.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _guard(read_fd: int, grace_s: float) -> None:
+    groups: set[int] = set()
+    buf = b""
+    while True:
+        try:
+            data = os.read(read_fd, 65536)
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if len(line) < 2:
+                continue
+            pgid = int(line[1:])
+            if line[:1] == b"+":
+                groups.add(pgid)
+            else:
+                groups.discard(pgid)
+    live = {g for g in groups if _alive(g)}
+    for g in live:
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                os.killpg(g, sig)
+            except OSError:
+                pass
+    deadline = time.monotonic() + grace_s
+    while live and time.monotonic() < deadline:
+        time.sleep(0.05)
+        live = {g for g in live if _alive(g)}
+    for g in live:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class Guardian:
+    """The master's end of the guardian pipe."""
+
+    def __init__(self, grace_s: float) -> None:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the guardian
+            try:
+                os.close(write_fd)
+                os.setsid()
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_IGN)
+                devnull = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(devnull, fd)
+                os.closerange(3, read_fd)
+                os.closerange(read_fd + 1, 65536)
+                _guard(read_fd, grace_s)
+            finally:
+                os._exit(0)
+        os.close(read_fd)
+        self.pid = pid
+        self._fd: int | None = write_fd
+
+    def _send(self, text: str) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, text.encode())
+        except OSError:
+            self._fd = None  # the guardian is gone; SDK shards still watch the master
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        """Every attempt is gone: let the guardian exit with nothing to do."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,95 @@
+"""``orch stop``, ``restart``, ``scale``, ``wait`` and ``resume``: steering a run from any terminal.
+
+Steering verbs talk to the live master over its control socket; a run
+whose master is gone gets a clear message (and ``orch resume`` as the way
+forward), never a hang: every request has a short timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from orchestrator.control import request
+from orchestrator.errors import RET_OK, MasterUnreachable, OrchError
+from orchestrator.report import open_run, run_state
+from orchestrator.show import find_run
+
+
+def _live_endpoint(run_dir: str) -> tuple[str, str]:
+    store = open_run(run_dir)
+    try:
+        run = store.run()
+    finally:
+        store.close()
+    state = run_state(run)
+    if state == "lost":
+        raise MasterUnreachable(f"run {run['id']} lost its master; 'orch resume {run['id']}' "
+                                "finishes it")
+    if state != "running" or not run.get("control"):
+        raise OrchError(f"run {run['id']} is not running (it is {state})")
+    return run["id"], run["control"]
+
+
+def _call(run_dir: str, op: str, **fields: Any) -> dict[str, Any]:
+    run_id, endpoint = _live_endpoint(run_dir)
+    reply = request(endpoint, op, **fields)
+    if not reply.get("ok"):
+        raise OrchError(f"run {run_id}: {reply.get('error', 'request refused')}")
+    return reply
+
+
+def stop(run_key: str, shard: str | None, home: str | None) -> int:
+    run_dir = find_run(run_key, home)
+    _call(run_dir, "stop", **({"shard": shard} if shard else {}))
+    what = f"shard {shard}" if shard else "every shard"
+    print(f"orch: stopping {what} of {os.path.basename(run_dir)}")
+    return RET_OK
+
+
+def restart(run_key: str, shard: str, home: str | None) -> int:
+    run_dir = find_run(run_key, home)
+    _call(run_dir, "restart", shard=shard)
+    print(f"orch: restarting shard {shard} of {os.path.basename(run_dir)}")
+    return RET_OK
+
+
+def scale(run_key: str, jobs: int, home: str | None) -> int:
+    run_dir = find_run(run_key, home)
+    _call(run_dir, "scale", jobs=jobs)
+    print(f"orch: {os.path.basename(run_dir)} now runs at most {jobs} shards at once")
+    return RET_OK
+
+
+def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float = 0.1) -> int:
+    """Block until the run ends; return its exit code (lost runs: 1)."""
+    run_dir = find_run(run_key, home)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    store = open_run(run_dir)
+    try:
+        while True:
+            run = store.run()
+            state = run_state(run)
+            if state == "lost":
+                raise OrchError(f"run {run['id']} lost its master; 'orch resume {run['id']}'")
+            if state != "running":
+                code = run.get("exit_code")
+                return int(code) if code is not None else 1
+            if deadline is not None and time.monotonic() >= deadline:
+                raise OrchError(f"run {run['id']} still running after {timeout_s:g}s")
+            time.sleep(poll_s)
+    finally:
+        store.close()
+
+
+def resume(run_key: str, home: str | None, detach_: bool, verbose: bool) -> int:
+    from orchestrator.daemon import detach, prepare_resume
+    from orchestrator.start import supervise
+
+    run_dir = find_run(run_key, home)
+    run_id, task, shards, store = prepare_resume(run_dir)
+    if detach_:
+        store.close()
+        return detach(run_id, run_dir, resume=True)
+    return supervise(run_id, run_dir, task, shards, store, verbose=verbose)
