@@ -39,7 +39,7 @@ class Channel:
         self.received = 0
         self.garbage = 0
         self._scheduled = False
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -53,7 +53,7 @@ class Channel:
         finally:
             os.umask(old_umask)
         self._sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = int(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         loop.add_reader(self._fd, self.drain)
         loop.call_when_idle(self.drain)
 
@@ -93,7 +93,7 @@ class Channel:
         except zmq.ZMQError:
             pass  # the shard is gone; it will time out on its own
         # Sending can consume the edge of the notification fd: look again.
-        if not self._scheduled and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._scheduled and int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
             self._scheduled = True
             self._loop.call_when_idle(self.drain)
 

@@ -74,7 +74,8 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
     from orchestrator import start
 
     after = ctx.meta.get("after_dashdash")
-    args = tuple(args)
+    head: tuple[str, ...]
+    command: tuple[str, ...]
     if after is None:
         head, command = args, ()
     else:

@@ -193,7 +193,7 @@ def load_config(path: str) -> ConfigFile:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{shown}:{line}: not valid UTF-8") from None
     try:
-        doc = tomllib.loads(text)
+        doc = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(_toml_error(shown, str(exc))) from None
     for key in doc:
@@ -250,7 +250,9 @@ def _line_of(text: str, key: str, section: str | None) -> str:
     header = _section(text, section) if section is not None else None
     start = header.end() if header else 0
     name = _quoted(key)
-    for pattern in (rf"^\s*{name}\s*=", rf"^\s*\[\s*{name}\s*[.\]]", rf"(?:^|[\s{{,.]){name}\s*="):
+    patterns = (rf"^\s*{name}\s*=", rf"^\s*\[\s*{name}\s*[.\]]", rf"\.\s*{name}\s*\]",
+                rf"(?:^|[\s{{,.]){name}\s*=")
+    for pattern in patterns:
         match = re.compile(pattern, re.MULTILINE).search(text, start)
         if match:
             return f":{text.count(chr(10), 0, match.end() - 1) + 1}"

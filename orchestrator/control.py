@@ -42,7 +42,7 @@ class ControlServer:
         self.path = path
         self.endpoint = "ipc://" + path
         self.garbage = 0
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
@@ -54,7 +54,7 @@ class ControlServer:
         finally:
             os.umask(old)
         self._sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = int(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         loop.add_reader(self._fd, self.drain)
         loop.call_when_idle(self.drain)
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -167,7 +167,7 @@ def _error(text: str) -> dict[str, Any]:
 
 def request(endpoint: str, op: str, timeout_s: float = 2.0, **fields: Any) -> dict[str, Any]:
     """Send one request to a live master; MasterUnreachable when it does not answer."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:

@@ -40,13 +40,12 @@ class RunIsLive(OrchError):
 
 def detach(run_id: str, run_dir: str, *, resume: bool = False) -> int:
     """Start the master in the background; print the run id once it runs."""
-    log = open(os.path.join(run_dir, MASTER_LOG), "ab")
     argv = [sys.executable, "-m", "orchestrator.daemon", run_dir]
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        close_fds=True, cwd="/",
-    )
-    log.close()
+    with open(os.path.join(run_dir, MASTER_LOG), "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True, cwd="/",
+        )
     deadline = time.monotonic() + START_TIMEOUT_S
     store = Store.open(os.path.join(run_dir, STATE_DB), readonly=True)
     try:

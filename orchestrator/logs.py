@@ -17,7 +17,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from shards.protocol import STDOUT_PREFIX
 
@@ -37,7 +37,7 @@ def log_stem(index: int, shard_id: str) -> str:
 
 def stamp(now: float | None = None) -> bytes:
     """``2026-11-26T19:20:01.123Z `` in UTC, the prefix of every log line."""
-    t = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
+    t = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ " % (t.microsecond // 1000)
 
 

@@ -17,7 +17,6 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -26,18 +25,19 @@ from orchestrator import lifecycle as lc
 from orchestrator.backends import AttemptHandle, AttemptSpec, Backend, Stream
 from orchestrator.backends.local import LocalBackend, process_create_time
 from orchestrator.channel import Channel
-from orchestrator.control import ControlServer
-from orchestrator.guardian import Guardian
 from orchestrator.config import TaskConfig
+from orchestrator.control import ControlServer
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK, SpawnError, TemplateError
+from orchestrator.guardian import Guardian
 from orchestrator.lifecycle import Intent, State
 from orchestrator.liveness import Watch
 from orchestrator.logs import ShardLogs, protocol_lines, stamp
 from orchestrator.loop import Loop, raise_fd_limit
+from orchestrator.progress import Runtime, Tracking
 from orchestrator.runs import LOGS, ipc_path
 from orchestrator.sources import ShardList
-from orchestrator.store import Store
 from orchestrator.start import compile_command
+from orchestrator.store import Store
 from orchestrator.template import shard_values
 from shards import protocol as proto
 
@@ -45,26 +45,6 @@ from shards import protocol as proto
 DEFAULT_MAX_JOBS = 1000
 #: File descriptors one live attempt costs the master: two pipes, two log files.
 FDS_PER_ATTEMPT = 4
-PROGRESS_FLUSH_S = 0.5
-
-
-@dataclass(slots=True)
-class Runtime:
-    """The master's view of one shard beyond its lifecycle state."""
-
-    life: lc.Shard
-    handle: AttemptHandle | None = None
-    logs: ShardLogs | None = None
-    watch: Watch | None = None
-    done: int | None = None
-    total: int | None = None
-    checkpoint: Any = None
-    has_checkpoint: bool = False
-    checkpoint_done: int | None = None
-    heartbeat_at: float | None = None  # wall clock
-    rss: int | None = None
-    attempt_started: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 class View:
@@ -86,7 +66,7 @@ def default_jobs(count: int, requested: int | None) -> int:
     return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
 
 
-class Master:
+class Master(Tracking):
     def __init__(
         self,
         *,
@@ -180,6 +160,8 @@ class Master:
         self.store.commit()
         self.view.started(self)
         loop.timers.set("tick", loop.clock() + self.view.tick_s, self._tick)
+        if self.task.max_memory_bytes is not None:
+            loop.timers.set("memory", loop.clock() + 1.0, self._check_memory)
         self._schedule()
         try:
             while self._unfinished > 0 or self.running > 0:
@@ -352,7 +334,8 @@ class Master:
                                    create_time=handle.create_time, started_at=now_wall)
         self.store.set_shard(idx, attempts=attempt, pid=handle.pid, pgid=handle.pgid,
                              pid_create_time=handle.create_time, started_at=now_wall,
-                             ended_at=None, exit_code=None, signal=None, done=rt.done)
+                             ended_at=None, exit_code=None, signal=None, done=rt.done,
+                             start_done=rt.done, rss_bytes=None)
 
     def _spec(self, idx: int, attempt: int) -> AttemptSpec:
         rt = self.rt[idx]
@@ -426,107 +409,6 @@ class Master:
         if code != 0 and rt.life.state is State.RUNNING and self.interrupted is None:
             self.view.event(f"shard {handle.spec.shard_id} attempt {handle.spec.attempt}: {what}")
         self.apply(idx, lc.Exited(code))
-
-    # --- liveness ---------------------------------------------------------------
-
-    def _arm_watch(self, idx: int) -> None:
-        watch = self.rt[idx].watch
-        if watch is None or (idx, "watch") in self.loop.timers:
-            return
-        deadline = watch.next_deadline()
-        if deadline is not None:
-            self.loop.timers.set((idx, "watch"), deadline, lambda: self._check_watch(idx))
-
-    def _check_watch(self, idx: int) -> None:
-        rt = self.rt[idx]
-        if rt.watch is None or rt.life.state is not State.RUNNING:
-            return
-        verdict = rt.watch.verdict(self.loop.clock())
-        if verdict is None:
-            self._arm_watch(idx)
-            return
-        intent, reason = verdict
-        self.view.event(f"shard {self.shards[idx].id}: {reason}; killing attempt {rt.life.attempt}")
-        self.apply(idx, lc.Kill(intent, reason))
-
-    def _beat(self, idx: int, done: int | None, total: int | None) -> None:
-        rt = self.rt[idx]
-        if done is not None:
-            rt.done = done if rt.checkpoint_done is None else max(done, rt.checkpoint_done)
-        if total is not None:
-            rt.total = total
-        rt.heartbeat_at = time.time()
-        if rt.watch is not None:
-            rt.watch.beat(self.loop.clock(), rt.done, rt.total)
-            self._arm_watch(idx)
-        if not self._progress_dirty:
-            self.loop.timers.set("progress", self.loop.clock() + PROGRESS_FLUSH_S,
-                                 self._flush_progress)
-        self._progress_dirty.add(idx)
-
-    def _flush_one(self, idx: int) -> None:
-        rt = self.rt[idx]
-        self.store.set_shard(idx, done=rt.done, total=rt.total, heartbeat_at=rt.heartbeat_at)
-        self._progress_dirty.discard(idx)
-
-    def _flush_progress(self) -> None:
-        for idx in list(self._progress_dirty):
-            self._flush_one(idx)
-        self.loop.call_when_idle(self._commit)
-
-    def _current(self, shard_id: str, attempt: int) -> int | None:
-        """The shard index when ``attempt`` is the shard's current one, else None (stale)."""
-        idx = self._ids.get(shard_id)
-        if idx is None or self.rt[idx].life.attempt != attempt:
-            self.stale_messages += 1
-            return None
-        return idx
-
-    def on_message(self, identity: bytes, msg: proto.Message) -> None:
-        idx = self._current(msg.shard, msg.attempt)
-        if idx is None:
-            if msg.kind in (proto.Kind.CHECKPOINT, proto.Kind.END) and self.channel is not None:
-                self.channel.ack(identity, msg, ok=False, why="stale attempt: a newer one runs")
-            return
-        self._beat(idx, msg.done, msg.total)
-        if msg.kind is proto.Kind.CHECKPOINT:
-            self._store_checkpoint(idx, msg.checkpoint, msg.done)
-            self._acks.append((identity, msg))
-            self.loop.call_when_idle(self._commit)
-        elif msg.kind is proto.Kind.END:
-            self._flush_one(idx)
-            self._acks.append((identity, msg))
-            self.loop.call_when_idle(self._commit)
-        if msg.rss is not None:
-            self.rt[idx].rss = msg.rss
-
-    def _store_checkpoint(self, idx: int, checkpoint: Any, done: int | None) -> None:
-        rt = self.rt[idx]
-        rt.checkpoint = checkpoint
-        rt.has_checkpoint = True
-        rt.checkpoint_done = done if done is not None else rt.done
-        self.store.set_shard(idx, checkpoint=checkpoint, checkpoint_done=rt.checkpoint_done,
-                             checkpoint_at=time.time())
-        self._flush_one(idx)
-
-    def _stdout_report(self, idx: int, handle: AttemptHandle, line: bytes) -> None:
-        rt = self.rt[idx]
-        if rt.handle is not handle:
-            return
-        try:
-            report = proto.parse_line(line)
-        except proto.ProtocolError:
-            self.store.add_counter("bad_stdout_lines", 1)
-            return
-        if report is None:
-            return
-        done = report.done
-        if report.advance is not None:
-            done = (rt.done or 0) + report.advance
-        self._beat(idx, done, report.total)
-        if report.has_checkpoint:
-            self._store_checkpoint(idx, report.checkpoint, rt.done)
-            self.loop.call_when_idle(self._commit)
 
     # --- reporting -----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator.logs import log_stem
@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
 
 
 def master_alive(run: dict[str, Any]) -> bool:
@@ -97,17 +97,18 @@ def shard_record(row: dict[str, Any], run_dir: str, now: float, live: bool) -> d
 
 
 def _sample(pid: int) -> tuple[float | None, int | None]:
-    try:
-        import psutil
+    """CPU percent averaged over the attempt's life, and its RSS now."""
+    import psutil
 
+    try:
         proc = psutil.Process(pid)
         with proc.oneshot():
             rss = int(proc.memory_info().rss)
             times = proc.cpu_times()
             age = max(1e-3, time.time() - proc.create_time())
-        return round(100.0 * (times.user + times.system) / age, 1), rss
-    except Exception:  # the process ended between the read and the sample
+    except psutil.Error:  # it ended between the read and the sample
         return None, None
+    return round(100.0 * (times.user + times.system) / age, 1), rss
 
 
 def run_summary(store: Store, run_dir: str) -> dict[str, Any]:

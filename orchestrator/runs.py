@@ -72,7 +72,18 @@ def list_run_dirs(home: str) -> list[str]:
     dirs = [
         os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, STATE_DB))
     ]
-    return sorted(dirs, key=os.path.basename, reverse=True)
+    return sorted(dirs, key=_started_key, reverse=True)
+
+
+def _started_key(run_dir: str) -> tuple[str, int, str]:
+    """Start order: the id's second, then (runs started within one second, whose
+    random tails do not sort) when task.json was written, once, at creation."""
+    name = os.path.basename(run_dir)
+    try:
+        written = os.stat(os.path.join(run_dir, TASK_JSON)).st_mtime_ns
+    except OSError:
+        written = 0
+    return name.rsplit("-", 1)[0], written, name
 
 
 def resolve_run(home: str, key: str, names: Mapping[str, str] | None = None) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from orchestrator.config import TaskConfig, build_task, find_config, load_config
-from orchestrator.errors import ConfigError, OrchError, SpawnError, UsageError
+from orchestrator.errors import ConfigError, SpawnError, UsageError
 from orchestrator.runs import STATE_DB, TASK_JSON, create_run_dir, home_dir, new_run_id
 from orchestrator.sources import ShardList, load_shards
 from orchestrator.store import RunRow, Store
@@ -152,10 +152,7 @@ def supervise(
     if view is None:
         view = LiveView(verbose=verbose) if sys.stdout.isatty() else PlainView(verbose=verbose)
     master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store, view=view)
-    try:
-        code = master.run()
-    except OrchError:
-        raise
+    code = master.run()
     print_summary(store, run_dir)
     store.close()
     return code

@@ -16,6 +16,7 @@ rendered per attempt by filling precomputed slots and joining.
 from __future__ import annotations
 
 import difflib
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -124,7 +125,7 @@ class CommandTemplate:
     ``TemplateError``, because exec would silently truncate it.
     """
 
-    __slots__ = ("_argv", "_env", "fields", "shell", "where")
+    __slots__ = ("_argv", "_env", "_scripts", "fields", "shell", "where")
 
     def __init__(
         self, argv: tuple[Template, ...], env: tuple[tuple[str, Template], ...], shell: bool,
@@ -132,6 +133,7 @@ class CommandTemplate:
     ) -> None:
         self._argv = argv
         self._env = env
+        self._scripts = frozenset() if shell else shell_scripts([t.text for t in argv])
         self.shell = shell
         self.where = where
         fields: set[str] = set()
@@ -173,6 +175,9 @@ class CommandTemplate:
             _check_nul(script, f"{self.where}: argv[0]")
             return ["/bin/sh", "-c", script]
         out = [template.render(values) for template in self._argv]
+        for i in self._scripts:
+            # A field inside an explicit `sh -c SCRIPT` is still code for a shell: quote it.
+            out[i] = self._argv[i].render({k: shlex.quote(v) for k, v in values.items()})
         for i, arg in enumerate(out):
             if "\0" in arg:
                 _check_nul(arg, f"{self.where}: argv[{i}]")
@@ -186,6 +191,31 @@ class CommandTemplate:
             _check_nul(value, f"{self.where}: env {key}")
             out[key] = value
         return out
+
+
+#: Programs whose ``-c SCRIPT`` argument is shell code.
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
+
+
+def shell_scripts(argv: Sequence[str]) -> frozenset[int]:
+    """Indexes of argv elements that are a shell's ``-c`` script (``sh -c``, ``bash -ec``).
+
+    Values substituted there are shell-quoted, so ``sh -c 'echo {name}'``
+    with a name like ``x; rm -rf ~`` prints it instead of running it.
+    """
+    found: set[int] = set()
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) not in SHELLS:
+            continue
+        j = i + 1
+        while j < len(argv) and argv[j].startswith("-") and argv[j] != "--":
+            flag = argv[j]
+            if not flag.startswith("--") and "c" in flag[1:]:
+                if j + 1 < len(argv):
+                    found.add(j + 1)
+                break
+            j += 1
+    return frozenset(found)
 
 
 def _check_nul(text: str, what: str) -> None:

@@ -59,7 +59,7 @@ def progress_of(master: Master) -> tuple[int, int | None]:
         done += rt.done or 0
         if total is not None:
             if rt.total is None:
-                if not rt.life.state is State.DONE:
+                if rt.life.state is not State.DONE:
                     total = None
             else:
                 total += rt.total
@@ -179,7 +179,7 @@ class LiveView(PlainView):
                 rows.append(f"[yellow]{master.shards[i].id}[/] backoff "
                             f"(attempt {rt.life.attempt}: {rt.life.reason})")
         running = [
-            (rt.done / rt.total if rt.total else 0.0, i)
+            ((rt.done or 0) / rt.total if rt.total else 0.0, i)
             for i, rt in enumerate(master.rt)
             if rt.life.state is State.RUNNING and rt.total
         ]

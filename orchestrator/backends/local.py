@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -225,7 +226,7 @@ class LocalBackend(Backend):
                     self.signal(local.handle, signal.SIGTERM)
                     self._loop.timers.set(
                         ("drain-kill", pid), self._loop.clock() + self._stop_timeout_s,
-                        lambda h=local.handle: self.signal(h, signal.SIGKILL),
+                        functools.partial(self.signal, local.handle, signal.SIGKILL),
                     )
                 self._loop.timers.set(
                     ("drain-poll", pid), self._loop.clock() + DRAIN_POLL_S, self._check_draining

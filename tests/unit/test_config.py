@@ -135,6 +135,11 @@ def test_unknown_key_without_suggestion(tmp_path: Path) -> None:
     assert message.endswith(":2: unknown key 'zzzz' in [tasks.a]")
 
 
+def test_unknown_sub_table(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[tasks.a]\nsplit = 1\n\n[tasks.a.extra]\nx = 1\n")
+    assert _load_error(path).endswith(":4: unknown key 'extra' in [tasks.a]")
+
+
 def test_unknown_key_in_inline_table(tmp_path: Path) -> None:
     path = _toml(tmp_path, "[tasks]\n\nb = { split = 1, job = 2 }\n")
     assert _load_error(path).endswith(":3: unknown key 'job' in [tasks.b] (did you mean 'jobs'?)")

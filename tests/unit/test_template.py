@@ -307,3 +307,34 @@ def test_check_fields_large_list_uses_common_fields(tmp_path: Path) -> None:
     rebuilt = ShardList.from_records(records, source="big.jsonl", format="jsonl")
     with pytest.raises(TemplateError, match=r"^big.jsonl:100000: record has no field 'n'"):
         check_fields(ct, rebuilt)
+
+
+# --- fields inside an explicit `sh -c SCRIPT` are shell-quoted -----------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["sh", "-c", "echo {name}"], {2}),
+        (["/bin/bash", "-ec", "echo {name}", "arg0"], {2}),
+        (["timeout", "5", "sh", "-c", "echo {name}"], {4}),
+        (["python", "-c", "print(1)"], set()),
+        (["sh", "script.sh", "{name}"], set()),
+        (["sh", "--", "-c"], set()),
+    ],
+)
+def test_shell_scripts_are_found(argv: list[str], expected: set[int]) -> None:
+    from orchestrator.template import shell_scripts
+
+    assert shell_scripts(argv) == expected
+
+
+def test_sh_c_script_values_are_quoted_and_other_elements_verbatim() -> None:
+    import subprocess
+
+    tpl = CommandTemplate.compile(["sh", "-c", "printf '%s|' {name}", "{name}"], {}, where="c")
+    evil = "x; echo INJECTED"
+    argv = tpl.render_argv({"name": evil})
+    assert argv[3] == evil  # $0 of the script: verbatim, not code
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert out == evil + "|"

@@ -1,0 +1,209 @@
+"""Heartbeats, progress, checkpoints and hang detection: the master's tracking half.
+
+Messages from the heartbeat channel and ``##orch`` lines from stdout both
+land here. Each counts as a heartbeat for the attempt's ``Watch``; progress
+is kept in memory and flushed to the store at most every
+``PROGRESS_FLUSH_S`` (so a thousand shards reporting several times a second
+cost a few hundred row updates a second); a checkpoint is committed before
+it is acknowledged, in the same loop iteration. Messages from an attempt
+that is not the shard's current one are ignored and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from orchestrator import lifecycle as lc
+from orchestrator.backends import AttemptHandle
+from orchestrator.lifecycle import Intent, State
+from orchestrator.liveness import Watch
+from orchestrator.logs import ShardLogs
+from orchestrator.units import format_bytes
+from shards import protocol as proto
+
+if TYPE_CHECKING:
+    from orchestrator.channel import Channel
+    from orchestrator.config import TaskConfig
+    from orchestrator.loop import Loop
+    from orchestrator.sources import ShardList
+    from orchestrator.store import Store
+
+PROGRESS_FLUSH_S = 0.5
+#: How often attempts are measured against ``max_memory``.
+MEMORY_CHECK_S = 1.0
+
+
+@dataclass(slots=True)
+class Runtime:
+    """The master's view of one shard beyond its lifecycle state."""
+
+    life: lc.Shard
+    handle: AttemptHandle | None = None
+    logs: ShardLogs | None = None
+    watch: Watch | None = None
+    done: int | None = None
+    total: int | None = None
+    checkpoint: Any = None
+    has_checkpoint: bool = False
+    checkpoint_done: int | None = None
+    heartbeat_at: float | None = None  # wall clock
+    rss: int | None = None
+    attempt_started: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def read_rss(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes, from /proc (no psutil on the hot path)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+try:
+    import os as _os
+
+    _PAGE = _os.sysconf("SC_PAGE_SIZE")
+except (ValueError, OSError):  # pragma: no cover
+    _PAGE = 4096
+
+
+class Tracking:
+    """Mixed into ``Master``: everything a running attempt reports about itself."""
+
+    rt: list[Runtime]
+    loop: Loop
+    store: Store
+    shards: ShardList
+    task: TaskConfig
+    channel: Channel | None
+    stale_messages: int
+    _progress_dirty: set[int]
+    _ids: dict[str, int]
+    _acks: list[tuple[bytes, proto.Message]]
+    view: Any
+    apply: Callable[[int, lc.Event], None]
+    _commit: Callable[[], None]
+
+    def _check_memory(self) -> None:
+        """Restart attempts over ``max_memory`` (pm2's max_memory_restart), reason ``memory``."""
+        limit = self.task.max_memory_bytes
+        if limit is None:
+            return
+        for idx, rt in enumerate(self.rt):
+            if rt.handle is None or rt.life.state is not State.RUNNING or rt.handle.pid is None:
+                continue
+            rss = read_rss(rt.handle.pid)
+            if rss is None:
+                continue
+            rt.rss = rss
+            if rss > limit:
+                reason = f"memory: rss {format_bytes(rss)} over max_memory {format_bytes(limit)}"
+                self.view.event(f"shard {self.shards[idx].id}: {reason}")
+                self.apply(idx, lc.Kill(Intent.MEMORY, reason))
+        self.loop.timers.set("memory", self.loop.clock() + MEMORY_CHECK_S, self._check_memory)
+
+    def _arm_watch(self, idx: int) -> None:
+        watch = self.rt[idx].watch
+        if watch is None or (idx, "watch") in self.loop.timers:
+            return
+        deadline = watch.next_deadline()
+        if deadline is not None:
+            self.loop.timers.set((idx, "watch"), deadline, lambda: self._check_watch(idx))
+
+    def _check_watch(self, idx: int) -> None:
+        rt = self.rt[idx]
+        if rt.watch is None or rt.life.state is not State.RUNNING:
+            return
+        verdict = rt.watch.verdict(self.loop.clock())
+        if verdict is None:
+            self._arm_watch(idx)
+            return
+        intent, reason = verdict
+        self.view.event(f"shard {self.shards[idx].id}: {reason}; killing attempt {rt.life.attempt}")
+        self.apply(idx, lc.Kill(intent, reason))
+
+    def _beat(self, idx: int, done: int | None, total: int | None) -> None:
+        rt = self.rt[idx]
+        if done is not None:
+            rt.done = done if rt.checkpoint_done is None else max(done, rt.checkpoint_done)
+        if total is not None:
+            rt.total = total
+        rt.heartbeat_at = time.time()
+        if rt.watch is not None:
+            rt.watch.beat(self.loop.clock(), rt.done, rt.total)
+            self._arm_watch(idx)
+        if not self._progress_dirty:
+            self.loop.timers.set("progress", self.loop.clock() + PROGRESS_FLUSH_S,
+                                 self._flush_progress)
+        self._progress_dirty.add(idx)
+
+    def _flush_one(self, idx: int) -> None:
+        rt = self.rt[idx]
+        self.store.set_shard(idx, done=rt.done, total=rt.total, heartbeat_at=rt.heartbeat_at,
+                             rss_bytes=rt.rss)
+        self._progress_dirty.discard(idx)
+
+    def _flush_progress(self) -> None:
+        for idx in list(self._progress_dirty):
+            self._flush_one(idx)
+        self.loop.call_when_idle(self._commit)
+
+    def _current(self, shard_id: str, attempt: int) -> int | None:
+        """The shard index when ``attempt`` is the shard's current one, else None (stale)."""
+        idx = self._ids.get(shard_id)
+        if idx is None or self.rt[idx].life.attempt != attempt:
+            self.stale_messages += 1
+            return None
+        return idx
+
+    def on_message(self, identity: bytes, msg: proto.Message) -> None:
+        idx = self._current(msg.shard, msg.attempt)
+        if idx is None:
+            if msg.kind in (proto.Kind.CHECKPOINT, proto.Kind.END) and self.channel is not None:
+                self.channel.ack(identity, msg, ok=False, why="stale attempt: a newer one runs")
+            return
+        self._beat(idx, msg.done, msg.total)
+        if msg.kind is proto.Kind.CHECKPOINT:
+            self._store_checkpoint(idx, msg.checkpoint, msg.done)
+            self._acks.append((identity, msg))
+            self.loop.call_when_idle(self._commit)
+        elif msg.kind is proto.Kind.END:
+            self._flush_one(idx)
+            self._acks.append((identity, msg))
+            self.loop.call_when_idle(self._commit)
+        if msg.rss is not None:
+            self.rt[idx].rss = msg.rss
+
+    def _store_checkpoint(self, idx: int, checkpoint: Any, done: int | None) -> None:
+        rt = self.rt[idx]
+        rt.checkpoint = checkpoint
+        rt.has_checkpoint = True
+        rt.checkpoint_done = done if done is not None else rt.done
+        self.store.set_shard(idx, checkpoint=checkpoint, checkpoint_done=rt.checkpoint_done,
+                             checkpoint_at=time.time())
+        self._flush_one(idx)
+
+    def _stdout_report(self, idx: int, handle: AttemptHandle, line: bytes) -> None:
+        rt = self.rt[idx]
+        if rt.handle is not handle:
+            return
+        try:
+            report = proto.parse_line(line)
+        except proto.ProtocolError:
+            self.store.add_counter("bad_stdout_lines", 1)
+            return
+        if report is None:
+            return
+        done = report.done
+        if report.advance is not None:
+            done = (rt.done or 0) + report.advance
+        self._beat(idx, done, report.total)
+        if report.has_checkpoint:
+            self._store_checkpoint(idx, report.checkpoint, rt.done)
+            self.loop.call_when_idle(self._commit)
+
