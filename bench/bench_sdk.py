@@ -29,10 +29,9 @@ from typing import Any
 
 import orjson
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 from shards import protocol as p
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _loop_ns(fn: Any, calls: int) -> float:

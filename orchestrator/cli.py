@@ -171,6 +171,16 @@ def resume(run_key: str, detach_: bool, verbose: bool, home: str | None) -> None
     sys.exit(steer.resume(run_key, home, detach_, verbose))
 
 
+@cli.command()
+@click.argument("run_key", metavar="RUN")
+@_home_option
+def events(run_key: str, home: str | None) -> None:
+    """Print a live run's shard state changes as JSON lines until it ends."""
+    from orchestrator import steer
+
+    sys.exit(steer.events(run_key, home))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, named exit codes, never a traceback for a user mistake."""
     try:

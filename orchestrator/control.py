@@ -10,6 +10,11 @@ true, ...}`` or ``{"v": 1, "ok": false, "error": "..."}``. Operations:
 - ``stop``: ``{"shard": ID}`` stops one shard, without it the whole run
 - ``restart``: ``{"shard": ID}``: a new attempt now, backoff reset
 - ``scale``: ``{"jobs": K}``: change concurrency live (K >= 1)
+- ``subscribe``: ``{"events": ENDPOINT}``: a ZeroMQ PUB endpoint that
+  publishes one JSON object per shard state change
+  (``{"v": 1, "t": wall time, "shard": id, "index": i, "from": old, "state":
+  new, "attempt": n, "reason": ...}``) and, last, ``{"v": 1, "run": state,
+  "exit_code": code}``; ``orch events RUN`` prints them as JSON lines.
 
 Every request is validated; garbage gets an error reply (or, if it is not
 even a ZeroMQ envelope, is dropped and counted), never a crash. See
@@ -19,7 +24,7 @@ docs/protocol.md for the full reference.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -63,6 +68,7 @@ class ControlServer:
             "stop": self.op_stop,
             "restart": self.op_restart,
             "scale": self.op_scale,
+            "subscribe": self.op_subscribe,
         }
 
     def drain(self) -> None:
@@ -148,6 +154,9 @@ class ControlServer:
         self._master.scale(jobs)
         return {"jobs": jobs}
 
+    def op_subscribe(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"events": self._master.events.endpoint}
+
     def close(self) -> None:
         self._loop.remove_reader(self._fd)
         self._sock.close(0)
@@ -155,6 +164,59 @@ class ControlServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+class Events:
+    """The run's event feed: a PUB socket; with no subscriber a publish costs little."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.endpoint = "ipc://" + path
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sock = ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 200)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        if os.path.exists(path):
+            os.unlink(path)
+        old = os.umask(0o077)
+        try:
+            sock.bind(self.endpoint)
+        finally:
+            os.umask(old)
+        self._sock = sock
+
+    def publish(self, event: dict[str, Any]) -> None:
+        try:
+            self._sock.send(orjson.dumps({"v": CONTROL_VERSION, **event}), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a slow subscriber past its high-water mark misses events
+
+    def close(self) -> None:
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def follow_events(endpoint: str, control: str) -> Iterator[dict[str, Any]]:
+    """Yield events until the run ends (``run`` event) or the master goes away."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(endpoint)
+    try:
+        while True:
+            if sock.poll(1000):
+                event = orjson.loads(sock.recv())
+                yield event
+                if "run" in event:
+                    return
+            else:
+                request(control, "ping")  # raises MasterUnreachable when it is gone
+    finally:
+        sock.close(0)
 
 
 class _BadRequest(Exception):

@@ -88,7 +88,7 @@ class Loop:
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._old_handlers: dict[int, Any] = {}
         self._old_wakeup_fd: int | None = None
-        self._idle: list[Callback] = []
+        self._idle: dict[Callback, None] = {}
         self.stopped = False
 
     # --- file descriptors -------------------------------------------------
@@ -103,8 +103,11 @@ class Loop:
             pass
 
     def call_when_idle(self, callback: Callback) -> None:
-        """Run ``callback`` once at the end of this iteration (group commits, scheduling)."""
-        self._idle.append(callback)
+        """Run ``callback`` once at the end of this iteration (group commits, scheduling).
+
+        Asking twice for the same callback in one iteration runs it once.
+        """
+        self._idle[callback] = None
 
     # --- signals ----------------------------------------------------------
 
@@ -163,7 +166,7 @@ class Loop:
         for callback in self.timers.pop_due(self.clock()):
             callback()
         while self._idle:
-            idle, self._idle = self._idle, []
+            idle, self._idle = self._idle, {}
             for callback in idle:
                 callback()
 

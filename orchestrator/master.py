@@ -26,7 +26,7 @@ from orchestrator.backends import AttemptHandle, AttemptSpec, Backend, Stream
 from orchestrator.backends.local import LocalBackend, process_create_time
 from orchestrator.channel import Channel
 from orchestrator.config import TaskConfig
-from orchestrator.control import ControlServer
+from orchestrator.control import ControlServer, Events
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK, SpawnError, TemplateError
 from orchestrator.guardian import Guardian
 from orchestrator.lifecycle import Intent, State
@@ -43,6 +43,12 @@ from shards import protocol as proto
 
 #: Default ceiling on children alive at once when --jobs is not given.
 DEFAULT_MAX_JOBS = 1000
+#: The environment that only an attempt's own master may give it.
+_PROTOCOL_ENV = frozenset({
+    proto.ENV_RUN_ID, proto.ENV_SHARD_ID, proto.ENV_SHARD_INDEX, proto.ENV_SHARD_COUNT,
+    proto.ENV_ATTEMPT, proto.ENV_SHARD, proto.ENV_ENDPOINT, proto.ENV_HEARTBEAT_INTERVAL,
+    proto.ENV_CHECKPOINT, proto.ENV_CHECKPOINT_DONE, proto.ENV_MASTER_PID, proto.ENV_SDK_PID,
+})
 #: File descriptors one live attempt costs the master: two pipes, two log files.
 FDS_PER_ATTEMPT = 4
 
@@ -106,34 +112,37 @@ class Master(Tracking):
         self.backend = make_backend(self.loop, self)
         self.channel: Channel | None = None
         self.control: ControlServer
+        self.events: Events
         self.guardian: Guardian
-        self._base_env = dict(os.environ)
+        # Never inherit an outer orch's protocol variables (orch run from inside a shard):
+        # a stale ORCH_CHECKPOINT would make a first attempt skip work, ORCH_SDK_PID would
+        # keep its SDK from connecting.
+        self._base_env = {k: v for k, v in os.environ.items() if k not in _PROTOCOL_ENV}
 
     # --- setup --------------------------------------------------------------
 
     def _load_runtime(self) -> None:
         """Build each shard's runtime from the store: fresh runs and resumed ones alike."""
-        rows = self.store.shards()
-        for row in rows:
-            state = State(row["state"])
-            attempts = row["attempts"] or 0
+        pending = State.PENDING.value
+        for idx, shard_id, state_text, attempts, reason, done, total, cp, cp_done in (
+            self.store.resume_rows()
+        ):
+            state = State(state_text)
             if not state.terminal:
                 state = State.PENDING  # a resumed run restarts whatever was not finished
-            life = lc.Shard(state=state, attempt=attempts, reason=row.get("reason"))
-            rt = Runtime(life=life, done=row.get("checkpoint_done"), total=row.get("total"))
-            if row.get("checkpoint") is not None or row.get("checkpoint_done") is not None:
-                rt.checkpoint = row.get("checkpoint")
-                rt.has_checkpoint = row.get("checkpoint") is not None
-                rt.checkpoint_done = row.get("checkpoint_done")
+            rt = Runtime(life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
+                         done=cp_done, total=total)
+            if cp is not None or cp_done is not None:
+                rt.checkpoint, rt.has_checkpoint, rt.checkpoint_done = cp, cp is not None, cp_done
             if state.terminal:
-                rt.done = row.get("done")
+                rt.done = done
             else:
                 self._unfinished += 1
-                self.ready.append(row["idx"])
-                if row["state"] != State.PENDING:
-                    self.store.set_shard(row["idx"], state=State.PENDING.value, pid=None)
+                self.ready.append(idx)
+                if state_text != pending:
+                    self.store.set_shard(idx, state=pending, pid=None)
             self.rt.append(rt)
-            self._ids[row["id"]] = row["idx"]
+            self._ids[shard_id] = idx
 
     def run(self) -> int:
         """Supervise until every shard is terminal; return the run's exit code."""
@@ -151,6 +160,7 @@ class Master(Tracking):
         self.guardian = Guardian(self.task.stop_timeout_s)
         path = ipc_path(self.run_dir, self.run_id, "hb.sock")
         self.channel = Channel(loop, path, self.run_id, self.on_message)
+        self.events = Events(ipc_path(self.run_dir, self.run_id, "events.sock"))
         self.control = ControlServer(loop, ipc_path(self.run_dir, self.run_id, "control.sock"), self)
         self.store.set_run(
             state="running", master_pid=os.getpid(),
@@ -173,7 +183,9 @@ class Master(Tracking):
             self.store.add_counter("dropped_garbage", self.garbage_messages())
             self.store.add_counter("dropped_stale", self.stale_messages)
             self.store.commit()
+            self.events.publish({"run": self.run_state(), "exit_code": code})
             self.control.close()
+            self.events.close()
             self.channel.close()
             self.backend.close()
             self.guardian.close()
@@ -274,6 +286,9 @@ class Master(Tracking):
             if rt.notes:
                 fields["last_error"] = "\n".join(rt.notes)
         self.store.set_shard(idx, **fields)
+        self.events.publish({"t": fields["updated_at"], "shard": self.shards[idx].id, "index": idx,
+                             "from": old.state.value, "state": new.state.value,
+                             "attempt": new.attempt, "reason": new.reason})
         self.loop.call_when_idle(self._schedule)
         self.loop.call_when_idle(self._commit)
 

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from orchestrator.errors import RET_OK, OrchError, RunNotFound
-from orchestrator.report import open_run, run_detail, run_summary
+from orchestrator.report import open_run, run_detail, run_summary, shard_record
 from orchestrator.runs import home_dir, list_run_dirs, resolve_run
 from orchestrator.store import Store
 from orchestrator.units import format_bytes, format_duration
@@ -157,23 +157,28 @@ def _print_detail(d: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_summary(store: Store, run_dir: str, out: Any = None) -> None:
-    """The end-of-run summary: counts, duration, and each failed shard with its reason."""
+def print_summary(store: Store, run_dir: str, out: Any = None, limit: int = 20) -> None:
+    """The end-of-run summary: counts, duration, and each failed shard with its reason.
+
+    Reads only the failed shards, so a 100,000-shard run summarises in little memory.
+    """
     out = out or sys.stdout
-    d = run_detail(store, run_dir, sample=False)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
-    out.write(f"orch: run {d['id']} {d['state']} in {format_duration(d['duration_s'])}: {counts}\n")
-    bad = [s for s in d["shards"] if s["state"] in ("failed", "stopped")]
-    for s in bad[:20]:
-        if s["state"] == "stopped":
-            continue
-        out.write(f"  {s['id']}: {s['reason']}\n")
-        for ln in (s["last_error"] or "").splitlines()[-5:]:
+    summary = run_summary(store, run_dir)
+    run = store.run()
+    end = run.get("ended_at") or time.time()
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items()))
+    took = format_duration(max(0.0, end - run["started_at"]))
+    out.write(f"orch: run {summary['id']} {summary['state']} in {took}: {counts}\n")
+    failed = store.shards(states=["failed"])
+    for row in failed[:limit]:
+        rec = shard_record(row, run_dir, time.time(), live=False)
+        out.write(f"  {rec['id']}: {rec['reason']}\n")
+        for ln in (rec["last_error"] or "").splitlines()[-5:]:
             out.write(f"    | {ln}\n")
-        out.write(f"    log: {s['log_stderr']}\n")
-    failed = sum(1 for s in bad if s["state"] == "failed")
-    if failed > 20:
-        out.write(f"  ... and {failed - 20} more failed shards ('orch status {d['id']}')\n")
+        out.write(f"    log: {rec['log_stderr']}\n")
+    if len(failed) > limit:
+        out.write(f"  ... and {len(failed) - limit} more failed shards "
+                  f"('orch status {summary['id']}')\n")
     out.flush()
 
 

@@ -93,3 +93,20 @@ def resume(run_key: str, home: str | None, detach_: bool, verbose: bool) -> int:
         store.close()
         return detach(run_id, run_dir, resume=True)
     return supervise(run_id, run_dir, task, shards, store, verbose=verbose)
+
+
+def events(run_key: str, home: str | None) -> int:
+    """Print the live run's shard state changes as JSON lines until it ends."""
+    import sys
+
+    import orjson
+
+    from orchestrator.control import follow_events
+
+    run_dir = find_run(run_key, home)
+    reply = _call(run_dir, "subscribe")
+    _, control = _live_endpoint(run_dir)
+    for event in follow_events(reply["events"], control):
+        sys.stdout.buffer.write(orjson.dumps(event) + b"\n")
+        sys.stdout.flush()
+    return RET_OK

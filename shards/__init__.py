@@ -416,7 +416,7 @@ def _activate() -> Counters:
         counters = Counters(_info.checkpoint_done)
         owner = env.get(p.ENV_SDK_PID)
         endpoint = env.get(p.ENV_ENDPOINT)
-        if endpoint and not _forked and (owner is None or owner == str(os.getpid())):
+        if endpoint and (owner is None or owner == str(os.getpid())):
             _link = _connect(endpoint, env, _info, counters)
         _state = counters
         return counters
@@ -452,18 +452,18 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # The child must never touch the parent's socket or thread (neither exists
-    # for it, and the attempt already has its connection): it keeps counting
-    # locally and stays unconnected. The parent's Link stays referenced so no
-    # zmq object is finalised in the child.
-    global _link, _forked
-    _forked = True
+    # A child of a connected process must never touch the parent's socket or
+    # thread (the thread does not exist in it, and the attempt already has its
+    # connection): it keeps its copy of the counters, already activated, so it
+    # never connects. The parent's Link stays referenced so that no zmq object
+    # is finalised in the child. A child of a process that had not used the SDK
+    # yet (e.g. the master, which imports shards.protocol) is left alone.
+    global _link
     if _link is not None:
         _fork_orphans.append(_link)
         _link = None
 
 
-_forked = False
 _fork_orphans: list[Link] = []
 os.register_at_fork(after_in_child=_after_fork_in_child)
 

@@ -177,8 +177,10 @@ def decode(frame: bytes) -> Message:
     attempt = d.get("a")
     if type(attempt) is not int or attempt < 1:
         raise ProtocolError("missing or invalid 'a'")
-    seq = d.get("seq", 0)
-    if type(seq) is not int or seq < 0:
+    seq = d.get("seq")
+    if seq is None:
+        seq = 0
+    elif type(seq) is not int or seq < 0:
         raise ProtocolError("'seq' must be a non-negative integer")
     done = _count(d, "done")
     total = _count(d, "total")

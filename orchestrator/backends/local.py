@@ -99,6 +99,7 @@ class LocalBackend(Backend):
         self._stop_timeout_s = stop_timeout_s
         self._by_pid: dict[int, _Local] = {}
         self._draining: dict[int, _Local] = {}
+        self._resolved: dict[tuple[str, str | None, str | None], str] = {}
         self.subreaper = become_subreaper()
         self.reaped_unknown = 0
 
@@ -114,7 +115,9 @@ class LocalBackend(Backend):
             argv = ["env", "-C", cwd, "--", exe, *spec.argv[1:]]
             path = resolve_executable("env", os.environ.get("PATH"), None)
         else:
-            path = resolve_executable(spec.argv[0], spec.env.get("PATH"), cwd)
+            key = (spec.argv[0], spec.env.get("PATH"), cwd)
+            path = self._resolved.get(key) or resolve_executable(*key)
+            self._resolved[key] = path
             argv = list(spec.argv)
         try:
             out_r, out_w = os.pipe()

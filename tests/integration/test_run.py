@@ -139,6 +139,46 @@ def test_orch_environment_of_each_attempt(env: Env) -> None:
         assert json.loads(e["ORCH_SHARD"]) == {"merchant_id": f"m{i + 1}", "name": names[i]}
 
 
+def test_an_outer_orchs_protocol_environment_does_not_leak_into_attempts(env: Env) -> None:
+    """orch started from inside a shard (or a shell with stale ORCH_* exports): its attempts
+    must not inherit the outer checkpoint (they would skip work) nor the outer SDK owner
+    (their SDK would never connect)."""
+    script = env.script("record.py", RECORD)
+    stale = {"ORCH_CHECKPOINT": '{"pos": 999}', "ORCH_CHECKPOINT_DONE": "999",
+             "ORCH_SDK_PID": "1", "ORCH_RUN_ID": "outer-run", "ORCH_SHARD_ID": "outer",
+             "ORCH_ENDPOINT": "ipc:///nonexistent/outer.sock", "ORCH_ATTEMPT": "7",
+             "T_KEPT": "user value"}
+    proc = env.orch("run", "--split", "1", "--", PYTHON, script, env=stale)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = recorded(env)[0]["env"]
+    for name in ("ORCH_CHECKPOINT", "ORCH_CHECKPOINT_DONE", "ORCH_SDK_PID"):
+        assert name not in got, (name, got[name])
+    assert got["ORCH_RUN_ID"] == env.run_id() and got["ORCH_SHARD_ID"] == "0"
+    assert got["ORCH_ATTEMPT"] == "1" and got["ORCH_ENDPOINT"] != stale["ORCH_ENDPOINT"]
+    assert got["T_KEPT"] == "user value"
+    assert got["ORCH_HOME"] == str(env.home)  # configuration is inherited
+
+
+@pytest.mark.parametrize(("name", "text", "ids", "record"), [
+    ("s.csv", "name,id\nAlpha,x1\nBeta,x2\n", ["x1", "x2"], {"name": "Alpha", "id": "x1"}),
+    ("s.jsonl", '{"n": 1, "id": 7}\n{"n": 2, "id": 8}\n', ["7", "8"], {"n": 1, "id": 7}),
+    ("s.jsonl", '{"n": "a"}\n{"n": "b"}\n', ["a", "b"], {"n": "a"}),
+    ("s.txt", "first line\n\n  second line  \n", ["first line", "second line"],
+     {"line": "first line"}),
+], ids=["csv-id-column", "jsonl-numeric-id", "jsonl-first-key", "text-lines"])
+def test_shard_ids_and_fields_of_each_source(
+    env: Env, name: str, text: str, ids: list[str], record: dict[str, Any]
+) -> None:
+    script = env.script("record.py", RECORD)
+    env.write(name, text)
+    proc = env.orch("run", "--shards", name, "--", PYTHON, script, "{id}", "{index}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = recorded(env)
+    assert [got[i]["argv"] for i in range(len(ids))] == [[s, str(i)] for i, s in enumerate(ids)]
+    assert json.loads(got[0]["env"]["ORCH_SHARD"]) == record
+    assert [s["id"] for s in env.status(env.run_id())["shards"]] == ids
+
+
 def test_split_with_index_count_and_literal_braces(env: Env) -> None:
     script = env.script("record.py", RECORD)
     proc = env.orch("run", "--split", "4", "--", PYTHON, script,
@@ -180,6 +220,45 @@ if os.environ["ORCH_ATTEMPT"] == "1":
     log = Path(shard["log_stderr"]).read_text()
     assert [m.group(1, 2) for m in map(ENDED.search, log.splitlines()) if m] == [
         ("1", "exit 1"), ("2", "exit 0")]
+
+
+def test_attempt_killed_by_a_signal_is_restarted_and_logged(env: Env) -> None:
+    script = env.script("die.py", """\
+import os, signal
+if os.environ["ORCH_ATTEMPT"] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+    proc = env.orch("run", "--split", "1", "--backoff-initial", "0.05", "--", PYTHON, script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shard = env.status(env.run_id())["shards"][0]
+    assert (shard["state"], shard["attempts"]) == ("done", 2)
+    log = Path(shard["log_stdout"]).read_text()
+    assert [m.group(1, 2) for m in map(ENDED.search, log.splitlines()) if m] == [
+        ("1", "signal 9 (SIGKILL)"), ("2", "exit 0")]
+
+
+def test_new_attempt_starts_only_after_the_old_group_is_gone(env: Env) -> None:
+    """Promise 1: attempt 1 leaves a grandchild that ignores SIGTERM and fails; attempt 2
+    must not start until the grandchild is gone (SIGTERM, grace, SIGKILL)."""
+    script = env.script("leave.sh", """\
+if [ "$ORCH_ATTEMPT" = 1 ]; then
+    trap '' TERM
+    sleep 1000 &
+    echo $! > bg.pid
+    exit 1
+fi
+pid=$(cat bg.pid)
+if tr '\\0' '\\n' < /proc/$pid/environ 2>/dev/null | grep -qx ORCH_ATTEMPT=1; then
+    echo "attempt 1's grandchild $pid is alive" > overlap.txt
+fi
+""")
+    proc = env.orch("run", "--split", "1", "--stop-timeout", "0.3", "--backoff-initial", "0.01",
+                    "--", "sh", script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (env.cwd / "overlap.txt").exists(), (env.cwd / "overlap.txt").read_text()
+    shard = env.status(env.run_id())["shards"][0]
+    assert (shard["state"], shard["attempts"]) == ("done", 2)
+    assert run_pids(env.run_id(), env.home) == []
 
 
 def test_always_failing_shard_gives_up_while_siblings_finish(env: Env) -> None:
@@ -257,6 +336,9 @@ def test_executable_not_found_from_a_template_field_fails_without_restarts(env: 
     assert (bad["state"], bad["attempts"]) == ("failed", 1)
     assert "executable not found" in bad["reason"] and "no-such-prog-xyz" in bad["reason"]
     assert "bad: " in proc.stdout and "executable not found" in proc.stdout
+    # the summary points only at logs that exist (an attempt that never started wrote none)
+    for path in re.findall(r"log: (\S+)", proc.stdout):
+        assert Path(path).exists(), path
 
 
 # --- concurrency ----------------------------------------------------------------------
@@ -266,7 +348,7 @@ def test_jobs_caps_how_many_run_at_once(env: Env) -> None:
     script = env.script("span.py", """\
 import os, time
 t0 = time.time()
-time.sleep(0.3)
+time.sleep(0.4)
 t1 = time.time()
 with open(f"span-{os.environ['ORCH_SHARD_INDEX']}", "w") as f:
     f.write(f"{t0} {t1}")
@@ -282,6 +364,27 @@ with open(f"span-{os.environ['ORCH_SHARD_INDEX']}", "w") as f:
         live += delta
         peak = max(peak, live)
     assert peak == 2, spans
+
+
+def test_a_shard_in_backoff_does_not_hold_a_slot(env: Env) -> None:
+    """One shard's failures never slow its siblings: with --jobs 1, a sibling runs during
+    the failing shard's backoff instead of waiting for it."""
+    script = env.script("spans.py", """\
+import os, sys, time
+with open("spans.txt", "a") as f:
+    f.write(f"{os.environ['ORCH_SHARD_ID']} {os.environ['ORCH_ATTEMPT']} {time.time()}\\n")
+if os.environ["ORCH_SHARD_ID"] == "flaky" and os.environ["ORCH_ATTEMPT"] == "1":
+    sys.exit(1)
+""")
+    env.write("s.csv", "id\nflaky\nsteady\n")
+    proc = env.orch("run", "--shards", "s.csv", "--jobs", "1", "--backoff-initial", "1",
+                    "--", PYTHON, script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    starts = {(who, int(n)): float(t) for who, n, t in
+              (ln.split() for ln in (env.cwd / "spans.txt").read_text().splitlines())}
+    assert set(starts) == {("flaky", 1), ("flaky", 2), ("steady", 1)}
+    assert starts[("steady", 1)] < starts[("flaky", 2)]
+    assert starts[("flaky", 2)] - starts[("flaky", 1)] >= 1.0  # the backoff was kept
 
 
 # --- stopping ---------------------------------------------------------------------------
@@ -311,6 +414,10 @@ def test_signal_to_orch_run_leaves_no_process_alive(
     assert poll_for(lambda: len(_sleeps(run_id, env)) == 6, 10), run_pids(run_id, env.home)
     shells = [p for p in run_pids(run_id, env.home) if cmdline(p)[:1] == ["sh"]]
     assert len(shells) == 3
+    live = env.status(run_id)
+    assert live["state"] == "running" and live["exit_code"] is None
+    assert [s["state"] for s in live["shards"]] == ["running"] * 3
+    assert sorted(s["pid"] for s in live["shards"]) == sorted(shells)
     proc.send_signal(signum)
     assert proc.wait(timeout=15) == code
     assert run_pids(run_id, env.home) == []  # gone before orch exits, grandchildren too
@@ -318,6 +425,34 @@ def test_signal_to_orch_run_leaves_no_process_alive(
     assert (detail["state"], detail["exit_code"]) == ("stopped", code)
     assert [s["state"] for s in detail["shards"]] == ["stopped"] * 3
     assert all(s["pid"] is None for s in detail["shards"])
+
+
+def test_sigterm_stops_queued_shards_too(env: Env) -> None:
+    script = env.script("svc.sh", STUBBORN_SH.format(trap=""))
+    proc = env.start("run", "--split", "3", "--jobs", "1", "--", "sh", script)
+    run_id = wait_run_id(env)
+    assert poll_for(lambda: len(_sleeps(run_id, env)) == 2, 10), run_pids(run_id, env.home)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 143
+    assert run_pids(run_id, env.home) == []
+    detail = env.status(run_id)
+    assert [(s["state"], s["attempts"]) for s in detail["shards"]] == [
+        ("stopped", 1), ("stopped", 0), ("stopped", 0)]
+
+
+def test_second_interrupt_kills_at_once(env: Env) -> None:
+    script = env.script("svc.sh", STUBBORN_SH.format(trap="trap '' TERM INT"))
+    proc = env.start("run", "--split", "2", "--stop-timeout", "60", "--", "sh", script)
+    run_id = wait_run_id(env)
+    assert poll_for(lambda: len(_sleeps(run_id, env)) == 4, 10), run_pids(run_id, env.home)
+    proc.send_signal(signal.SIGINT)
+    assert poll_for(lambda: "stopping every shard" in (env.cwd / "orch.stdout").read_text(), 5)
+    assert proc.poll() is None  # the shards ignore SIGTERM: orch waits out the grace...
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 130  # ...until a second Ctrl-C, far sooner than 60 s
+    assert run_pids(run_id, env.home) == []
+    detail = env.status(run_id)
+    assert [s["state"] for s in detail["shards"]] == ["stopped", "stopped"]
 
 
 def test_background_grandchild_is_stopped_before_the_shard_is_done(env: Env) -> None:
@@ -409,6 +544,33 @@ sys.stdout.write(f"no newline at the end {me}")
     assert "zzz" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_output_bursts_rotate_without_losing_lines(env: Env) -> None:
+    script = env.script("burst.py", """\
+import sys
+for i in range(40000):
+    sys.stdout.write(f"line {i} {'x' * 40}\\n")
+""")
+    env.write("orch.toml", f"""\
+[tasks.burst]
+command = [{json.dumps(PYTHON)}, {json.dumps(script)}]
+split = 3
+log_max_size = "256KB"
+log_backups = 50
+""")
+    proc = env.orch("run", "burst")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = env.run_id()
+    logs = Path(env.status(run_id)["run_dir"]) / "logs"
+    assert (logs / "00000-0.out.1").exists()  # it did rotate
+    for shard in ("0", "2"):
+        out = env.orch("logs", run_id, "--shard", shard)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert len(lines) == 40002
+        assert STARTED.search(lines[0]) and ENDED.search(lines[-1])
+        assert [ln.split()[2] for ln in lines[1:-1]] == [str(i) for i in range(40000)]
+
+
 # --- orch.toml ------------------------------------------------------------------------
 
 
@@ -477,6 +639,12 @@ def test_status_lists_runs_newest_first(env: Env) -> None:
     assert positions == sorted(positions)
     one = env.orch("status", "second")
     assert one.returncode == 0 and runs[2]["id"] in one.stdout
+    # a name given to several runs means the newest of them
+    again = env.orch("run", "--name", "first", "--split", "2", "--", "true")
+    assert again.returncode == 0, again.stderr
+    newest = env.status()[0]
+    assert newest["name"] == "first" and newest["id"] not in {r["id"] for r in runs}
+    assert env.status("first")["id"] == newest["id"]
     nope = env.orch("status", "no-such-run")
     assert nope.returncode == 2 and nope.stderr.count("\n") == 1
     assert nope.stderr.startswith("orch: ") and "no-such-run" in nope.stderr

@@ -109,6 +109,11 @@ def test_decode_accepts_a_minimal_message_and_ignores_unknown_keys() -> None:
     assert decode(frame) == Message(Kind.ACK, "r", "s", 1)
 
 
+def test_null_optional_fields_read_as_absent() -> None:
+    nulls = b'{"v":1,"k":"hb","run":"r","sh":"s","a":1,"seq":null,"done":null,"msg":null}'
+    assert decode(nulls) == Message(Kind.HEARTBEAT, "r", "s", 1)
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [

@@ -1,0 +1,425 @@
+"""Detached runs steered from a second process: issue 4's control-plane tests.
+
+Every verb runs as a separate ``orch`` process against a master started with
+``orch run -d``, exactly as a user in another ssh session would. Conditions
+are polled with a deadline (the database is read directly, read-only, which
+is what ``orch status`` does too); no test sleeps to wait for a process.
+Teardown kills, by pid, every process carrying the test's ORCH_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime
+
+import orjson
+
+from _support_control import (
+    Run,
+    alive,
+    control_request,
+    denv,  # noqa: F401 - the fixture
+    environ,
+    home_pids,
+    proc_stat,
+    start_detached,
+)
+from conftest import ORCH, Env, orch_env, poll_for
+
+#: A shard that never ends by itself (the test stops it), one process, no shell parsing of values.
+FOREVER = ["sh", "-c", "echo started $ORCH_SHARD_ID attempt $ORCH_ATTEMPT; exec sleep 60"]
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("orch: "), proc.stderr
+    return lines[0]
+
+
+# --- orch run -d ------------------------------------------------------------------------
+
+
+def test_detach_returns_at_once_and_the_master_is_a_daemon(denv: Env) -> None:
+    t0 = time.monotonic()
+    proc = denv.orch("run", "-d", "--split", "3", "--", *FOREVER)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    run = Run(denv, proc.stdout.strip().splitlines()[-1])
+    # Well before the shards could finish (they never do), and they are running.
+    assert elapsed < 10.0, elapsed
+    assert poll_for(lambda: run.count("running") == 3, timeout=10), run.states()
+    assert run.row()["state"] == "running"
+
+    pid = run.master_pid()
+    stat = proc_stat(pid)
+    assert stat is not None
+    session, tty_nr = int(stat[3]), int(stat[4])
+    assert session == pid, "the master leads a new session"
+    assert session != os.getsid(0)
+    assert tty_nr == 0, "no controlling terminal"
+    assert (run.dir / "master.log").exists()
+    assert os.readlink(f"/proc/{pid}/fd/0") == os.devnull
+    assert os.path.samefile(os.readlink(f"/proc/{pid}/fd/1"), run.dir / "master.log")
+    # Shards are not the test's children either: they belong to the master.
+    for shard_pid in run.pids():
+        stat = proc_stat(shard_pid)
+        assert stat is not None and int(stat[1]) == pid
+
+    stop = denv.orch("stop", run.id)
+    assert stop.returncode == 0, stop.stderr
+    assert denv.orch("wait", run.id, timeout=20).returncode == 1  # stopped is not done
+    assert not alive(pid)
+    assert run.pids() == []
+
+
+# --- the verbs, from a second process ------------------------------------------------------
+
+
+def test_status_and_logs_of_a_detached_run(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "2", "--", *FOREVER))
+    logs = run.dir / "logs"
+    assert poll_for(lambda: run.count("running") == 2 and
+                    all("started" in p.read_text() for p in logs.glob("*.out"))
+                    and len(list(logs.glob("*.out"))) == 2, timeout=10)
+
+    text = denv.orch("status", run.id)
+    assert text.returncode == 0, text.stderr
+    assert run.id in text.stdout and "running" in text.stdout
+    js = denv.orch("status", run.id, "--json")
+    assert js.returncode == 0, js.stderr
+    detail = json.loads(js.stdout)
+    assert (detail["id"], detail["state"], detail["counts"]) == (run.id, "running", {"running": 2})
+    assert all(s["pid"] and s["attempts"] == 1 for s in detail["shards"])
+    listing = json.loads(denv.orch("status", "--json").stdout)
+    assert [(r["id"], r["state"]) for r in listing] == [(run.id, "running")]
+
+    one = denv.orch("logs", run.id, "--shard", "1")
+    assert one.returncode == 0, one.stderr
+    assert "started 1 attempt 1" in one.stdout and "started 0" not in one.stdout
+    both = denv.orch("logs", run.id)
+    assert "[0] " in both.stdout and "[1] " in both.stdout
+    assert denv.orch("stop", run.id).returncode == 0
+
+
+def test_stop_one_shard_then_the_whole_run(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "3", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 3, timeout=10), run.states()
+
+    proc = denv.orch("stop", run.id, "--shard", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert poll_for(lambda: run.states()["1"] == "stopped", timeout=10), run.states()
+    states = run.states()
+    assert (states["0"], states["2"]) == ("running", "running")
+    shard1 = run.shards()["1"]
+    assert shard1["reason"] == "stopped by user" and shard1["pid"] is None
+    assert sorted(int(s["ORCH_SHARD_INDEX"]) for s in _envs(run)) == [0, 2]
+    assert run.row()["state"] == "running"
+
+    proc = denv.orch("stop", run.id)
+    assert proc.returncode == 0, proc.stderr
+    assert poll_for(lambda: run.row()["state"] != "running", timeout=15)
+    assert run.row()["state"] == "stopped"
+    assert run.states() == {"0": "stopped", "1": "stopped", "2": "stopped"}
+    assert poll_for(lambda: not run.pids(), timeout=5)
+    detail = denv.status(run.id)
+    assert detail["state"] == "stopped" and detail["exit_code"] == 1
+
+
+def _envs(run: Run) -> list[dict[str, str]]:
+    return [environ(p) for p in run.pids()]
+
+
+def test_restart_a_running_shard_and_one_in_backoff(denv: Env) -> None:
+    # Shard 1 fails its first attempt and then waits a 60 s backoff; shard 0 runs on.
+    cmd = ('if [ "$ORCH_SHARD_INDEX" = 1 ] && [ "$ORCH_ATTEMPT" = 1 ]; then exit 3; fi; '
+           "echo attempt $ORCH_ATTEMPT; exec sleep 60")
+    run = Run(denv, start_detached(denv, "--split", "2", "--backoff-initial", "60s",
+                                   "--backoff-max", "60s", "--", "sh", "-c", cmd))
+    assert poll_for(lambda: run.states() == {"0": "running", "1": "backoff"}, timeout=10), \
+        run.states()
+    before = run.shards()["0"]
+
+    t0 = time.monotonic()
+    proc = denv.orch("restart", run.id, "--shard", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert poll_for(lambda: run.shards()["0"]["attempts"] == 2
+                    and run.shards()["0"]["state"] == "running", timeout=10), run.shards()["0"]
+    after = run.shards()["0"]
+    assert after["pid"] != before["pid"]
+    assert not alive(before["pid"])
+
+    proc = denv.orch("restart", run.id, "--shard", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert poll_for(lambda: run.shards()["1"]["attempts"] == 2
+                    and run.shards()["1"]["state"] == "running", timeout=10), run.shards()["1"]
+    # Far sooner than the 60 s backoff: the restart did not wait for it.
+    assert time.monotonic() - t0 < 30
+    log = denv.orch("logs", run.id, "--shard", "1")
+    assert "attempt 2" in log.stdout
+    # One live attempt per shard, each the newest.
+    assert sorted((e["ORCH_SHARD_ID"], e["ORCH_ATTEMPT"]) for e in _envs(run)) == [
+        ("0", "2"), ("1", "2")]
+    assert denv.orch("stop", run.id).returncode == 0
+
+
+def test_scale_changes_how_many_shards_run(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "6", "--jobs", "2", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 2, timeout=10), run.states()
+    assert run.count("pending") == 4
+
+    proc = denv.orch("scale", run.id, "--jobs", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert poll_for(lambda: denv.status(run.id)["counts"].get("running") == 4, timeout=10)
+    assert denv.status(run.id)["counts"] == {"running": 4, "pending": 2}
+    assert len({e["ORCH_SHARD_ID"] for e in _envs(run)}) == 4
+
+    # Scaling down stops nothing; a freed slot is simply not refilled past the new limit.
+    proc = denv.orch("scale", run.id, "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert denv.orch("stop", run.id, "--shard", "0").returncode == 0
+    assert poll_for(lambda: run.states()["0"] == "stopped", timeout=10)
+    assert run.count("running") == 3 and run.count("pending") == 2
+
+    bad = denv.orch("scale", run.id, "--jobs", "0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert denv.orch("stop", run.id).returncode == 0
+
+
+def test_wait_exits_with_the_run_exit_code(denv: Env) -> None:
+    quick = 'echo working; sleep 0.5; exit "$RC"'
+    ok = Run(denv, start_detached(denv, "--split", "3", "--env", "RC=0", "--", "sh", "-c", quick))
+    bad = Run(denv, start_detached(denv, "--split", "3", "--restart", "never",
+                                   "--env", "RC={index}", "--", "sh", "-c", quick))
+    waiters = [subprocess.Popen([ORCH, "wait", r.id], cwd=denv.cwd, env=orch_env(denv.home),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for r in (ok, bad)]
+    try:
+        codes = [w.wait(timeout=30) for w in waiters]
+    finally:
+        for w in waiters:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+            w.stdout.close()  # type: ignore[union-attr]
+            w.stderr.close()  # type: ignore[union-attr]
+    assert codes == [0, 1]
+    assert (ok.row()["state"], bad.row()["state"]) == ("done", "failed")
+    assert bad.states() == {"0": "done", "1": "failed", "2": "failed"}
+    # An ended run: wait returns at once with the same code.
+    assert denv.orch("wait", ok.id).returncode == 0
+    assert denv.orch("wait", bad.id).returncode == 1
+
+
+def test_a_run_is_steered_by_its_name(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--name", "nightly", "--split", "2", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 2, timeout=10)
+    assert denv.status("nightly")["id"] == run.id
+    assert denv.orch("logs", "nightly", "--shard", "0").returncode == 0
+    assert denv.orch("scale", "nightly", "--jobs", "1").returncode == 0
+    assert denv.orch("restart", "nightly", "--shard", "1").returncode == 0
+    assert poll_for(lambda: run.attempts()["1"] == 2, timeout=10)
+    assert denv.orch("stop", "nightly", "--shard", "0").returncode == 0
+    assert poll_for(lambda: run.states()["0"] == "stopped", timeout=10)
+    assert denv.orch("stop", "nightly").returncode == 0
+    assert denv.orch("wait", "nightly", timeout=20).returncode == 1
+    assert run.row()["state"] == "stopped"
+
+
+# --- logs -f ----------------------------------------------------------------------------------
+
+
+def _read_lines(proc: subprocess.Popen[bytes], want: int, timeout: float) -> list[tuple[float, str]]:
+    """Up to ``want`` stdout lines with their arrival time (wall clock), within ``timeout``."""
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    out: list[tuple[float, str]] = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < want and time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            chunk = proc.stdout.read() or b""
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            now = time.time()
+            out.extend((now, ln.decode(errors="replace")) for ln in lines)
+    finally:
+        sel.close()
+    return out
+
+
+def _stamp(line: str) -> float:
+    text = line.split("] ", 1)[-1].split(" ", 1)[0]
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def test_logs_follow_shows_lines_as_they_are_written(denv: Env) -> None:
+    tick = "i=0; while [ $i -lt 300 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done"
+    run = Run(denv, start_detached(denv, "--split", "2", "--", "sh", "-c", tick))
+    assert poll_for(lambda: run.count("running") == 2, timeout=10)
+    follows = {
+        key: subprocess.Popen([ORCH, "logs", run.id, *extra, "-f"], cwd=denv.cwd,
+                              env=orch_env(denv.home), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        for key, extra in (("one", ["--shard", "1"]), ("all", []))
+    }
+    try:
+        one = _read_lines(follows["one"], 15, timeout=10)
+        both = _read_lines(follows["all"], 15, timeout=10)
+    finally:
+        for p in follows.values():
+            p.kill()
+            p.wait()
+            p.stdout.close()  # type: ignore[union-attr]
+    ticks = [ln for _, ln in one if " tick " in ln]
+    assert len(ticks) >= 10, one
+    numbers = [int(ln.rsplit(" ", 1)[1]) for ln in ticks]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    # As they are written: each line arrives soon after its timestamp, not in one batch at the end.
+    latency = [arrived - _stamp(ln) for arrived, ln in one if " tick " in ln]
+    assert max(latency[-5:]) < 1.5, latency
+    assert one[-1][0] - one[0][0] > 0.5, "lines trickled in over time"
+    assert all(ln.split(" ", 1)[0].endswith("Z") for _, ln in one)
+    prefixes = {ln.split(" ", 1)[0] for _, ln in both}
+    assert prefixes == {"[0]", "[1]"}, both
+    assert denv.orch("stop", run.id).returncode == 0
+
+
+# --- a dead or frozen master ------------------------------------------------------------------
+
+
+def test_a_dead_master_shows_as_lost_and_verbs_fail_fast(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "2", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 2, timeout=10)
+    run.kill_master(signal.SIGKILL)
+    assert poll_for(lambda: not alive(int((run.dir / "master.pid").read_text())), timeout=5)
+
+    detail = denv.status(run.id)
+    assert detail["state"] == "lost"
+    text = denv.orch("status", run.id)
+    assert "lost" in text.stdout and f"orch resume {run.id}" in text.stdout
+    listing = denv.orch("status")
+    assert "lost" in listing.stdout and "resume" in listing.stdout
+
+    for verb in (["stop", run.id], ["stop", run.id, "--shard", "0"],
+                 ["restart", run.id, "--shard", "0"], ["scale", run.id, "--jobs", "3"],
+                 ["wait", run.id]):
+        t0 = time.monotonic()
+        proc = denv.orch(*verb, timeout=10)
+        elapsed = time.monotonic() - t0
+        assert proc.returncode != 0, (verb, proc.stdout)
+        assert elapsed < 3.0, (verb, elapsed)
+        line = one_line_error(proc)
+        assert "lost" in line and "resume" in line, (verb, line)
+
+
+def test_a_frozen_master_times_out_quickly(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "2", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 2, timeout=10)
+    pid = run.master_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        proc = denv.orch("scale", run.id, "--jobs", "3", timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == 3, proc.stderr
+    assert elapsed < 4.0, elapsed
+    assert "did not answer" in one_line_error(proc)
+    # Thawed, it answers again.
+    assert denv.orch("scale", run.id, "--jobs", "2").returncode == 0
+    assert denv.orch("stop", run.id).returncode == 0
+
+
+# --- garbage on the control socket ---------------------------------------------------------------
+
+GARBAGE: list[tuple[bytes, str]] = [
+    (b"not json", "not JSON"),
+    (b"", "not JSON"),
+    (b"\xff\xfe\x00", "not JSON"),
+    (b"[" * 5000, "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'"ping"', "JSON object"),
+    (b"null", "JSON object"),
+    (b'{"op": "ping"}', "version"),
+    (b'{"v": 2, "op": "ping"}', "version"),
+    (b'{"v": "1", "op": "ping"}', "version"),
+    (b'{"v": 1}', "unknown op"),
+    (b'{"v": 1, "op": "explode"}', "unknown op"),
+    (b'{"v": 1, "op": ["ping"]}', "unknown op"),
+    (b'{"v": 1, "op": "__init__"}', "unknown op"),
+    (b'{"v": 1, "op": "scale", "jobs": "x"}', "jobs"),
+    (b'{"v": 1, "op": "scale", "jobs": 0}', "jobs"),
+    (b'{"v": 1, "op": "scale", "jobs": -3}', "jobs"),
+    (b'{"v": 1, "op": "scale", "jobs": 2.5}', "jobs"),
+    (b'{"v": 1, "op": "scale", "jobs": true}', "jobs"),
+    (b'{"v": 1, "op": "scale"}', "jobs"),
+    (b'{"v": 1, "op": "stop", "shard": 5}', "shard"),
+    (b'{"v": 1, "op": "stop", "shard": ["0"]}', "shard"),
+    (b'{"v": 1, "op": "restart", "shard": {"id": "0"}}', "shard"),
+    (b'{"v": 1, "op": "restart"}', "shard"),
+    (b'{"v": 1, "op": "stop", "shard": "no-such-shard"}', "no shard"),
+    (b'{"v": 1, "op": "restart", "shard": "no-such-shard"}', "no shard"),
+]
+
+
+def test_garbage_on_the_control_socket_gets_error_replies(denv: Env) -> None:
+    work = "echo working; sleep 1.5"
+    run = Run(denv, start_detached(denv, "--split", "3", "--", "sh", "-c", work))
+    endpoint = run.control()
+    assert endpoint.startswith("ipc://")
+    sock_path = endpoint[len("ipc://"):]
+    assert os.stat(sock_path).st_mode & 0o077 == 0, "control socket is private"
+
+    for payload, needle in GARBAGE:
+        reply = control_request(endpoint, payload)
+        assert reply is not None, f"no reply to {payload[:40]!r}"
+        assert reply["ok"] is False and reply["v"] == 1, (payload[:40], reply)
+        assert isinstance(reply["error"], str) and needle in reply["error"], (payload[:40], reply)
+        assert "\n" not in reply["error"]
+    # Larger than the socket accepts: dropped, and the master lives on.
+    assert control_request(endpoint, b"{" + b" " * (128 * 1024) + b"}", timeout_s=0.5) is None
+    ping = control_request(endpoint, orjson.dumps({"v": 1, "op": "ping"}))
+    assert ping is not None and ping["ok"] is True and ping["pid"] == run.master_pid()
+    status = control_request(endpoint, orjson.dumps({"v": 1, "op": "status"}))
+    assert status is not None and status["ok"] is True and status["run"] == run.id
+    assert run.states() == {"0": "running", "1": "running", "2": "running"}, "nothing was stopped"
+
+    assert denv.orch("wait", run.id, timeout=30).returncode == 0
+    assert run.row()["state"] == "done"
+    assert run.attempts() == {"0": 1, "1": 1, "2": 1}
+
+
+# --- SIGTERM to the detached master -------------------------------------------------------------
+
+
+def test_sigterm_to_a_detached_master_stops_everything_gracefully(denv: Env) -> None:
+    # A shell with a background grandchild: the whole group must go.
+    run = Run(denv, start_detached(denv, "--split", "3", "--", "sh", "-c",
+                                   "sleep 60 & echo started; wait"))
+    assert poll_for(lambda: run.count("running") == 3 and len(run.pids()) >= 6, timeout=10), \
+        run.pids()
+    pid = run.master_pid()
+    os.kill(pid, signal.SIGTERM)
+    assert poll_for(lambda: not alive(pid), timeout=15), "master did not exit"
+    assert poll_for(lambda: not run.pids(), timeout=5), run.pids()
+    row = run.row()
+    assert (row["state"], row["exit_code"]) == ("stopped", 128 + signal.SIGTERM)
+    assert run.states() == {"0": "stopped", "1": "stopped", "2": "stopped"}
+    assert denv.status(run.id)["state"] == "stopped"
+    # Nothing of the run is left: no master, no guardian, no attempt.
+    assert poll_for(lambda: not home_pids(denv.home), timeout=5), home_pids(denv.home)
+    assert denv.orch("wait", run.id).returncode == 128 + signal.SIGTERM
