@@ -175,7 +175,8 @@ def print_summary(store: Store, run_dir: str, out: Any = None, limit: int = 20) 
         out.write(f"  {rec['id']}: {rec['reason']}\n")
         for ln in (rec["last_error"] or "").splitlines()[-5:]:
             out.write(f"    | {ln}\n")
-        out.write(f"    log: {rec['log_stderr']}\n")
+        if os.path.exists(rec["log_stderr"]):  # an attempt that never started wrote no log
+            out.write(f"    log: {rec['log_stderr']}\n")
     if len(failed) > limit:
         out.write(f"  ... and {len(failed) - limit} more failed shards "
                   f"('orch status {summary['id']}')\n")

@@ -169,6 +169,20 @@ def test_restart_a_running_shard_and_one_in_backoff(denv: Env) -> None:
     assert denv.orch("stop", run.id).returncode == 0
 
 
+def test_restart_in_a_full_run_takes_the_freed_slot_itself(denv: Env) -> None:
+    """'A new attempt now': with every slot taken and shards waiting, the restarted
+    shard gets the slot its own old attempt frees, not the next shard in line."""
+    run = Run(denv, start_detached(denv, "--split", "4", "--jobs", "2", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 2, timeout=10), run.states()
+    assert run.states() == {"0": "running", "1": "running", "2": "pending", "3": "pending"}
+    proc = denv.orch("restart", run.id, "--shard", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert poll_for(lambda: run.attempts()["0"] == 2 and run.states()["0"] == "running",
+                    timeout=10), run.shards()["0"]
+    assert run.states() == {"0": "running", "1": "running", "2": "pending", "3": "pending"}
+    assert denv.orch("stop", run.id).returncode == 0
+
+
 def test_scale_changes_how_many_shards_run(denv: Env) -> None:
     run = Run(denv, start_detached(denv, "--split", "6", "--jobs", "2", "--", *FOREVER))
     assert poll_for(lambda: run.count("running") == 2, timeout=10), run.states()
@@ -222,7 +236,7 @@ def test_a_run_is_steered_by_its_name(denv: Env) -> None:
     assert poll_for(lambda: run.count("running") == 2, timeout=10)
     assert denv.status("nightly")["id"] == run.id
     assert denv.orch("logs", "nightly", "--shard", "0").returncode == 0
-    assert denv.orch("scale", "nightly", "--jobs", "1").returncode == 0
+    assert denv.orch("scale", "nightly", "--jobs", "3").returncode == 0
     assert denv.orch("restart", "nightly", "--shard", "1").returncode == 0
     assert poll_for(lambda: run.attempts()["1"] == 2, timeout=10)
     assert denv.orch("stop", "nightly", "--shard", "0").returncode == 0
