@@ -108,6 +108,8 @@ class Master(Tracking):
         self._ids: dict[str, int] = {}
         self._acks: list[tuple[bytes, proto.Message]] = []
         self._unfinished = 0
+        #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
+        self._restarted: set[int] = set()
         make_backend = backend or (lambda loop, m: LocalBackend(loop, m, stop_timeout_s=task.stop_timeout_s))
         self.backend = make_backend(self.loop, self)
         self.channel: Channel | None = None
@@ -226,9 +228,11 @@ class Master(Tracking):
             self.apply(idx, lc.StopRequested(intent))
 
     def stop_shard(self, idx: int) -> None:
+        self._restarted.discard(idx)
         self.apply(idx, lc.StopRequested(Intent.STOP))
 
     def restart_shard(self, idx: int) -> None:
+        self._restarted.add(idx)
         self.apply(idx, lc.RestartRequested())
 
     def scale(self, jobs: int) -> None:
@@ -279,7 +283,11 @@ class Master(Tracking):
         fields: dict[str, Any] = {"state": new.state.value, "reason": new.reason,
                                   "updated_at": time.time()}
         if new.state is State.PENDING:
-            self.ready.append(idx)
+            if idx in self._restarted:
+                self._restarted.discard(idx)
+                self.ready.appendleft(idx)
+            else:
+                self.ready.append(idx)
         if new.state is State.FAILED:
             rt = self.rt[idx]
             self.view.event(f"shard {self.shards[idx].id} failed: {new.reason}")

@@ -26,7 +26,12 @@ def iso(ts: float | None) -> str | None:
 
 
 def master_alive(run: dict[str, Any]) -> bool:
-    """Whether the master recorded in ``run`` still lives (pid plus its start time)."""
+    """Whether the master recorded in ``run`` still lives (pid plus its start time).
+
+    A zombie is dead: a killed detached master whose parent (init in a
+    container whose PID 1 does not reap) never collects it must still show
+    as lost and be resumable.
+    """
     pid = run.get("master_pid")
     if not pid:
         return False
@@ -35,10 +40,12 @@ def master_alive(run: dict[str, Any]) -> bool:
             stat = f.read()
     except OSError:
         return False
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return False
     recorded = run.get("master_create_time")
     if recorded is None:
         return True
-    fields = stat[stat.rfind(b")") + 2 :].split()
     return float(fields[19]) == float(recorded)
 
 

@@ -36,11 +36,8 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
-import queue
-import signal
 import sys
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
