@@ -104,6 +104,8 @@ class Master(Tracking):
         self.started_mono = clock()
         self.interrupted: int | None = None
         self.stale_messages = 0
+        self.unknown_messages = 0
+        self._counted: dict[str, int] = {}
         self._progress_dirty: set[int] = set()
         self._ids: dict[str, int] = {}
         self._acks: list[tuple[bytes, proto.Message]] = []
@@ -182,8 +184,7 @@ class Master(Tracking):
             self._flush_progress()
             code = self.exit_code()
             self.store.set_run(state=self.run_state(), exit_code=code, ended_at=time.time())
-            self.store.add_counter("dropped_garbage", self.garbage_messages())
-            self.store.add_counter("dropped_stale", self.stale_messages)
+            self.flush_counters()
             self.store.commit()
             self.events.publish({"run": self.run_state(), "exit_code": code})
             self.control.close()
@@ -452,8 +453,18 @@ class Master(Tracking):
                 total += rt.total
         return done, (total if known and total else None)
 
+    def flush_counters(self) -> None:
+        """Write the dropped-message counters' growth since the last flush to the store."""
+        now = {"dropped_garbage": self.garbage_messages(), "dropped_stale": self.stale_messages}
+        for name, value in now.items():
+            delta = value - self._counted.get(name, 0)
+            if delta:
+                self.store.add_counter(name, delta)
+                self._counted[name] = value
+
     def garbage_messages(self) -> int:
-        return self.channel.garbage if self.channel is not None else 0
+        garbage = self.channel.garbage if self.channel is not None else 0
+        return garbage + self.unknown_messages
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -82,12 +82,14 @@ class Tracking:
     task: TaskConfig
     channel: Channel | None
     stale_messages: int
+    unknown_messages: int
     _progress_dirty: set[int]
     _ids: dict[str, int]
     _acks: list[tuple[bytes, proto.Message]]
     view: Any
     apply: Callable[[int, lc.Event], None]
     _commit: Callable[[], None]
+    flush_counters: Callable[[], None]
 
     def _check_memory(self) -> None:
         """Restart attempts over ``max_memory`` (pm2's max_memory_restart), reason ``memory``."""
@@ -151,12 +153,16 @@ class Tracking:
     def _flush_progress(self) -> None:
         for idx in list(self._progress_dirty):
             self._flush_one(idx)
+        self.flush_counters()
         self.loop.call_when_idle(self._commit)
 
     def _current(self, shard_id: str, attempt: int) -> int | None:
         """The shard index when ``attempt`` is the shard's current one, else None (stale)."""
         idx = self._ids.get(shard_id)
-        if idx is None or self.rt[idx].life.attempt != attempt:
+        if idx is None:
+            self.unknown_messages += 1  # a shard id this run does not have: forged or misrouted
+            return None
+        if self.rt[idx].life.attempt != attempt:
             self.stale_messages += 1
             return None
         return idx

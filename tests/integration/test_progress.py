@@ -107,6 +107,46 @@ def test_shell_shard_reports_progress_and_checkpoint_on_stdout(env: Env) -> None
     assert "plain output" in log and '##orch {"done": 3' in log
 
 
+SHELL_RESUME = """\
+echo "arg=[$1] env=[${ORCH_CHECKPOINT-unset}] done=[${ORCH_CHECKPOINT_DONE-unset}]" >> seen.txt
+if [ "$ORCH_ATTEMPT" = 1 ]; then
+    echo '##orch {"done": 4, "total": 9, "checkpoint": {"page": 4}}'
+    echo '##orch {"done": 6}'
+    exit 1
+fi
+echo '##orch {"advance": 5}'
+"""
+
+
+def test_shell_shard_resumes_from_its_stdout_checkpoint(env: Env) -> None:
+    script = env.script("resume.sh", SHELL_RESUME)
+    proc = env.orch("run", "--split", "1", *QUICK, "--", "/bin/sh", script, "{checkpoint}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (env.cwd / "seen.txt").read_text().splitlines() == [
+        "arg=[] env=[unset] done=[unset]",
+        'arg=[{"page":4}] env=[{"page":4}] done=[4]',
+    ]
+    shard = env.status(env.run_id())["shards"][0]
+    # Attempt 2 counts on from the checkpointed 4, not from attempt 1's last 6.
+    assert (shard["state"], shard["attempts"], shard["done"], shard["total"]) == ("done", 2, 9, 9)
+    assert shard["checkpoint"] == {"page": 4}
+
+
+NO_NEWLINE = """\
+echo '##orch {"done": 1, "total": 7}'
+printf '##orch {"done": 7}'
+"""
+
+
+def test_last_protocol_line_without_a_newline_is_read(env: Env) -> None:
+    # PHP's echo adds no newline: the last report of a script often has none.
+    script = env.script("last.sh", NO_NEWLINE)
+    proc = env.orch("run", "--split", "1", "--", "/bin/sh", script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shard = env.status(env.run_id())["shards"][0]
+    assert (shard["state"], shard["done"], shard["total"]) == ("done", 7, 7)
+
+
 # --- hang and stall detection ------------------------------------------------------------
 
 HANG = """
