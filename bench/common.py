@@ -101,8 +101,11 @@ class Row:
         if other is None or not other.ok or not self.orch.ok:
             return None
         a, b = self.orch.median, other.median
-        if a <= 0 or b <= 0:
-            return None
+        if a == b:
+            return 1.0
+        if a <= 0 or b <= 0:  # a zero figure: infinitely better, or worse
+            better = (a < b) == (self.better == "lower")
+            return float("inf") if better else 0.0
         return b / a if self.better == "lower" else a / b
 
     def met(self) -> bool | None:

@@ -38,9 +38,10 @@ from bench.peers import PEER_NAMES, Fleet, Spec, orch_status_json, start
 RESTARTERS = ("orch", "supervisor", "circus", "pm2")
 
 
-def _up(name: str, cfg: Config, spec: Spec, tag: str, timeout_s: float = 60.0) -> Fleet:
+def _up(name: str, cfg: Config, spec: Spec, tag: str, timeout_s: float = 60.0,
+        comm: str = "sleep") -> Fleet:
     fleet = start(name, spec, cfg.sub(f"{tag}-{name}"))
-    if fleet.wait_running(spec.n, timeout_s) is None:
+    if fleet.wait_running(spec.n, timeout_s, comm) is None:
         fleet.close()
         raise Skip(f"error: {spec.n} children not running after {timeout_s:g} s")
     return fleet
@@ -203,7 +204,7 @@ def hang(cfg: Config) -> list[Row]:
         "--heartbeat-timeout", "2s", "--heartbeat-interval", "0.5s", "--backoff-initial", "0",
         "--max-restarts", "100"])
     comm = os.path.basename(PY)[:15]
-    fleet = _up("orch", cfg, spec, "hang")
+    fleet = _up("orch", cfg, spec, "hang", comm=comm)
     samples: list[float] = []
     try:
         mgr = fleet.manager()

@@ -262,7 +262,7 @@ def _circus(spec: Spec, workdir: str) -> Fleet:
     args = " ".join(_quote(a) for a in spec.argv[1:])
     lines = [
         "[circus]", f"endpoint = {ep}-ctl.sock", f"pubsub_endpoint = {ep}-pub.sock",
-        f"stats_endpoint = {ep}-stats.sock", "statsd = False", "check_delay = 5",
+        f"stats_endpoint = {ep}-stats.sock", "statsd = False",
         "[watcher:w]", f"cmd = {spec.argv[0]}", f"args = {args}",
         f"numprocesses = {spec.n}", "copy_env = True",
     ]

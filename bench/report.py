@@ -18,6 +18,8 @@ FINDINGS = REPO / "bench" / "FINDINGS.md"
 
 def num(x: float) -> str:
     a = abs(x)
+    if a >= 1 and float(x).is_integer():
+        return f"{x:,.0f}"
     if a >= 1000:
         return f"{x:,.0f}"
     if a >= 100:
@@ -46,7 +48,11 @@ def fmt(c: Cell | None, ranges: bool = True) -> str:
 
 
 def ratio(x: float | None) -> str:
-    return "" if x is None else f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+    if x is None:
+        return ""
+    if x == float("inf"):
+        return "∞"
+    return f"{x:.2f}x" if x < 10 else f"{x:,.0f}x"
 
 
 def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
@@ -63,7 +69,7 @@ def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
             r.metric, r.unit, fmt(r.orch), *[fmt(r.peers.get(c)) for c in cols],
             (f"{ratio(adv)} ({best[0]})" if adv is not None and best else ""),
             (f"{fmt(r.limit, False)} ({r.limit_label})" if r.limit is not None else ""),
-            ratio(1 / lim) if lim else "",
+            ratio(1 / lim) if lim and lim != float("inf") else "",
             f"{cmp} {num(r.target)}" if r.target is not None else "",
             "" if met is None else ("met" if met else "MISSED"),
         ])

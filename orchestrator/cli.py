@@ -183,6 +183,11 @@ def events(run_key: str, home: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, named exit codes, never a traceback for a user mistake."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            # Started with the descriptor closed (`orch run ... >&-`): print to /dev/null,
+            # which also takes the descriptor before a log or the database could get it.
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115
     try:
         cli.main(args=argv, prog_name="orch", standalone_mode=False)
     except OrchError as exc:

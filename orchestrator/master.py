@@ -132,8 +132,10 @@ class Master(Tracking):
             self.store.resume_rows()
         ):
             state = State(state_text)
-            if not state.terminal:
-                state = State.PENDING  # a resumed run restarts whatever was not finished
+            if not state.terminal or state is State.STOPPED:
+                # A resumed run restarts whatever was not finished, stopped shards too
+                # (a SIGTERM at reboot stops them all): only done and failed stay.
+                state = State.PENDING
             rt = Runtime(life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
                          done=cp_done, total=total)
             if cp is not None or cp_done is not None:
@@ -238,6 +240,8 @@ class Master(Tracking):
 
     def scale(self, jobs: int) -> None:
         self.jobs = jobs
+        self.store.set_run(jobs=jobs)  # `orch status` shows the limit in force
+        self.loop.call_when_idle(self._commit)
         self._schedule()
 
     # --- the lifecycle ----------------------------------------------------------
@@ -410,6 +414,9 @@ class Master(Tracking):
         what = lc.describe_exit(code)
         duration = self.loop.clock() - rt.attempt_started
         if rt.logs is not None:
+            # A last protocol line without a newline (PHP's echo adds none) still counts.
+            for line in protocol_lines(rt.logs.out.flush(stamp())):
+                self._stdout_report(idx, handle, line)
             rt.logs.end(handle.spec.attempt, what, duration)
             if code != 0:
                 rt.notes = rt.logs.stderr_tail()

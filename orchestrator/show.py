@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from orchestrator.errors import RET_OK, OrchError, RunNotFound
-from orchestrator.report import open_run, run_detail, run_summary, shard_record
+from orchestrator.report import open_run, run_detail, run_state, run_summary, shard_record
 from orchestrator.runs import home_dir, list_run_dirs, resolve_run
 from orchestrator.store import Store
 from orchestrator.units import format_bytes, format_duration
@@ -245,6 +245,8 @@ def _follow(run_dir: str, files: list[tuple[str, str]], poll_s: float = 0.2) -> 
     inodes = {p: (os.stat(p).st_ino if os.path.exists(p) else None) for p, _ in files}
     partial: dict[str, str] = {}
     while True:
+        # Looked at before reading, so the lines written just before the end are never missed.
+        over = _run_over(run_dir)
         wrote = False
         for path, prefix in files:
             try:
@@ -268,5 +270,19 @@ def _follow(run_dir: str, files: list[tuple[str, str]], poll_s: float = 0.2) -> 
                 wrote = True
         if wrote:
             sys.stdout.flush()
+        elif over:
+            return
         else:
             time.sleep(poll_s)
+
+
+def _run_over(run_dir: str) -> bool:
+    """Whether no line can come any more: the run ended, or its master is gone (lost)."""
+    try:
+        store = open_run(run_dir)
+    except OrchError:
+        return False
+    try:
+        return run_state(store.run()) != "running"
+    finally:
+        store.close()

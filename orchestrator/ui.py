@@ -14,6 +14,7 @@ own, so the master's single thread stays the only one touching shard state.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -77,8 +78,18 @@ class PlainView(View):
         self._last = ""
 
     def _print(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+        try:
+            self.out.write(text + "\n")
+            self.out.flush()
+        except BrokenPipeError:
+            # The reader went away (`orch run ... | head`). The run goes on, and is
+            # recorded, without an audience: what is left to print goes to /dev/null.
+            fileno = getattr(self.out, "fileno", None)
+            if fileno is None:
+                raise
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fileno())
+            os.close(devnull)
 
     def started(self, master: Master) -> None:
         self._print(

@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import zmq
-
 from conftest import Env, poll_for, run_pids
+
 from orchestrator.store import Store
 
 
 def proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, session, tty_nr, ...]."""
+    """Fields of /proc/PID/stat after the name: [state, ppid, pgrp, session, tty_nr, ...]."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -105,9 +104,11 @@ def kill_everything(home: Path) -> None:
         poll_for(lambda: not home_pids(home), timeout=1.0)
 
 
-@pytest.fixture
-def denv(tmp_path: Path) -> Iterator[Env]:
-    """conftest's ``Env``, with a teardown that also reaches detached masters and guardians."""
+def detached_env(tmp_path: Path) -> Iterator[Env]:
+    """conftest's ``Env``, with a teardown that also reaches detached masters and guardians.
+
+    Test modules wrap it as their ``denv`` fixture.
+    """
     world = Env(tmp_path)
     try:
         yield world
@@ -204,7 +205,7 @@ class Run:
 
 def control_request(endpoint: str, payload: bytes, timeout_s: float = 3.0) -> dict[str, Any] | None:
     """Send one raw frame over a DEALER, as any client could; the decoded reply or None."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -263,6 +264,13 @@ class ProcessSampler:
             seen.setdefault(shard, {}).setdefault(attempt, []).append(int(name))
         return seen
 
+    @staticmethod
+    def _still(pid: int, shard: str, attempt: int) -> bool:
+        """The same attempt's process is still alive (not a reused pid)."""
+        env = environ(pid)
+        return (alive(pid) and env.get("ORCH_SHARD_ID") == shard
+                and env.get("ORCH_ATTEMPT") == str(attempt))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             seen = self.scan()
@@ -271,7 +279,8 @@ class ProcessSampler:
                 self.max_live[shard] = max(self.max_live.get(shard, 0), len(by_attempt))
                 if len(by_attempt) > 1:
                     older = sorted(by_attempt)[:-1]
-                    still = {a: [p for p in by_attempt[a] if alive(p)] for a in older}
+                    still = {a: [p for p in by_attempt[a] if self._still(p, shard, a)]
+                             for a in older}
                     if any(still.values()):
                         self.violations.append((shard, by_attempt))
             self._stop.wait(self._interval_s)

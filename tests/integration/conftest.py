@@ -160,7 +160,9 @@ class Env:
         self.cwd.mkdir()
         self.procs: list[subprocess.Popen[str]] = []
 
-    def orch(self, *args: str, timeout: float = 30.0, **kw: Any) -> subprocess.CompletedProcess[str]:
+    def orch(
+        self, *args: str, timeout: float = 30.0, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         return run_orch(*args, cwd=self.cwd, home=self.home, timeout=timeout, **kw)
 
     def start(self, *args: str, **kw: Any) -> subprocess.Popen[str]:

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import Env
 
 #: A command that leaves a trace if it ever runs.
@@ -64,7 +63,8 @@ CASES: list[tuple[str, dict[str, str | bytes], list[str], list[str]]] = [
      ["orch.toml:2:"]),
     ("unknown-key-toml", {"orch.toml": '[tasks.crawl]\ncomand = ["true"]\nsplit = 2\n'},
      ["crawl"], ["orch.toml:2", "'comand'", "did you mean 'command'"]),
-    ("bad-duration-toml", {"orch.toml": TOML_OK.replace("split = 2", 'split = 2\nstop_timeout = "-5s"')},
+    ("bad-duration-toml",
+     {"orch.toml": TOML_OK.replace("split = 2", 'split = 2\nstop_timeout = "-5s"')},
      ["crawl"], ["orch.toml", "stop_timeout", "-5s"]),
     ("missing-config", {}, ["--config", "nope.toml", "crawl"], ["nope.toml", "no such file"]),
     ("negative-duration", {}, ["--split", "2", "--stop-timeout", "-1", *TOUCH],
@@ -143,8 +143,8 @@ def test_unreadable_shard_file(env: Env) -> None:
         path.chmod(0o600)
 
 
-def test_unreadable_shard_file_via_a_directory_without_access(env: Env) -> None:
-    """What root cannot be stopped from reading it can still fail to reach: a dangling link."""
+def test_dangling_symlink_shard_file(env: Env) -> None:
+    """A shard file that cannot be reached even by root: a link to nowhere."""
     (env.cwd / "s.csv").symlink_to(env.cwd / "gone" / "s.csv")
     assert_rejected(env, env.orch("run", "--shards", "s.csv", *TOUCH), ["s.csv"])
 

@@ -15,21 +15,29 @@ import selectors
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
-
+import pytest
 from _support_control import (
     Run,
     alive,
     control_request,
-    denv,  # noqa: F401 - the fixture
+    detached_env,
     environ,
     home_pids,
     proc_stat,
     start_detached,
 )
 from conftest import ORCH, Env, orch_env, poll_for
+
+
+@pytest.fixture
+def denv(tmp_path: Path) -> Iterator[Env]:
+    yield from detached_env(tmp_path)
+
 
 #: A shard that never ends by itself (the test stops it), one process, no shell parsing of values.
 FOREVER = ["sh", "-c", "echo started $ORCH_SHARD_ID attempt $ORCH_ATTEMPT; exec sleep 60"]
@@ -52,8 +60,9 @@ def test_detach_returns_at_once_and_the_master_is_a_daemon(denv: Env) -> None:
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr
     run = Run(denv, proc.stdout.strip().splitlines()[-1])
-    # Well before the shards could finish (they never do), and they are running.
-    assert elapsed < 10.0, elapsed
+    assert run.dir.is_dir(), proc.stdout
+    # At once: the shards never finish by themselves, and they are running.
+    assert elapsed < 5.0, elapsed
     assert poll_for(lambda: run.count("running") == 3, timeout=10), run.states()
     assert run.row()["state"] == "running"
 
@@ -77,6 +86,12 @@ def test_detach_returns_at_once_and_the_master_is_a_daemon(denv: Env) -> None:
     assert denv.orch("wait", run.id, timeout=20).returncode == 1  # stopped is not done
     assert not alive(pid)
     assert run.pids() == []
+
+
+def test_detach_of_a_run_that_ends_at_once(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "2", "--", "true"))
+    assert denv.orch("wait", run.id, timeout=20).returncode == 0
+    assert run.states() == {"0": "done", "1": "done"}
 
 
 # --- the verbs, from a second process ------------------------------------------------------
@@ -191,7 +206,9 @@ def test_scale_changes_how_many_shards_run(denv: Env) -> None:
     proc = denv.orch("scale", run.id, "--jobs", "4")
     assert proc.returncode == 0, proc.stderr
     assert poll_for(lambda: denv.status(run.id)["counts"].get("running") == 4, timeout=10)
-    assert denv.status(run.id)["counts"] == {"running": 4, "pending": 2}
+    detail = denv.status(run.id)
+    assert detail["counts"] == {"running": 4, "pending": 2}
+    assert detail["jobs"] == 4, "status shows the limit in force"
     assert len({e["ORCH_SHARD_ID"] for e in _envs(run)}) == 4
 
     # Scaling down stops nothing; a freed slot is simply not refilled past the new limit.
@@ -249,7 +266,9 @@ def test_a_run_is_steered_by_its_name(denv: Env) -> None:
 # --- logs -f ----------------------------------------------------------------------------------
 
 
-def _read_lines(proc: subprocess.Popen[bytes], want: int, timeout: float) -> list[tuple[float, str]]:
+def _read_lines(
+    proc: subprocess.Popen[bytes], want: int, timeout: float
+) -> list[tuple[float, str]]:
     """Up to ``want`` stdout lines with their arrival time (wall clock), within ``timeout``."""
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
@@ -286,29 +305,109 @@ def test_logs_follow_shows_lines_as_they_are_written(denv: Env) -> None:
     follows = {
         key: subprocess.Popen([ORCH, "logs", run.id, *extra, "-f"], cwd=denv.cwd,
                               env=orch_env(denv.home), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for key, extra in (("one", ["--shard", "1"]), ("all", []))
     }
     try:
         one = _read_lines(follows["one"], 15, timeout=10)
         both = _read_lines(follows["all"], 15, timeout=10)
+        ticks = [ln for _, ln in one if " tick " in ln]
+        assert len(ticks) >= 10, one
+        numbers = [int(ln.rsplit(" ", 1)[1]) for ln in ticks]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+        # As they are written: each line arrives soon after its timestamp, not in a batch.
+        latency = [arrived - _stamp(ln) for arrived, ln in one if " tick " in ln]
+        assert max(latency[-5:]) < 2.5, latency
+        assert one[-1][0] - one[0][0] > 0.5, "lines trickled in over time"
+        prefixes = {ln.split(" ", 1)[0] for _, ln in both}
+        assert prefixes == {"[0]", "[1]"}, both
+
+        # When the run ends, -f prints the last lines and exits by itself.
+        assert denv.orch("stop", run.id).returncode == 0
+        rest = _read_lines(follows["one"], 10_000, timeout=10)
+        assert follows["one"].wait(timeout=5) == 0
+        assert "## orch: attempt 1 ended" in rest[-1][1], rest[-3:]
+        assert follows["all"].wait(timeout=10) == 0
     finally:
         for p in follows.values():
-            p.kill()
-            p.wait()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
             p.stdout.close()  # type: ignore[union-attr]
-    ticks = [ln for _, ln in one if " tick " in ln]
-    assert len(ticks) >= 10, one
-    numbers = [int(ln.rsplit(" ", 1)[1]) for ln in ticks]
-    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
-    # As they are written: each line arrives soon after its timestamp, not in one batch at the end.
-    latency = [arrived - _stamp(ln) for arrived, ln in one if " tick " in ln]
-    assert max(latency[-5:]) < 1.5, latency
-    assert one[-1][0] - one[0][0] > 0.5, "lines trickled in over time"
-    assert all(ln.split(" ", 1)[0].endswith("Z") for _, ln in one)
-    prefixes = {ln.split(" ", 1)[0] for _, ln in both}
-    assert prefixes == {"[0]", "[1]"}, both
-    assert denv.orch("stop", run.id).returncode == 0
+            p.stderr.close()  # type: ignore[union-attr]
+
+
+def test_logs_follow_of_an_ended_run_exits(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "2", "--", "echo", "hello"))
+    assert denv.orch("wait", run.id).returncode == 0
+    proc = denv.orch("logs", run.id, "-f", timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("hello") == 2
+
+
+# --- the event feed ------------------------------------------------------------------------------
+
+
+def test_events_stream_state_changes_until_the_run_ends(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "2", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 2, timeout=10)
+    feed = subprocess.Popen([ORCH, "events", run.id], cwd=denv.cwd, env=orch_env(denv.home),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        # A subscriber joins at some point after it connects (ZeroMQ PUB/SUB): restart a
+        # shard until its state changes come through.
+        seen: list[dict[str, object]] = []
+        for _ in range(10):
+            assert denv.orch("restart", run.id, "--shard", "0").returncode == 0
+            seen += [json.loads(ln) for _, ln in _read_lines(feed, 2, timeout=1.5) if ln]
+            if seen:
+                break
+        assert seen, "no event within 10 restarts"
+        assert all(e["v"] == 1 and e["shard"] == "0" for e in seen), seen
+        assert denv.orch("stop", run.id).returncode == 0
+        rest = [json.loads(ln) for _, ln in _read_lines(feed, 10_000, timeout=10) if ln]
+        assert feed.wait(timeout=5) == 0, feed.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if feed.poll() is None:
+            feed.kill()
+            feed.wait()
+        feed.stdout.close()  # type: ignore[union-attr]
+        feed.stderr.close()  # type: ignore[union-attr]
+    stopped = {e["shard"] for e in rest if e.get("state") == "stopped"}
+    assert stopped == {"0", "1"}, rest
+    assert rest[-1] == {"v": 1, "run": "stopped", "exit_code": 1}, rest[-1]
+
+
+def test_events_end_when_the_master_dies(denv: Env) -> None:
+    run = Run(denv, start_detached(denv, "--split", "1", "--", *FOREVER))
+    assert poll_for(lambda: run.count("running") == 1, timeout=10)
+    feed = subprocess.Popen([ORCH, "events", run.id], cwd=denv.cwd, env=orch_env(denv.home),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert poll_for(lambda: any(is_orch_events(p) for p in home_pids(denv.home)), timeout=5)
+        run.kill_master(signal.SIGKILL)
+        t0 = time.monotonic()
+        code = feed.wait(timeout=10)
+        elapsed = time.monotonic() - t0
+        err = feed.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if feed.poll() is None:
+            feed.kill()
+            feed.wait()
+        feed.stderr.close()  # type: ignore[union-attr]
+    assert code == 3, err
+    assert elapsed < 5.0, elapsed
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def is_orch_events(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"events" in f.read().split(b"\0")
+    except OSError:
+        return False
 
 
 # --- a dead or frozen master ------------------------------------------------------------------

@@ -17,7 +17,9 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import pytest
 from _support_progress import (
     DEADLINE_S,
     WAIT_GO,
@@ -35,11 +37,14 @@ from _support_progress import (
     wait_path,
 )
 from conftest import PYTHON, Env, by_id, poll_for
+
 from shards import protocol as proto
 
 HUGE = 10**15
 #: Fast heartbeats and no backoff, so hang and restart tests take about a second.
 QUICK = ("--heartbeat-interval", "0.2", "--backoff-initial", "0", "--stop-timeout", "2")
+#: Slow heartbeats: between two of the shard's own, a forged count would stay in place.
+SLOW_BEATS = ("--heartbeat-interval", "5", "--backoff-initial", "0")
 
 
 def shard_script(env: Env, name: str, body: str) -> str:
@@ -168,6 +173,7 @@ def test_sigstopped_shard_is_replaced_within_heartbeat_timeout(env: Env) -> None
     script = shard_script(env, "hang.py", HANG)
     proc = env.start("run", "--split", "1", *QUICK, "--heartbeat-timeout", str(timeout_s),
                      "--", PYTHON, script)
+    started: str | None = None
     try:
         run_id, _ = wait_live(env)
         wait_path(env.cwd / "pid1")
@@ -190,12 +196,10 @@ def test_sigstopped_shard_is_replaced_within_heartbeat_timeout(env: Env) -> None
         assert first["signal"] in (signal.SIGTERM, signal.SIGKILL), first
         assert finish(env, proc) == 0, orch_output(env)
     finally:
-        if (env.cwd / "pid1").exists():
+        if (env.cwd / "pid1").exists():  # never leave a frozen process behind
             pid = int((env.cwd / "pid1").read_text())
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except OSError:
-                pass
+            if started is not None and pid_alive(pid, started):
+                os.kill(pid, signal.SIGKILL)
     shard = env.status(run_id)["shards"][0]
     assert (shard["state"], shard["attempts"], shard["done"]) == ("done", 2, 1)
 
@@ -262,7 +266,7 @@ here = Path(__file__).parent
 if os.environ["ORCH_ATTEMPT"] == "1":
     hog = b"x" * (150 * 1024 * 1024)  # written, so resident
     (here / "hog").write_text(str(os.getpid()))
-    time.sleep(60)
+    time.sleep(20)
 """
 
 
@@ -277,6 +281,21 @@ def test_shard_over_max_memory_is_restarted_with_reason_memory(env: Env) -> None
     assert second["exit_code"] == 0, second
     shard = env.status(run_id)["shards"][0]
     assert (shard["state"], shard["attempts"]) == ("done", 2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: Tracking._check_memory (orchestrator/progress.py) reads the RSS of the group "
+    "leader only (read_rss(handle.pid)); memory held by the leader's children is never counted",
+)
+def test_max_memory_counts_the_whole_attempt_not_only_its_leader(env: Env) -> None:
+    # A wrapper script (./crawl.sh running php, npm running node) holds no memory itself.
+    env.script("hog.py", MEMORY.replace("time.sleep(60)", "time.sleep(3)"))
+    wrapper = env.script("wrapper.sh", f'"{PYTHON}" hog.py\necho wrapped\n')
+    proc = env.orch("run", "--split", "1", *QUICK, "--max-memory", "50MB", "--", "/bin/sh", wrapper)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = attempts(env, env.run_id())[0]
+    assert "memory" in (first["reason"] or ""), first
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -329,13 +348,17 @@ def test_crashed_shard_resumes_from_its_checkpoint(env: Env) -> None:
     finally:
         (env.cwd / "go").touch()
     # The watch saw the second attempt run, already past its checkpoint.
-    during_second = [s for s in samples if s[1] == 2 and s[2] == "running" and s[3] is not None]
+    during_second = [s[3] for s in samples if s[1] == 2 and s[2] == "running" and s[3] is not None]
     assert during_second, samples
-    assert min(s[3] for s in during_second) >= 300  # type: ignore[type-var]
+    assert min(during_second) >= 300, samples
 
     seen = json.loads((env.cwd / "seen2.json").read_text())
-    assert seen == {"last_checkpoint": {"next": 300}, "env_checkpoint": '{"next":300}',
-                    "env_checkpoint_done": "300", "checkpoint_done": 300}, seen
+    assert seen == {
+        "last_checkpoint": {"next": 300},
+        "env_checkpoint": '{"next":300}',
+        "env_checkpoint_done": "300",
+        "checkpoint_done": 300,
+    }, seen
     lines = [line.split() for line in (env.cwd / "items.txt").read_text().splitlines()]
     items = [(int(a), int(i)) for a, i in lines]
     assert [i for a, i in items if a == 1] == list(range(350))
@@ -345,7 +368,8 @@ def test_crashed_shard_resumes_from_its_checkpoint(env: Env) -> None:
     assert set(counts) == set(range(600))
 
     shard = env.status(run_id)["shards"][0]
-    assert (shard["state"], shard["attempts"], shard["done"], shard["total"]) == ("done", 2, 600, 600)
+    summary = (shard["state"], shard["attempts"], shard["done"], shard["total"])
+    assert summary == ("done", 2, 600, 600), shard
     assert shard["checkpoint"] == {"next": 600}
     first, _ = attempts(env, run_id)
     assert first["exit_code"] == 1
@@ -370,11 +394,14 @@ shards.progress(10)
 
 def test_stale_attempt_messages_are_ignored_and_counted(env: Env) -> None:
     script = shard_script(env, "stale.py", STALE)
-    proc = env.start("run", "--split", "1", *QUICK, "--", PYTHON, script)
+    proc = env.start("run", "--split", "1", *SLOW_BEATS, "--", PYTHON, script)
     try:
         run_id, run = wait_live(env)
         wait_path(env.cwd / "running2")
-        assert poll_for(lambda: shard_row(env, run_id)["done"] == 5, DEADLINE_S)
+        # Attempt 2 is current and has reported (a spawn resets done until it does).
+        assert poll_for(
+            lambda: (r := shard_row(env, run_id))["attempts"] == 2 and r["done"] == 5, DEADLINE_S
+        ), shard_row(env, run_id)
         sent = 0
         with dealer(run["endpoint"]) as sock:
             for seq in range(1, 21):
@@ -389,12 +416,14 @@ def test_stale_attempt_messages_are_ignored_and_counted(env: Env) -> None:
                 reply = receive(sock)
                 assert (reply.kind, reply.seq, reply.attempt) == (proto.Kind.NACK, seq, 1), reply
                 assert reply.message and "stale" in reply.message, reply
-        dropped = poll_for(
-            lambda: (d := ask(env, run_id, "status")["dropped"])["stale"] >= sent and d, 5.0
+        answer = poll_for(
+            lambda: (r := ask(env, run_id, "status"))["dropped"]["stale"] >= sent and r
         )
-        assert dropped == {"garbage": 0, "stale": sent}, dropped
+        assert answer and answer["dropped"] == {"garbage": 0, "stale": sent}, answer
+        assert answer["items_done"] == 5, answer  # the master's in-memory count, unflushed
         live = env.status(run_id)["shards"][0]
-        assert (live["attempts"], live["done"], live["total"], live["checkpoint"]) == (2, 5, 10, None)
+        summary = (live["attempts"], live["done"], live["total"], live["checkpoint"])
+        assert summary == (2, 5, 10, None), live
         (env.cwd / "go").touch()
         assert finish(env, proc) == 0, orch_output(env)
     finally:
@@ -403,7 +432,7 @@ def test_stale_attempt_messages_are_ignored_and_counted(env: Env) -> None:
     shard = detail["shards"][0]
     assert (shard["done"], shard["total"], shard["checkpoint"]) == (10, 10, {"mine": 2})
     assert detail["counters"]["dropped_stale"] == sent
-    assert detail["counters"]["dropped_garbage"] == 0
+    assert detail["counters"].get("dropped_garbage", 0) == 0
 
 
 GARBAGE_SHARD = """
@@ -422,7 +451,7 @@ shards.progress(3)
 
 def test_garbage_on_the_endpoint_changes_nothing(env: Env) -> None:
     script = shard_script(env, "garbage.py", GARBAGE_SHARD)
-    proc = env.start("run", "--split", "2", *QUICK, "--", PYTHON, script)
+    proc = env.start("run", "--split", "2", *SLOW_BEATS, "--", PYTHON, script)
     try:
         run_id, run = wait_live(env)
         for i in range(2):
@@ -454,7 +483,7 @@ def test_garbage_on_the_endpoint_changes_nothing(env: Env) -> None:
                 sock.send(data)
             for parts in multipart:
                 sock.send_multipart(parts)
-            # A forged shard id: well formed, but no such shard (counted as stale, and a NACK).
+            # A forged shard id: well formed, but no such shard (garbage, and a NACK).
             sock.send(proto.encode(proto.Message(proto.Kind.HEARTBEAT, run_id, "no-such", 1,
                                                  done=HUGE)))
             sock.send(proto.encode(proto.Message(proto.Kind.CHECKPOINT, run_id, "no-such", 1, 9,
@@ -464,11 +493,12 @@ def test_garbage_on_the_endpoint_changes_nothing(env: Env) -> None:
         with dealer(run["endpoint"]) as sock:
             # Over the 1 MiB limit: ZeroMQ drops it (and the connection) before the master sees it.
             sock.send(b"{" + b" " * (proto.MAX_FRAME_BYTES + 10) + b"}")
-        expected = len(garbage) + len(multipart)
-        dropped = poll_for(
-            lambda: (d := ask(env, run_id, "status")["dropped"])["garbage"] >= expected and d, 5.0
+        expected = len(garbage) + len(multipart) + 2  # the forged shard's two messages
+        answer = poll_for(
+            lambda: (r := ask(env, run_id, "status"))["dropped"]["garbage"] >= expected and r
         )
-        assert dropped == {"garbage": expected, "stale": 2}, dropped
+        assert answer and answer["dropped"] == {"garbage": expected, "stale": 0}, answer
+        assert (answer["items_done"], answer["items_total"]) == (2, 6), answer
         # Nothing changed: the run still answers, and no count moved.
         live = env.status(run_id)
         assert [(s["state"], s["done"], s["total"], s["checkpoint"]) for s in live["shards"]] == [
@@ -481,11 +511,46 @@ def test_garbage_on_the_endpoint_changes_nothing(env: Env) -> None:
     assert (detail["state"], detail["exit_code"]) == ("done", 0)
     assert (detail["items_done"], detail["items_total"]) == (6, 6)
     for i, shard in enumerate(detail["shards"]):
-        assert (shard["state"], shard["attempts"], shard["done"], shard["total"]) == ("done", 1, 3, 3)
+        summary = (shard["state"], shard["attempts"], shard["done"], shard["total"])
+        assert summary == ("done", 1, 3, 3), shard
         assert shard["checkpoint"] == {"shard": i}
         assert json.loads((env.cwd / f"result{i}").read_text()) == {"shard": i}
     assert detail["counters"]["dropped_garbage"] == expected
-    assert detail["counters"]["dropped_stale"] == 2
+    assert detail["counters"].get("dropped_stale", 0) == 0
+
+
+PACED = """
+import shards
+from pathlib import Path
+shards.progress(0, total=1000)
+(Path(__file__).parent / f"running{shards.info().index}").write_text("")
+wait_go()
+shards.progress(1000)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: Store.progress_totals (orchestrator/store.py) treats a total as unknown only "
+    "for *running* shards, so `orch status` sums the running shards' totals while others are "
+    "pending (items_total 1000 of 2000, eta_s too short); Master.items says None",
+)
+def test_run_total_is_unknown_while_a_shard_has_not_reported_one(env: Env) -> None:
+    script = shard_script(env, "paced.py", PACED)
+    proc = env.start("run", "--split", "2", "-j", "1", *QUICK, "--", PYTHON, script)
+    try:
+        run_id, _ = wait_live(env)
+        wait_path(env.cwd / "running0")
+        assert poll_for(lambda: shard_row(env, run_id)["total"] == 1000, DEADLINE_S)
+        detail = env.status(run_id)
+        assert [s["state"] for s in detail["shards"]] == ["running", "pending"]
+        assert ask(env, run_id, "status")["items_total"] is None
+        # Shard 1 has not started: the run's total (and so its ETA) cannot be 1000.
+        assert detail["items_total"] is None or detail["items_total"] >= 2000, detail
+        (env.cwd / "go").touch()
+        assert finish(env, proc) == 0, orch_output(env)
+    finally:
+        (env.cwd / "go").touch()
 
 
 # --- Python callables -----------------------------------------------------------------------
@@ -559,7 +624,7 @@ def test_status_shows_rate_eta_heartbeat_cpu_and_rss_while_running(env: Env) -> 
     try:
         run_id, _ = wait_live(env)
 
-        def complete() -> dict[str, object] | None:
+        def complete() -> dict[str, Any] | None:
             detail = env.status(run_id)
             shard = detail["shards"][0]
             ready = all(shard[k] is not None for k in LIVE_FIELDS)
@@ -567,14 +632,14 @@ def test_status_shows_rate_eta_heartbeat_cpu_and_rss_while_running(env: Env) -> 
 
         detail = poll_for(complete, DEADLINE_S)
         assert detail, env.status(run_id)
-        shard = detail["shards"][0]  # type: ignore[index]
+        shard = detail["shards"][0]
         assert shard["state"] == "running"
         assert shard["rate"] > 0 and shard["eta_s"] > 0
         assert 0 <= shard["heartbeat_age_s"] < 5
         assert shard["cpu_percent"] >= 0
         assert shard["rss_bytes"] > 1024 * 1024
-        assert detail["rate"] > 0 and detail["eta_s"] > 0  # type: ignore[index]
-        assert 0 < detail["items_done"] < detail["items_total"] == 1_000_000  # type: ignore[index]
+        assert detail["rate"] > 0 and detail["eta_s"] > 0
+        assert 0 < detail["items_done"] < detail["items_total"] == 1_000_000
         (env.cwd / "go").touch()
         assert finish(env, proc) == 0, orch_output(env)
     finally:

@@ -81,7 +81,9 @@ def replay(
     return shard
 
 
-def fail_cycle(t: float, attempt: int, delay: float, ran_s: float = 0.1, code: int = 1) -> list[Step]:
+def fail_cycle(
+    t: float, attempt: int, delay: float, ran_s: float = 0.1, code: int = 1
+) -> list[Step]:
     """Start at ``t``, exit ``code`` after ``ran_s``, back off ``delay``, become pending."""
     end = t + ran_s
     return [
@@ -205,7 +207,8 @@ def test_restart_always_restarts_after_exit_0_with_growing_backoff_and_never_giv
 
 def test_restart_always_service_that_ran_long_restarts_at_initial_backoff() -> None:
     policy = replace(POLICY, restart=Restart.ALWAYS)
-    history = fail_cycle(0.0, 1, 1.0, ran_s=0.0, code=0) + fail_cycle(1.0, 2, 2.0, ran_s=0.0, code=0)
+    history = fail_cycle(0.0, 1, 1.0, ran_s=0.0, code=0)
+    history += fail_cycle(1.0, 2, 2.0, ran_s=0.0, code=0)
     history += fail_cycle(3.0, 3, 1.0, ran_s=3600.0, code=0)
     replay(history, policy)
 
@@ -262,7 +265,10 @@ def test_stop_while_running_that_exits_in_time_needs_no_sigkill() -> None:
 
 
 def test_stop_of_a_pending_shard() -> None:
-    shard = replay([(StopRequested(Intent.SHUTDOWN), 0.0, STOPPED, []), (Start(), 1.0, STOPPED, [])])
+    shard = replay([
+        (StopRequested(Intent.SHUTDOWN), 0.0, STOPPED, []),
+        (Start(), 1.0, STOPPED, []),
+    ])
     assert shard.reason == "stopped: orch is shutting down"
     assert shard.attempt == 0
 
@@ -448,7 +454,8 @@ def test_heartbeat_timeout_counts_only_after_a_first_beat() -> None:
 
 
 def test_require_heartbeat_counts_from_start() -> None:
-    w = Watch(started_at=5.0, heartbeat_timeout_s=10.0, stall_timeout_s=None, require_heartbeat=True)
+    w = Watch(started_at=5.0, heartbeat_timeout_s=10.0, stall_timeout_s=None,
+              require_heartbeat=True)
     assert w.next_deadline() == 15.0
     assert verdict(w, 14.9) is None
     got = w.verdict(15.0)
@@ -480,7 +487,8 @@ def test_progress_moves_the_stall_deadline() -> None:
 
 
 def test_no_timeouts_means_never_stuck() -> None:
-    w = Watch(started_at=0.0, heartbeat_timeout_s=None, stall_timeout_s=None, require_heartbeat=True)
+    w = Watch(started_at=0.0, heartbeat_timeout_s=None, stall_timeout_s=None,
+              require_heartbeat=True)
     w.beat(1.0, done=1)
     assert w.next_deadline() is None
     assert verdict(w, 1e9) is None
