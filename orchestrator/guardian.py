@@ -6,8 +6,9 @@ the children. So at start the master forks this small process (before any
 thread exists) in its own session, and keeps the write end of a pipe to it.
 The master writes ``+PGID`` when an attempt starts and ``-PGID`` when its
 group is gone. When the pipe reaches EOF, the master is gone: if groups are
-still listed, the guardian sends them SIGTERM (and SIGCONT), waits the grace
-period, then SIGKILLs what is left. It ignores SIGINT, SIGTERM and SIGHUP so
+still listed, the guardian sends them SIGTERM (and SIGCONT), and likewise every
+process that carries the run's ``ORCH_RUN_ID`` (a daemon that left its
+group), waits the grace period, then SIGKILLs what is left. It ignores SIGINT, SIGTERM and SIGHUP so
 that whatever killed the master does not take it along first.
 
 SDK shards also watch the master themselves (docs/protocol.md); the
@@ -32,7 +33,38 @@ def _alive(pgid: int) -> bool:
     return True
 
 
-def _guard(read_fd: int, grace_s: float) -> None:
+def _run_processes(run_id: str) -> set[int]:
+    """Processes carrying ``ORCH_RUN_ID=run_id``: attempts' descendants that left their group."""
+    mark = f"ORCH_RUN_ID={run_id}".encode()
+    found: set[int] = set()
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    found.add(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def _signal_all(groups: set[int], pids: set[int], *signums: int) -> None:
+    for signum in signums:
+        for g in groups:
+            try:
+                os.killpg(g, signum)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+
+
+def _guard(read_fd: int, grace_s: float, run_id: str) -> None:
     groups: set[int] = set()
     buf = b""
     while True:
@@ -53,27 +85,29 @@ def _guard(read_fd: int, grace_s: float) -> None:
             else:
                 groups.discard(pgid)
     live = {g for g in groups if _alive(g)}
-    for g in live:
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            try:
-                os.killpg(g, sig)
-            except OSError:
-                pass
+    strays = _run_processes(run_id) if live or groups else set()
+    _signal_all(live, strays, signal.SIGTERM, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
-    while live and time.monotonic() < deadline:
+    while (live or strays) and time.monotonic() < deadline:
         time.sleep(0.05)
         live = {g for g in live if _alive(g)}
-    for g in live:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except OSError:
-            pass
+        strays = {p for p in strays if _exists(p)}
+    _signal_all(live, strays, signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 class Guardian:
     """The master's end of the guardian pipe."""
 
-    def __init__(self, grace_s: float) -> None:
+    def __init__(self, grace_s: float, run_id: str) -> None:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the guardian
@@ -87,7 +121,7 @@ class Guardian:
                     os.dup2(devnull, fd)
                 os.closerange(3, read_fd)
                 os.closerange(read_fd + 1, 65536)
-                _guard(read_fd, grace_s)
+                _guard(read_fd, grace_s, run_id)
             finally:
                 os._exit(0)
         os.close(read_fd)

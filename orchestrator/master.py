@@ -163,7 +163,7 @@ class Master(Tracking):
         if self.task.cwd:
             os.chdir(self.task.cwd)
         # Fork the guardian before any thread exists (the ZeroMQ context starts some).
-        self.guardian = Guardian(self.task.stop_timeout_s)
+        self.guardian = Guardian(self.task.stop_timeout_s, self.run_id)
         path = ipc_path(self.run_dir, self.run_id, "hb.sock")
         self.channel = Channel(loop, path, self.run_id, self.on_message)
         self.events = Events(ipc_path(self.run_dir, self.run_id, "events.sock"))

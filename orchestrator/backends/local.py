@@ -223,13 +223,15 @@ class LocalBackend(Backend):
 
     def _check_draining(self) -> None:
         for pid, local in list(self._draining.items()):
-            if _group_alive(pid):
+            escaped = self._escapees(local)
+            if _group_alive(pid) or escaped:
                 if not local.draining:
                     local.draining = True
                     self.signal(local.handle, signal.SIGTERM)
+                    _signal_pids(escaped, signal.SIGTERM, signal.SIGCONT)
                     self._loop.timers.set(
                         ("drain-kill", pid), self._loop.clock() + self._stop_timeout_s,
-                        functools.partial(self.signal, local.handle, signal.SIGKILL),
+                        functools.partial(self._kill_all_of, local),
                     )
                 self._loop.timers.set(
                     ("drain-poll", pid), self._loop.clock() + DRAIN_POLL_S, self._check_draining
@@ -239,6 +241,38 @@ class LocalBackend(Backend):
             self._loop.timers.cancel(("drain-kill", pid))
             self._loop.timers.cancel(("drain-poll", pid))
             self._finish(local)
+
+    def _kill_all_of(self, local: _Local) -> None:
+        self.signal(local.handle, signal.SIGKILL)
+        _signal_pids(self._escapees(local), signal.SIGKILL)
+
+    def _escapees(self, local: _Local) -> list[int]:
+        """Live processes of this attempt that left its process group (``setsid`` daemons).
+
+        The master is a subreaper, so once their parents are gone they are its
+        own children: only those are looked at, and only the ones that carry
+        this attempt's ORCH_RUN_ID, ORCH_SHARD_ID and ORCH_ATTEMPT.
+        """
+        if not self.subreaper:
+            return []
+        unknown = [p for p in _own_children() if p not in self._by_pid]
+        if not unknown:
+            return []
+        env = local.handle.spec.env
+        marks = {
+            f"{key}={env.get(key, '')}".encode()
+            for key in ("ORCH_RUN_ID", "ORCH_SHARD_ID", "ORCH_ATTEMPT")
+        }
+        found = []
+        for pid in unknown:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    entries = set(f.read().split(b"\0"))
+            except OSError:
+                continue
+            if marks <= entries and not _is_zombie(pid):
+                found.append(pid)
+        return found
 
     def _finish(self, local: _Local) -> None:
         self._read(local, Stream.STDOUT, drain=True)
@@ -264,6 +298,40 @@ class LocalBackend(Backend):
 
 
 _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+
+
+def _own_children() -> set[int]:
+    """Direct children of this process, from /proc/self/task/*/children."""
+    pids: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids.update(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
+
+
+def _signal_pids(pids: list[int], *signums: int) -> None:
+    for pid in pids:
+        for signum in signums:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
 
 
 def _group_alive(pgid: int) -> bool:

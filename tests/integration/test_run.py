@@ -465,11 +465,6 @@ def test_second_interrupt_kills_at_once(env: Env) -> None:
     assert [s["state"] for s in detail["shards"]] == ["stopped", "stopped"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a descendant that starts its own session (setsid, a daemonizing tool) leaves the "
-    "attempt's process group, so killpg never reaches it and it outlives orch; stopping "
-    "it needs tracking the run's processes beyond the group (the master is a subreaper, "
-    "so it could, e.g. by ORCH_RUN_ID in /proc/*/environ as daemon.leftovers does)"))
 def test_sigterm_stops_a_grandchild_that_left_the_process_group(env: Env) -> None:
     if shutil.which("setsid") is None:
         pytest.skip("no setsid(1)")
