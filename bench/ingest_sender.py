@@ -1,14 +1,15 @@
 """Traffic for the ingest benchmark: many DEALER sockets sending heartbeats.
 
-    python bench/ingest_sender.py ENDPOINT RUN_ID ATTEMPT SECONDS MODE SHARD...
+    python bench/ingest_sender.py ENDPOINT RUN_ID ATTEMPT AMOUNT MODE SHARD...
 
 One DEALER socket per shard id, each sending valid protocol heartbeats
 (``shards.protocol.encode``) for the shard's current ATTEMPT. MODE is
-``flood`` (send round-robin over the sockets as fast as possible; every
-``STALE_EVERY``-th message carries a stale attempt number, which the master
-counts in ``dropped.stale``, so the count of processed messages can be read
-from its status) or ``paced`` (each socket sends one heartbeat a second,
-spread evenly). Prints the number of messages sent as JSON.
+``flood`` (send AMOUNT messages round-robin over the sockets as fast as
+possible; every ``STALE_EVERY``-th message carries a stale attempt number,
+which the master counts in ``dropped.stale``, so the number of processed
+messages can be read from its status) or ``paced`` (for AMOUNT seconds, each
+socket sends one heartbeat a second, spread evenly). Prints JSON: messages
+sent, stale ones among them, and the wall time sending started.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ STALE_EVERY = 100
 
 
 def main(argv: list[str]) -> None:
-    endpoint, run_id, attempt, seconds, mode, *ids = argv
+    endpoint, run_id, attempt, amount, mode, *ids = argv
     ctx = zmq.Context()
     socks = []
     for _ in ids:
         s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.LINGER, 60_000 if mode == "flood" else 0)  # deliver every message
         s.setsockopt(zmq.SNDHWM, 200)
         s.connect(endpoint)
         socks.append(s)
@@ -40,17 +41,21 @@ def main(argv: list[str]) -> None:
     stale = [p.encode(p.Message(p.Kind.HEARTBEAT, run_id, sid, a + 1000, 1, 1, 100))
              for sid in ids]
     pairs = list(zip(socks, frames, stale, strict=True))
-    sent = 0
-    time.sleep(0.3)  # let the connections settle
-    t_end = time.monotonic() + float(seconds)
+    sent = n_stale = 0
+    time.sleep(0.5)  # let the connections settle
+    t_start = time.time()
     if mode == "flood":
-        k = 0
-        while time.monotonic() < t_end:
-            for sock, frame, old in pairs:
-                k += 1
-                sock.send(old if k % STALE_EVERY == 0 else frame)
-            sent += len(pairs)
+        quota = int(amount)
+        while sent < quota:
+            for sock, frame, old in pairs[: quota - sent]:
+                sent += 1
+                if sent % STALE_EVERY == 0:
+                    n_stale += 1
+                    sock.send(old)
+                else:
+                    sock.send(frame)
     else:
+        t_end = time.monotonic() + float(amount)
         gap = 1.0 / len(pairs)
         nxt = time.monotonic()
         while time.monotonic() < t_end:
@@ -61,10 +66,10 @@ def main(argv: list[str]) -> None:
                 delay = nxt - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-    print(orjson.dumps({"sent": sent}).decode(), flush=True)
     for s in socks:
-        s.close(0)
-    ctx.term()
+        s.close()
+    ctx.term()  # returns once every queued message is delivered (LINGER)
+    print(orjson.dumps({"sent": sent, "stale": n_stale, "t0": t_start}).decode(), flush=True)
 
 
 if __name__ == "__main__":

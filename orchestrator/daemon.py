@@ -27,7 +27,7 @@ import time
 from orchestrator.config import TaskConfig
 from orchestrator.errors import RET_OK, RET_USAGE, OrchError
 from orchestrator.report import master_alive
-from orchestrator.runs import MASTER_LOG, MASTER_PID, STATE_DB
+from orchestrator.runs import MASTER_LOG, MASTER_PID, STATE_DB, lock_run
 from orchestrator.sources import ShardList
 from orchestrator.store import Store
 
@@ -38,14 +38,17 @@ class RunIsLive(OrchError):
     """Raised when resuming a run whose master is still alive."""
 
 
-def detach(run_id: str, run_dir: str, *, resume: bool = False) -> int:
-    """Start the master in the background; print the run id once it runs."""
-    argv = [sys.executable, "-m", "orchestrator.daemon", run_dir]
-    with open(os.path.join(run_dir, MASTER_LOG), "ab") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True, cwd="/",
-        )
+def detach(run_id: str, run_dir: str, lock_fd: int, *, resume: bool = False) -> int:
+    """Start the master in the background, handing it the run lock; print the run id."""
+    argv = [sys.executable, "-m", "orchestrator.daemon", run_dir, "--lock-fd", str(lock_fd)]
+    try:
+        with open(os.path.join(run_dir, MASTER_LOG), "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                close_fds=True, pass_fds=(lock_fd,), cwd="/",
+            )
+    finally:
+        os.close(lock_fd)  # the master holds it now
     deadline = time.monotonic() + START_TIMEOUT_S
     store = Store.open(os.path.join(run_dir, STATE_DB), readonly=True)
     try:
@@ -170,12 +173,17 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
-def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store]:
+def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store, int]:
+    """Take the run lock, stop leftovers, close lost attempts; the run is ready for a master."""
+    lock_fd = lock_run(run_dir)
     run_id, task, shards, store = load_run(run_dir)
     run = store.run()
-    if run.get("state") == "running" and master_alive(run):
+    if lock_fd is None or (run.get("state") == "running" and master_alive(run)):
         store.close()
-        raise RunIsLive(f"run {run_id} is live (master pid {run['master_pid']}); "
+        if lock_fd is not None:
+            os.close(lock_fd)
+        pid = run.get("master_pid")
+        raise RunIsLive(f"run {run_id} is live (master pid {pid} holds it); "
                         "'orch stop' it first or 'orch wait' for it")
     killed = kill_leftovers(store, run_id, task.stop_timeout_s)
     if killed:
@@ -187,7 +195,7 @@ def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store]:
                 store.attempt_ended(row["idx"], att["attempt"], ended_at=time.time(),
                                     exit_code=None, signal=None, reason="lost with the master")
     store.commit()
-    return run_id, task, shards, store
+    return run_id, task, shards, store, lock_fd
 
 
 def main(argv: list[str]) -> int:
@@ -195,10 +203,15 @@ def main(argv: list[str]) -> int:
     from orchestrator.master import Master
     from orchestrator.ui import PlainView
 
-    if len(argv) != 1:
-        print("usage: python -m orchestrator.daemon RUN_DIR", file=sys.stderr)
+    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--lock-fd"):
+        print("usage: python -m orchestrator.daemon RUN_DIR [--lock-fd FD]", file=sys.stderr)
         return RET_USAGE
     run_dir = argv[0]
+    lock_fd = int(argv[2]) if len(argv) == 3 else lock_run(run_dir)
+    if lock_fd is None:
+        print(f"orch: {run_dir} is held by another master", file=sys.stderr)
+        return RET_USAGE
+    os.set_inheritable(lock_fd, False)  # attempts must never hold the run lock
     run_id, task, shards, store = load_run(run_dir)
     with open(os.path.join(run_dir, MASTER_PID), "w") as f:
         f.write(f"{os.getpid()}\n")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 
@@ -105,25 +106,27 @@ def _exists(pid: int) -> bool:
 
 
 class Guardian:
-    """The master's end of the guardian pipe."""
+    """The master's end of the guardian pipe.
+
+    The guardian is ``python -m orchestrator.guardian FD GRACE RUN_ID``,
+    forked and exec'd at once, so ``ps`` tells it from the master.
+    """
 
     def __init__(self, grace_s: float, run_id: str) -> None:
         read_fd, write_fd = os.pipe()
+        os.set_inheritable(read_fd, True)
+        argv = [sys.executable, "-m", "orchestrator.guardian", str(read_fd), f"{grace_s:g}", run_id]
         pid = os.fork()
-        if pid == 0:  # the guardian
+        if pid == 0:  # the guardian-to-be: no Python work between fork and exec
             try:
                 os.close(write_fd)
                 os.setsid()
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-                    signal.signal(sig, signal.SIG_IGN)
                 devnull = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
-                os.closerange(3, read_fd)
-                os.closerange(read_fd + 1, 65536)
-                _guard(read_fd, grace_s, run_id)
+                os.execv(sys.executable, argv)
             finally:
-                os._exit(0)
+                os._exit(127)
         os.close(read_fd)
         self.pid = pid
         self._fd: int | None = write_fd
@@ -147,3 +150,16 @@ class Guardian:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def main(argv: list[str]) -> None:
+    read_fd, grace_s, run_id = int(argv[0]), float(argv[1]), argv[2]
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    os.closerange(3, read_fd)
+    os.closerange(read_fd + 1, 1 << 16)
+    _guard(read_fd, grace_s, run_id)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -455,7 +455,7 @@ class Master(Tracking):
         for rt in self.rt:
             done += rt.done or 0
             if rt.total is None:
-                known = known and rt.life.state is State.DONE
+                known = known and rt.life.state.terminal
             else:
                 total += rt.total
         return done, (total if known and total else None)

@@ -11,6 +11,7 @@ that is not the shard's current one are ignored and counted.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,21 +56,26 @@ class Runtime:
     notes: list[str] = field(default_factory=list)
 
 
-def read_rss(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes, from /proc (no psutil on the hot path)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-try:
-    import os as _os
+def group_rss() -> dict[int, int]:
+    """Process group id -> summed RSS in bytes of its live processes, from /proc/*/stat."""
+    out: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            pgrp, rss = int(fields[2]), int(fields[21]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            continue
+        out[pgrp] = out.get(pgrp, 0) + rss
+    return out
 
-    _PAGE = _os.sysconf("SC_PAGE_SIZE")
-except (ValueError, OSError):  # pragma: no cover
-    _PAGE = 4096
+
 
 
 class Tracking:
@@ -92,14 +98,19 @@ class Tracking:
     flush_counters: Callable[[], None]
 
     def _check_memory(self) -> None:
-        """Restart attempts over ``max_memory`` (pm2's max_memory_restart), reason ``memory``."""
+        """Restart attempts over ``max_memory`` (pm2's max_memory_restart), reason ``memory``.
+
+        An attempt's memory is the RSS of its whole process group (a shell
+        script's children count), summed in one pass over /proc per check.
+        """
         limit = self.task.max_memory_bytes
         if limit is None:
             return
+        by_group = group_rss()
         for idx, rt in enumerate(self.rt):
-            if rt.handle is None or rt.life.state is not State.RUNNING or rt.handle.pid is None:
+            if rt.handle is None or rt.life.state is not State.RUNNING or rt.handle.pgid is None:
                 continue
-            rss = read_rss(rt.handle.pid)
+            rss = by_group.get(rt.handle.pgid)
             if rss is None:
                 continue
             rt.rss = rss

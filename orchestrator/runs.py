@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from orchestrator.errors import RunNotFound
 
 STATE_DB = "state.db"
+LOCK = "master.lock"
 TASK_JSON = "task.json"
 LOGS = "logs"
 MASTER_LOG = "master.log"
@@ -108,6 +109,25 @@ def resolve_run(home: str, key: str, names: Mapping[str, str] | None = None) -> 
         few = ", ".join(os.path.basename(d) for d in prefixed[:5])
         raise RunNotFound(f"run {key!r} is ambiguous in {home} (matches {few})")
     raise RunNotFound(f"no run {key!r} in {home} ('orch status' lists runs)")
+
+
+def lock_run(run_dir: str) -> int | None:
+    """Take the run's master lock; return its fd, or None when a live master holds it.
+
+    An exclusive ``flock`` on ``master.lock``: held by whoever supervises the
+    run (the foreground ``orch run``, or the detached master it hands the fd
+    to), released by the kernel when that process dies, however it dies. So
+    two ``orch resume`` of one run can never both start a master.
+    """
+    import fcntl
+
+    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def ipc_path(run_dir: str, run_id: str, name: str) -> str:

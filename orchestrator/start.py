@@ -17,7 +17,7 @@ import orjson
 
 from orchestrator.config import TaskConfig, build_task, find_config, load_config
 from orchestrator.errors import ConfigError, SpawnError, UsageError
-from orchestrator.runs import STATE_DB, TASK_JSON, create_run_dir, home_dir, new_run_id
+from orchestrator.runs import STATE_DB, TASK_JSON, create_run_dir, home_dir, lock_run, new_run_id
 from orchestrator.sources import ShardList, load_shards
 from orchestrator.store import RunRow, Store
 from orchestrator.template import CommandTemplate, check_fields
@@ -131,14 +131,18 @@ def prepare(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) ->
 def run_command(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) -> int:
     """``orch run``: returns the exit code."""
     task, shards = prepare(head, command, opts)
+    run_id, run_dir, store = create_run(task, shards, home=opts.get("home"), name=opts.get("name"))
+    lock_fd = lock_run(run_dir)
+    assert lock_fd is not None  # a new run directory: nobody else can hold it
     if opts.get("detach"):
         from orchestrator.daemon import detach
 
-        run_id, run_dir, store = create_run(task, shards, home=opts.get("home"), name=opts.get("name"))
         store.close()
-        return detach(run_id, run_dir)
-    run_id, run_dir, store = create_run(task, shards, home=opts.get("home"), name=opts.get("name"))
-    return supervise(run_id, run_dir, task, shards, store, verbose=bool(opts.get("verbose")))
+        return detach(run_id, run_dir, lock_fd)
+    try:
+        return supervise(run_id, run_dir, task, shards, store, verbose=bool(opts.get("verbose")))
+    finally:
+        os.close(lock_fd)
 
 
 def supervise(

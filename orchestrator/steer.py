@@ -88,11 +88,14 @@ def resume(run_key: str, home: str | None, detach_: bool, verbose: bool) -> int:
     from orchestrator.start import supervise
 
     run_dir = find_run(run_key, home)
-    run_id, task, shards, store = prepare_resume(run_dir)
+    run_id, task, shards, store, lock_fd = prepare_resume(run_dir)
     if detach_:
         store.close()
-        return detach(run_id, run_dir, resume=True)
-    return supervise(run_id, run_dir, task, shards, store, verbose=verbose)
+        return detach(run_id, run_dir, lock_fd, resume=True)
+    try:
+        return supervise(run_id, run_dir, task, shards, store, verbose=verbose)
+    finally:
+        os.close(lock_fd)
 
 
 def events(run_key: str, home: str | None) -> int:

@@ -436,9 +436,14 @@ class Store:
         return dict(self._query("SELECT name, value FROM counters ORDER BY name").fetchall())
 
     def progress_totals(self) -> tuple[int, int | None]:
-        """(sum of done, sum of total); total is None while a running shard has no total."""
+        """(sum of done, sum of total); total is None while an unfinished shard has no total.
+
+        Unfinished means pending, running, stopping or backoff: a shard that has
+        not reported its total yet makes the run's total unknown, not smaller.
+        """
         done, total, unknown = self._query(
             "SELECT coalesce(sum(done), 0), sum(total),"
-            " coalesce(sum(state = 'running' AND total IS NULL), 0) FROM shards"
+            " coalesce(sum(state IN ('pending', 'running', 'stopping', 'backoff')"
+            " AND total IS NULL), 0) FROM shards"
         ).fetchone()
         return int(done), (None if unknown or total is None else int(total))

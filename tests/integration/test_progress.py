@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
 from _support_progress import (
     DEADLINE_S,
     WAIT_GO,
@@ -283,11 +282,6 @@ def test_shard_over_max_memory_is_restarted_with_reason_memory(env: Env) -> None
     assert (shard["state"], shard["attempts"]) == ("done", 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Tracking._check_memory (orchestrator/progress.py) reads the RSS of the group "
-    "leader only (read_rss(handle.pid)); memory held by the leader's children is never counted",
-)
 def test_max_memory_counts_the_whole_attempt_not_only_its_leader(env: Env) -> None:
     # A wrapper script (./crawl.sh running php, npm running node) holds no memory itself.
     env.script("hog.py", MEMORY.replace("HOLD_S", "3"))
@@ -529,12 +523,6 @@ shards.progress(1000)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Store.progress_totals (orchestrator/store.py) treats a total as unknown only "
-    "for *running* shards, so `orch status` sums the running shards' totals while others are "
-    "pending (items_total 1000 of 2000, eta_s too short); Master.items says None",
-)
 def test_run_total_is_unknown_while_a_shard_has_not_reported_one(env: Env) -> None:
     script = shard_script(env, "paced.py", PACED)
     proc = env.start("run", "--split", "2", "-j", "1", *QUICK, "--", PYTHON, script)

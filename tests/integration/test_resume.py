@@ -286,11 +286,6 @@ def _live_masters(run: Run) -> list[int]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "two 'orch resume' of one lost run both pass the liveness check (the database still "
-    "names the dead master until the new one records itself) and both start a master: "
-    "every shard runs two live attempts. Needs a run lock (flock on a file in the run "
-    "directory) taken by resume before it kills leftovers and handed to the master."))
 def test_two_concurrent_resumes_start_one_master(denv: Env) -> None:
     # Attempts that ignore SIGTERM make each resume spend the grace period stopping them,
     # so the two resumes are reliably concurrent.

@@ -1,0 +1,430 @@
+"""Helpers shared by the reliability suites: processes, runs, a /proc sampler.
+
+Builds on tests/integration/conftest.py (``Env``, ``run_orch``, ``poll_for``,
+``run_pids``), loaded by path under its own module name so that it never
+clashes with this directory's conftest.
+
+Safety rules every helper follows:
+
+- A process is only ever signalled after it was opened as a pidfd and its
+  environment was checked to carry this test's ``ORCH_HOME`` (and, for
+  attempts, the run's ``ORCH_RUN_ID``): the signal goes through the pidfd,
+  so a pid reused in between can never be hit.
+- Nothing is signalled by name or by process group.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+
+def _load_integration_conftest() -> Any:
+    name = "_orch_integration_conftest"
+    mod = sys.modules.get(name)
+    if mod is None:
+        path = Path(__file__).resolve().parent.parent / "integration" / "conftest.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+_it = _load_integration_conftest()
+Env = _it.Env
+run_orch = _it.run_orch
+start_orch = _it.start_orch
+poll_for = _it.poll_for
+run_pids = _it.run_pids
+orch_env = _it.orch_env
+ORCH: str = _it.ORCH
+PYTHON: str = _it.PYTHON
+
+#: Deadlines are generous: other suites load the same two cores.
+DEADLINE_S = 60.0
+
+
+# --- /proc ------------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgrp, starttime) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def environ(pid: int) -> dict[bytes, bytes] | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    out: dict[bytes, bytes] = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def home_pids(home: Path) -> list[int]:
+    """Live processes whose environment has ``ORCH_HOME=home`` (never this process)."""
+    want = str(home).encode()
+    me = os.getpid()
+    out = []
+    for pid in _pids():
+        if pid == me:
+            continue
+        env = environ(pid)
+        if env is not None and env.get(b"ORCH_HOME") == want and alive(pid):
+            out.append(pid)
+    return out
+
+
+def signal_verified(pid: int, signum: int, needles: dict[bytes, bytes],
+                    starttime: int | None = None) -> bool:
+    """Send ``signum`` to ``pid`` only if it still carries every ``needles`` entry (and
+    started at ``starttime`` when given); through a pidfd, so a reused pid is never hit."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        env = environ(pid)
+        if env is None or any(env.get(k) != v for k, v in needles.items()):
+            return False
+        if starttime is not None:
+            st = proc_stat(pid)
+            if st is None or st[3] != starttime:
+                return False
+        signal.pidfd_send_signal(fd, signum)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def kill_home(home: Path) -> None:
+    """SIGKILL every process of this test's home until none is left (teardown)."""
+    needles = {b"ORCH_HOME": str(home).encode()}
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+        pids = home_pids(home)
+        if not pids:
+            return
+        for pid in pids:
+            signal_verified(pid, signal.SIGKILL, needles)
+        poll_for(lambda: not home_pids(home), timeout=1.0)
+
+
+def is_master(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"orchestrator.daemon" in argv or any(a.endswith(b"/orch") for a in argv[:2])
+
+
+# --- a run seen from outside --------------------------------------------------------------
+
+
+class Run:
+    """One run's directory and database (read-only, polled directly: cheaper than the CLI)."""
+
+    def __init__(self, env: Any, run_id: str) -> None:
+        self.env = env
+        self.id = run_id
+        self.dir = env.home / "runs" / run_id
+        self.db = self.dir / "state.db"
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10.0)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def row(self) -> dict[str, Any]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10.0)
+        try:
+            cur = conn.execute("SELECT * FROM run")
+            names = [d[0] for d in cur.description]
+            return dict(zip(names, cur.fetchone(), strict=True))
+        finally:
+            conn.close()
+
+    def shards(self) -> dict[str, dict[str, Any]]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10.0)
+        try:
+            cur = conn.execute("SELECT * FROM shards ORDER BY idx")
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        finally:
+            conn.close()
+        for r in rows:
+            r["checkpoint"] = orjson.loads(r["checkpoint"]) if r["checkpoint"] else None
+        return {r["id"]: r for r in rows}
+
+    def integrity(self) -> str:
+        return str(self.query("PRAGMA integrity_check")[0][0])
+
+    def master_pid(self) -> int | None:
+        try:
+            return int((self.dir / "master.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def pids(self) -> list[int]:
+        return run_pids(self.id, self.env.home)
+
+    def kill_master(self, pid: int | None = None) -> bool:
+        """SIGKILL the run's current master (verified: an orch master of this home)."""
+        pid = pid if pid is not None else self.master_pid()
+        if pid is None or not is_master(pid):
+            return False
+        return signal_verified(pid, signal.SIGKILL, {b"ORCH_HOME": str(self.env.home).encode()})
+
+
+def wait_run(env: Any, timeout: float = DEADLINE_S) -> Run:
+    """The one run of ``env`` once its master has recorded itself running with endpoints."""
+    def ready() -> Run | None:
+        runs = env.home / "runs"
+        ids = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
+        if len(ids) != 1 or not (runs / ids[0] / "state.db").exists():
+            return None
+        run = Run(env, ids[0])
+        try:
+            row = run.row()
+        except sqlite3.Error:
+            return None
+        return run if row["state"] == "running" and row["control"] else None
+
+    run = poll_for(ready, timeout=timeout)
+    assert run is not None, "the run did not start"
+    return run
+
+
+def control(endpoint: str, payload: bytes | dict[str, Any], timeout_s: float = 5.0) -> Any:
+    """One request on the control socket; the decoded reply, or None without one in time."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(payload if isinstance(payload, bytes) else orjson.dumps(payload))
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        return orjson.loads(sock.recv())
+    finally:
+        sock.close(0)
+
+
+def status(run: Run, timeout_s: float = 5.0) -> dict[str, Any]:
+    reply = control(str(run.row()["control"]), {"v": 1, "op": "status"}, timeout_s)
+    assert reply is not None and reply.get("ok"), reply
+    return dict(reply)
+
+
+# --- sampling /proc for overlapping attempts ---------------------------------------------------
+
+
+class Sampler:
+    """Samples /proc in a thread for the run's live processes, and records every instant
+    at which one shard had processes of two different attempts alive (promise 1).
+
+    An attempt is identified by (ORCH_ATTEMPT, process group): two attempts that share
+    a number but not a group (an attempt started by a master that died before recording
+    it, then started again) are told apart too. A violation is only recorded when it is
+    proven: a process read earlier in the scan is, after the scan, still the same live
+    process, while a process of another attempt of the same shard was read alive after
+    it. A SIGSTOPped or dying process counts as alive until it is gone (a zombie is gone).
+    """
+
+    def __init__(self, run_id: str, home: Path, interval_s: float = 0.02) -> None:
+        self._run = run_id.encode()
+        self._home = str(home).encode()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._known: dict[tuple[int, int], tuple[str, int] | None] = {}
+        self.samples = 0
+        self.max_live: dict[str, int] = {}
+        self.violations: list[tuple[str, list[tuple[int, int, int]]]] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
+
+    def _identity(self, pid: int, starttime: int) -> tuple[str, int] | None:
+        key = (pid, starttime)
+        if key not in self._known:
+            env = environ(pid)
+            if env is None:
+                return None  # gone before we could read it: not cached
+            if env.get(b"ORCH_RUN_ID") != self._run or env.get(b"ORCH_HOME") != self._home \
+                    or b"ORCH_SHARD_ID" not in env:
+                self._known[key] = None
+            else:
+                self._known[key] = (env[b"ORCH_SHARD_ID"].decode(errors="replace"),
+                                    int(env.get(b"ORCH_ATTEMPT", b"0")))
+        return self._known[key]
+
+    def scan(self) -> dict[str, list[tuple[int, int, int, int]]]:
+        """shard -> [(attempt, pgid, pid, starttime)] in the order read."""
+        seen: dict[str, list[tuple[int, int, int, int]]] = {}
+        for pid in _pids():
+            st = proc_stat(pid)
+            if st is None or st[0] in ("Z", "X"):
+                continue
+            ident = self._identity(pid, st[3])
+            if ident is None:
+                continue
+            seen.setdefault(ident[0], []).append((ident[1], st[2], pid, st[3]))
+        return seen
+
+    @staticmethod
+    def _still(pid: int, starttime: int, pgid: int) -> bool:
+        st = proc_stat(pid)
+        return st is not None and st[0] not in ("Z", "X") and st[3] == starttime and st[2] == pgid
+
+    def check(self, seen: dict[str, list[tuple[int, int, int, int]]]) -> None:
+        for shard, entries in seen.items():
+            keys = {(a, g) for a, g, _, _ in entries}
+            self.max_live[shard] = max(self.max_live.get(shard, 0), len(keys))
+            if len(keys) < 2:
+                continue
+            for i, (a, g, pid, start) in enumerate(entries):
+                later_other = any((a2, g2) != (a, g) for a2, g2, _, _ in entries[i + 1 :])
+                if later_other and self._still(pid, start, g):
+                    self.violations.append((shard, [(x, y, p) for x, y, p, _ in entries]))
+                    break
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.check(self.scan())
+                self.samples += 1
+                self._stop.wait(self._interval_s)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def attempt_pids(run_id: str, home: Path) -> list[tuple[int, int, int, bytes, int]]:
+    """Live processes of a run's attempts: (pid, pgid, starttime, shard id, attempt)."""
+    out = []
+    want_run, want_home = run_id.encode(), str(home).encode()
+    for pid in _pids():
+        st = proc_stat(pid)
+        if st is None or st[0] in ("Z", "X"):
+            continue
+        env = environ(pid)
+        if env is None or env.get(b"ORCH_RUN_ID") != want_run or env.get(b"ORCH_HOME") != want_home:
+            continue
+        out.append((pid, st[2], st[3], env.get(b"ORCH_SHARD_ID", b""),
+                    int(env.get(b"ORCH_ATTEMPT", b"0"))))
+    return out
+
+
+# --- the worker both chaos tests run ---------------------------------------------------------
+
+#: A Python SDK shard that processes items ``start..n-1`` of its shard (``start`` from its
+#: checkpoint). Per item it logs the processing (appended: "at least once" is visible), has a
+#: grandchild (``sh``, itself running ``sleep``) or itself write the item's result to its own
+#: file atomically (temporary file, then rename: a redone item overwrites, never duplicates),
+#: and only then checkpoints ``{"next": i + 1}``. An interrupted attempt can therefore redo
+#: at most its last item.
+WORKER = """\
+import os, subprocess, sys, time
+from pathlib import Path
+import shards
+
+shard = os.environ["ORCH_SHARD_ID"]
+out = Path(sys.argv[1]) / shard
+n, delay, via_child = int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "child"
+out.mkdir(parents=True, exist_ok=True)
+cp = shards.last_checkpoint()
+start = cp["next"] if cp else 0
+shards.progress(start, n)
+with open(out / "attempts.log", "a") as f:
+    f.write(f"{os.environ['ORCH_ATTEMPT']} {os.getpid()} {start}\\n")
+for i in range(start, n):
+    with open(out / "processed.log", "a") as f:
+        f.write(f"{i}\\n")
+    final = out / f"item-{i}.txt"
+    if via_child:
+        subprocess.run(
+            ["sh", "-c", 'sleep "$1" && printf "%s\\\\n" "$2" > "$3.$$" && mv -f "$3.$$" "$3"',
+             "sh", str(delay), f"{shard}:{i}", str(final)],
+            check=True, stdin=subprocess.DEVNULL,
+        )
+    else:
+        time.sleep(delay)
+        tmp = out / f"item-{i}.{os.getpid()}.tmp"
+        tmp.write_text(f"{shard}:{i}\\n")
+        os.replace(tmp, final)
+    shards.progress(i + 1)
+    shards.checkpoint({"next": i + 1})
+"""
+
+
+def check_exactly_once(out_root: Path, sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Every item's result exists once and is right; each item was processed at least once
+    and at most once more per interrupted attempt. Returns shard -> (redone, attempts)."""
+    found: dict[str, tuple[int, int]] = {}
+    for shard, n in sizes.items():
+        out = out_root / shard
+        names = sorted(p.name for p in out.glob("item-*.txt"))
+        assert names == sorted(f"item-{i}.txt" for i in range(n)), (shard, names)
+        for i in range(n):
+            assert (out / f"item-{i}.txt").read_text() == f"{shard}:{i}\n", (shard, i)
+        processed = [int(x) for x in (out / "processed.log").read_text().split()]
+        assert set(processed) == set(range(n)), (shard, sorted(set(range(n)) - set(processed)))
+        attempts = (out / "attempts.log").read_text().splitlines()
+        redone = len(processed) - n
+        # Each attempt but the last may redo one item: the one it was on when it was stopped.
+        assert 0 <= redone <= len(attempts) - 1, (shard, redone, attempts)
+        found[shard] = (redone, len(attempts))
+    return found
+
+
+def count_lines(paths: Iterable[Path]) -> int:
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += chunk.count(b"\n")
+    return total
