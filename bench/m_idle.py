@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import time
 
-from bench.common import SLEEP, Config, Row, Skip, cell, children, collect, cpu_ns, proc_stat, rss_mib
+from bench.common import (
+    SLEEP,
+    Config,
+    Row,
+    Skip,
+    cell,
+    children,
+    collect,
+    cpu_ns,
+    proc_stat,
+    rss_mib,
+)
 from bench.peers import PEER_NAMES, Spec, start
 
 SUBWINDOWS = 3
@@ -48,12 +59,12 @@ def measure(name: str, cfg: Config, n: int, window_s: float,
 
 
 def idle(cfg: Config) -> list[Row]:
-    window = 6.0 if cfg.quick else 30.0
+    window = 4.0 if cfg.quick else 30.0
     sizes = [100] if cfg.quick else [100, 1000]
     rows = []
     for n in sizes:
         out: dict[str, tuple[list[float], float, float | None]] = {}
-        got = collect(1, {m: (lambda m=m: measure(m, cfg, n, window, out))
+        got = collect(1, {m: (lambda m=m, n=n, out=out: measure(m, cfg, n, window, out))
                           for m in ("orch", *PEER_NAMES)}, cfg, f"idle N={n}")
         cpu = {m: cell(out[m][0]) if m in out else cell(text=got[m].text) for m in got}
         rss = {m: cell(out[m][1]) if m in out else cell(text=got[m].text) for m in got}

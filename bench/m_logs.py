@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import time
 
 from bench.common import ORCH, SH, Config, MiB, Row, Skip, base_env, collect, launch, stop
@@ -48,9 +49,10 @@ def orch_logs(cfg: Config, nbytes: int) -> float:
         took = time.perf_counter() - t0
     finally:
         stop(proc)
+    written = _size(os.path.join(home, "runs", "*", "logs", "*.out*"))
+    shutil.rmtree(work, ignore_errors=True)
     if code != 0:
         raise Skip(f"error: orch run exited {code}")
-    written = _size(os.path.join(home, "runs", "*", "logs", "*.out*"))
     if written < N * nbytes:
         raise Skip(f"error: only {written} bytes in the logs")
     return N * nbytes / took / MiB
@@ -71,6 +73,7 @@ def supervisor_logs(cfg: Config, nbytes: int) -> float:
         raise Skip(f"> {TIMEOUT_S:g} s (timed out)")
     finally:
         fleet.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def cat_logs(cfg: Config, nbytes: int) -> float:
@@ -85,10 +88,11 @@ def cat_logs(cfg: Config, nbytes: int) -> float:
     finally:
         for p in procs:
             stop(p)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def logs(cfg: Config) -> list[Row]:
-    nbytes = (1 if cfg.quick else 20) * 1_000_000
+    nbytes = (1 if cfg.quick else 10) * 1_000_000
     got = collect(cfg.repeat, {
         "orch": lambda: orch_logs(cfg, nbytes),
         "supervisor": lambda: supervisor_logs(cfg, nbytes),

@@ -139,7 +139,10 @@ def _bare_round(endpoint: str, run_id: str, ids: list[str], total: int) -> float
 def ingest(cfg: Config) -> list[Row]:
     n = 200 if cfg.quick else 1000
     total = 200_000 if cfg.quick else 1_000_000
-    fleet = start("orch", Spec(n=n, argv=[SLEEP, "1000"], detach=True), cfg.sub("ingest"))
+    # The fake heartbeats make the shards heartbeating ones: a long timeout keeps the master
+    # from killing them as hung between rounds.
+    spec = Spec(n=n, argv=[SLEEP, "1000"], detach=True, orch_args=["--heartbeat-timeout", "1h"])
+    fleet = start("orch", spec, cfg.sub("ingest"))
     orch_rates: list[float] = []
     bare_rates: list[float] = []
     cpu_pct: list[float] = []

@@ -12,9 +12,20 @@ import os
 import signal
 import time
 
-from bench.common import ORCH, SLEEP, Config, Row, Skip, alive, base_env, cell, collect, launch
+from bench.common import (
+    ORCH,
+    SLEEP,
+    Config,
+    Row,
+    Skip,
+    alive,
+    base_env,
+    cell,
+    collect,
+    launch,
+    stop,
+)
 from bench.common import running as sleeps
-from bench.common import stop
 from bench.peers import Fleet, Spec, start
 
 
@@ -55,7 +66,7 @@ def recovery(cfg: Config) -> list[Row]:
     rows = []
     for n in [100] if cfg.quick else [100, 1000]:
         resumed: list[float] = []
-        got = collect(cfg.repeat, {"orch": lambda n=n: one(cfg, n, resumed)}, cfg,
+        got = collect(cfg.repeat, {"orch": lambda n=n, r=resumed: one(cfg, n, r)}, cfg,
                       f"recovery N={n}")
         rows.append(Row(key=f"master_kill_{n}", family="recovery",
                         metric=f"Master SIGKILL to last attempt gone, {n:,} children", unit="s",

@@ -35,10 +35,10 @@ def time_to_running(name: str, cfg: Config, n: int, wait_n: int | None = None,
 
 def startup(cfg: Config) -> list[Row]:
     rows = []
-    sizes = [100, 300] if cfg.quick else [100, 1000]
+    sizes = [100] if cfg.quick else [100, 1000]
     targets = {100: 0.2, 1000: 1.5}
     for n in sizes:
-        contenders = {name: (lambda name=name: time_to_running(name, cfg, n))
+        contenders = {name: (lambda name=name, n=n: time_to_running(name, cfg, n))
                       for name in ("orch", *PEER_NAMES, "spawn-loop")}
         got = collect(cfg.repeat, contenders, cfg, f"start-up N={n}")
         rows.append(Row(

@@ -74,9 +74,7 @@ def versions() -> dict[str, str]:
         path = peer_bin(peer)
         if path is None:
             out[peer] = SKIPPED
-        elif peer == "supervisor":
-            out[peer] = run_cmd([path, "--version"], 20).stdout.strip()
-        elif peer == "circus":
+        elif peer in ("supervisor", "circus"):
             out[peer] = run_cmd([path, "--version"], 20).stdout.strip()
         elif peer == "pm2":
             pkg = os.path.join(PEERS_DIR, "npm", "lib", "node_modules", "pm2", "package.json")
@@ -172,10 +170,9 @@ def _orch(spec: Spec, workdir: str) -> Fleet:
     if spec.detach:
         argv.append("-d")
     argv += ["--", *spec.argv]
-    out = open(os.path.join(workdir, "orch.out"), "wb")
-    t0 = time.perf_counter()
-    proc = launch(argv, env=base_env(), cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
+    with open(os.path.join(workdir, "orch.out"), "wb") as out:
+        t0 = time.perf_counter()
+        proc = launch(argv, env=base_env(), cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
     fleet = Fleet("orch", proc, workdir, t0, home=home)
     if spec.detach:
         if proc.wait(60) != 0:

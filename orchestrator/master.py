@@ -435,8 +435,10 @@ class Master(Tracking):
         self.store.set_shard(
             idx, pid=None, ended_at=time.time(), exit_code=code if code >= 0 else None,
             signal=-code if code < 0 else None,
-            last_error="\n".join(rt.notes) if rt.notes else None,
         )
+        if code != 0:
+            # The tail of stderr, or at least how it ended: a failed shard always says why.
+            self.store.set_shard(idx, last_error="\n".join(rt.notes) if rt.notes else what)
         if code != 0 and rt.life.state is State.RUNNING and self.interrupted is None:
             self.view.event(f"shard {handle.spec.shard_id} attempt {handle.spec.attempt}: {what}")
         self.apply(idx, lc.Exited(code))

@@ -220,6 +220,8 @@ class Tracking:
         if report.advance is not None:
             done = (rt.done or 0) + report.advance
         self._beat(idx, done, report.total)
+        if report.message is not None:
+            self.store.set_shard(idx, message=report.message[:1000])
         if report.has_checkpoint:
             self._store_checkpoint(idx, report.checkpoint, rt.done)
             self.loop.call_when_idle(self._commit)

@@ -93,6 +93,7 @@ def shard_record(row: dict[str, Any], run_dir: str, now: float, live: bool) -> d
         "rate": rate,
         "eta_s": eta,
         "checkpoint": row.get("checkpoint"),
+        "message": row.get("message"),
         "heartbeat_age_s": (now - hb) if hb is not None and row.get("state") == "running" else None,
         "cpu_percent": cpu,
         "rss_bytes": rss,

@@ -257,6 +257,48 @@ def status(run: Run, timeout_s: float = 5.0) -> dict[str, Any]:
 # --- sampling /proc for overlapping attempts ---------------------------------------------------
 
 
+class ProcTable:
+    """The live processes of one run's attempts, read from /proc.
+
+    A process's identity (shard, attempt) comes from its environment, read once per
+    (pid, start time) and cached, so a scan costs one small read per process.
+    """
+
+    def __init__(self, run_id: str, home: Path) -> None:
+        self._run = run_id.encode()
+        self._home = str(home).encode()
+        self._known: dict[tuple[int, int], tuple[str, int] | None] = {}
+
+    def _identity(self, pid: int, starttime: int) -> tuple[str, int] | None:
+        key = (pid, starttime)
+        if key not in self._known:
+            env = environ(pid)
+            if env is None:
+                return None  # gone before we could read it: not cached
+            if env.get(b"ORCH_RUN_ID") != self._run or env.get(b"ORCH_HOME") != self._home \
+                    or b"ORCH_SHARD_ID" not in env:
+                self._known[key] = None
+            else:
+                self._known[key] = (env[b"ORCH_SHARD_ID"].decode(errors="replace"),
+                                    int(env.get(b"ORCH_ATTEMPT", b"0")))
+            if len(self._known) > 200_000:
+                self._known.clear()
+        return self._known[key]
+
+    def scan(self) -> list[tuple[int, int, int, str, int]]:
+        """[(pid, pgid, starttime, shard, attempt)] of live (not zombie) processes, in the
+        order read."""
+        out = []
+        for pid in _pids():
+            st = proc_stat(pid)
+            if st is None or st[0] in ("Z", "X"):
+                continue
+            ident = self._identity(pid, st[3])
+            if ident is not None:
+                out.append((pid, st[2], st[3], ident[0], ident[1]))
+        return out
+
+
 class Sampler:
     """Samples /proc in a thread for the run's live processes, and records every instant
     at which one shard had processes of two different attempts alive (promise 1).
@@ -269,12 +311,10 @@ class Sampler:
     it. A SIGSTOPped or dying process counts as alive until it is gone (a zombie is gone).
     """
 
-    def __init__(self, run_id: str, home: Path, interval_s: float = 0.02) -> None:
-        self._run = run_id.encode()
-        self._home = str(home).encode()
+    def __init__(self, run_id: str, home: Path, interval_s: float = 0.03) -> None:
+        self._table = ProcTable(run_id, home)
         self._interval_s = interval_s
         self._stop = threading.Event()
-        self._known: dict[tuple[int, int], tuple[str, int] | None] = {}
         self.samples = 0
         self.max_live: dict[str, int] = {}
         self.violations: list[tuple[str, list[tuple[int, int, int]]]] = []
@@ -289,40 +329,16 @@ class Sampler:
         self._stop.set()
         self._thread.join(10.0)
 
-    def _identity(self, pid: int, starttime: int) -> tuple[str, int] | None:
-        key = (pid, starttime)
-        if key not in self._known:
-            env = environ(pid)
-            if env is None:
-                return None  # gone before we could read it: not cached
-            if env.get(b"ORCH_RUN_ID") != self._run or env.get(b"ORCH_HOME") != self._home \
-                    or b"ORCH_SHARD_ID" not in env:
-                self._known[key] = None
-            else:
-                self._known[key] = (env[b"ORCH_SHARD_ID"].decode(errors="replace"),
-                                    int(env.get(b"ORCH_ATTEMPT", b"0")))
-        return self._known[key]
-
-    def scan(self) -> dict[str, list[tuple[int, int, int, int]]]:
-        """shard -> [(attempt, pgid, pid, starttime)] in the order read."""
-        seen: dict[str, list[tuple[int, int, int, int]]] = {}
-        for pid in _pids():
-            st = proc_stat(pid)
-            if st is None or st[0] in ("Z", "X"):
-                continue
-            ident = self._identity(pid, st[3])
-            if ident is None:
-                continue
-            seen.setdefault(ident[0], []).append((ident[1], st[2], pid, st[3]))
-        return seen
-
     @staticmethod
     def _still(pid: int, starttime: int, pgid: int) -> bool:
         st = proc_stat(pid)
         return st is not None and st[0] not in ("Z", "X") and st[3] == starttime and st[2] == pgid
 
-    def check(self, seen: dict[str, list[tuple[int, int, int, int]]]) -> None:
-        for shard, entries in seen.items():
+    def check(self, procs: list[tuple[int, int, int, str, int]]) -> None:
+        by_shard: dict[str, list[tuple[int, int, int, int]]] = {}
+        for pid, pgid, start, shard, attempt in procs:
+            by_shard.setdefault(shard, []).append((attempt, pgid, pid, start))
+        for shard, entries in by_shard.items():
             keys = {(a, g) for a, g, _, _ in entries}
             self.max_live[shard] = max(self.max_live.get(shard, 0), len(keys))
             if len(keys) < 2:
@@ -336,68 +352,83 @@ class Sampler:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self.check(self.scan())
+                self.check(self._table.scan())
                 self.samples += 1
                 self._stop.wait(self._interval_s)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
 
-def attempt_pids(run_id: str, home: Path) -> list[tuple[int, int, int, bytes, int]]:
+def attempt_pids(run_id: str, home: Path) -> list[tuple[int, int, int, str, int]]:
     """Live processes of a run's attempts: (pid, pgid, starttime, shard id, attempt)."""
-    out = []
-    want_run, want_home = run_id.encode(), str(home).encode()
-    for pid in _pids():
-        st = proc_stat(pid)
-        if st is None or st[0] in ("Z", "X"):
-            continue
-        env = environ(pid)
-        if env is None or env.get(b"ORCH_RUN_ID") != want_run or env.get(b"ORCH_HOME") != want_home:
-            continue
-        out.append((pid, st[2], st[3], env.get(b"ORCH_SHARD_ID", b""),
-                    int(env.get(b"ORCH_ATTEMPT", b"0"))))
-    return out
+    return ProcTable(run_id, home).scan()
 
 
 # --- the worker both chaos tests run ---------------------------------------------------------
 
 #: A Python SDK shard that processes items ``start..n-1`` of its shard (``start`` from its
-#: checkpoint). Per item it logs the processing (appended: "at least once" is visible), has a
-#: grandchild (``sh``, itself running ``sleep``) or itself write the item's result to its own
-#: file atomically (temporary file, then rename: a redone item overwrites, never duplicates),
-#: and only then checkpoints ``{"next": i + 1}``. An interrupted attempt can therefore redo
-#: at most its last item.
+#: checkpoint). Per item it logs the processing (appended: "at least once" is visible), has
+#: the item's result written to a temporary file and renames it into place (atomic: a redone
+#: item overwrites, never duplicates), and only then checkpoints ``{"next": i + 1}``. An
+#: interrupted attempt can therefore redo at most its last item.
+#:
+#: With ``child`` the work is done by grandchildren: one ``sh`` helper per attempt reads item
+#: numbers on its stdin and runs ``sleep`` for each before writing the result; a helper that
+#: dies makes the shard exit 1, a helper (or its ``sleep``) that is stopped freezes the work
+#: while the shard's heartbeat goes on. With ``graceful`` as its fifth argument, SIGTERM
+#: lets the shard finish the item at hand before it exits 143.
 WORKER = """\
 import os, subprocess, sys, time
 from pathlib import Path
 import shards
 
+HELPER = '''
+while read -r i; do
+    sleep "$1" || exit 1
+    printf '%s:%s\\n' "$2" "$i" > "$3/item-$i.tmp.$$" || exit 1
+    echo "$3/item-$i.tmp.$$"
+done
+'''
 shard = os.environ["ORCH_SHARD_ID"]
 out = Path(sys.argv[1]) / shard
 n, delay, via_child = int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "child"
+stopping = []
+if sys.argv[5:] == ["graceful"]:
+    # A graceful shard: SIGTERM lets it finish the item at hand, then it exits 143.
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 out.mkdir(parents=True, exist_ok=True)
 cp = shards.last_checkpoint()
 start = cp["next"] if cp else 0
 shards.progress(start, n)
 with open(out / "attempts.log", "a") as f:
     f.write(f"{os.environ['ORCH_ATTEMPT']} {os.getpid()} {start}\\n")
+helper = None
+if via_child and start < n:
+    helper = subprocess.Popen(["sh", "-c", HELPER, "sh", str(delay), shard, str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 for i in range(start, n):
+    if stopping:
+        sys.exit(143)
     with open(out / "processed.log", "a") as f:
         f.write(f"{i}\\n")
     final = out / f"item-{i}.txt"
-    if via_child:
-        subprocess.run(
-            ["sh", "-c", 'sleep "$1" && printf "%s\\\\n" "$2" > "$3.$$" && mv -f "$3.$$" "$3"',
-             "sh", str(delay), f"{shard}:{i}", str(final)],
-            check=True, stdin=subprocess.DEVNULL,
-        )
+    if helper is not None:
+        helper.stdin.write(f"{i}\\n")
+        helper.stdin.flush()
+        tmp = helper.stdout.readline().strip()
+        if not tmp:
+            sys.exit(f"the helper died ({helper.poll()})")
     else:
         time.sleep(delay)
         tmp = out / f"item-{i}.{os.getpid()}.tmp"
         tmp.write_text(f"{shard}:{i}\\n")
-        os.replace(tmp, final)
+    os.replace(tmp, final)
     shards.progress(i + 1)
     shards.checkpoint({"next": i + 1})
+if helper is not None:
+    helper.stdin.close()
+    helper.wait()
 """
 
 
