@@ -100,6 +100,7 @@ def machine() -> dict[str, Any]:
         pass
     return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
             "kernel": platform.release(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "load": [round(x, 2) for x in os.getloadavg()],
             "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)}
 
 
@@ -114,6 +115,24 @@ def to_json(rows: list[Row], meta: dict[str, Any]) -> bytes:
                                    if r.best_peer() else None),
     } for r in rows]}
     return orjson.dumps(data, option=orjson.OPT_INDENT_2)
+
+
+def _cell(d: dict[str, Any] | None) -> Cell | None:
+    if d is None:
+        return None
+    return Cell(samples=list(d.get("samples") or []), text=d.get("text"), note=d.get("note", ""))
+
+
+def from_json(path: str) -> tuple[list[Row], dict[str, Any]]:
+    """Rows and meta back from a JSON file this module wrote (to re-render the docs)."""
+    with open(path, "rb") as f:
+        data = orjson.loads(f.read())
+    rows = [Row(key=r["key"], family=r["family"], metric=r["metric"], unit=r["unit"],
+                better=r["better"], orch=_cell(r["orch"]) or Cell(),
+                peers={n: _cell(c) or Cell() for n, c in r["peers"].items()},
+                limit=_cell(r["limit"]), limit_label=r["limit_label"], target=r["target"],
+                note=r["note"]) for r in data["rows"]]
+    return rows, data["meta"]
 
 
 def write_json(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
@@ -156,6 +175,8 @@ def render_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "by hand; rerun the command (findings come from bench/FINDINGS.md).", "",
         f"- Machine: {m['cores']} cores ({m['cpu'] or 'unknown CPU'}), {m['memory_gib']} GiB, "
         f"Linux {m['kernel']}", f"- Python {m['python']}",
+        *([f"- Load average at the end (1, 5, 15 min): {m['load']}"]
+          if "load" in m else []),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- Rounds: {meta['repeat']}; total bench time {meta['elapsed_s']:.0f} s", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),

@@ -4,6 +4,7 @@
     python -m bench --quick          # smoke run, small N and short windows (~3 min)
     python -m bench --only respawn   # one metric family (names: --list)
     python -m bench --repeat 5
+    python -m bench --render bench/results/latest.json   # rewrite the docs, run nothing
 
 Peers come from bench/install_peers.sh; a missing one is shown as skipped.
 """
@@ -52,6 +53,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--docs", choices=["auto", "yes", "no"], default="auto",
                     help="write docs/performance.md (auto: only for a full run of everything)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
+    ap.add_argument("--render", metavar="JSON", help="run nothing: print the table of a JSON "
+                    "file written earlier and rewrite docs/performance.md from it")
     return ap.parse_args(argv)
 
 
@@ -59,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.list:
         print("\n".join(FAMILIES))
+        return 0
+    if args.render:
+        rows, meta = report.from_json(args.render)
+        print(report.render_text(rows))
+        report.write_markdown(str(DOC), rows, meta)
+        print(f"docs: {os.path.relpath(DOC)}")
         return 0
     repeat = args.repeat or (1 if args.quick else 3)
     families = args.only or list(FAMILIES)

@@ -139,7 +139,8 @@ def restart(run_key: str, shard: str, home: str | None) -> None:
 
 @cli.command()
 @click.argument("run_key", metavar="RUN")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), required=True, metavar="K")
+@click.option("-j", "--jobs", type=click.IntRange(min=1, max=2**63 - 1), required=True,
+              metavar="K")
 @_home_option
 def scale(run_key: str, jobs: int, home: str | None) -> None:
     """Change how many shards of a live run may run at once."""

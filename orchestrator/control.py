@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 CONTROL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
+#: Largest ``scale`` accepted: what the state store can hold.
+MAX_JOBS = 2**63 - 1
 
 
 class ControlServer:
@@ -97,7 +99,8 @@ class ControlServer:
         if not isinstance(req, dict):
             self.garbage += 1
             return _error("request must be a JSON object")
-        if req.get("v") != CONTROL_VERSION:
+        version = req.get("v")
+        if type(version) is not int or version != CONTROL_VERSION:
             return _error(f"unsupported version {req.get('v')!r} (this master speaks {CONTROL_VERSION})")
         op = req.get("op")
         handler = self._ops.get(op) if isinstance(op, str) else None
@@ -150,7 +153,8 @@ class ControlServer:
     def op_scale(self, req: dict[str, Any]) -> dict[str, Any]:
         jobs = req.get("jobs")
         if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-            raise _BadRequest("'jobs' must be an integer >= 1")
+            # Bounded: a larger number would overflow the store and take the master down.
+            raise _BadRequest(f"'jobs' must be an integer from 1 to {MAX_JOBS}")
         self._master.scale(jobs)
         return {"jobs": jobs}
 

@@ -218,6 +218,7 @@ class Tracking:
             return
         done = report.done
         if report.advance is not None:
+            # Saturate: a sum past 2**63-1 would overflow the store (and the master with it).
             done = (rt.done or 0) + report.advance
         self._beat(idx, done, report.total)
         if report.message is not None:

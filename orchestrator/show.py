@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 
 from orchestrator.errors import RET_OK, OrchError, RunNotFound
+from orchestrator.logs import log_stem
 from orchestrator.report import open_run, run_detail, run_state, run_summary, shard_record
-from orchestrator.runs import home_dir, list_run_dirs, resolve_run
+from orchestrator.runs import LOGS, home_dir, list_run_dirs, resolve_run
 from orchestrator.store import Store
 from orchestrator.units import format_bytes, format_duration
 
@@ -196,14 +197,29 @@ def _log_files(path: str) -> list[str]:
     return [*reversed(backups), path] if os.path.exists(path) or backups else []
 
 
-def _lines(paths: list[str], prefix: str) -> Iterator[tuple[str, str]]:
-    for p in paths:
+def _lines(paths: list[str], prefix: str, stop_at: int | None = None) -> Iterator[tuple[str, str]]:
+    """(timestamp, prefixed line) for each line; the live file (last) only up to ``stop_at``."""
+    for n, p in enumerate(paths):
+        limit = stop_at if n == len(paths) - 1 else None
         try:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    yield line[:24], prefix + line
+            with open(p, "rb") as f:
+                data = f.read() if limit is None else f.read(limit)
         except FileNotFoundError:
             continue
+        for raw in data.splitlines(keepends=True):
+            line = raw.decode("utf-8", "replace")
+            yield line[:24], prefix + line
+
+
+def _shard_rows(store: Store, run_id: str, shard: str | None) -> list[dict[str, Any]]:
+    if shard is None:
+        return store.shards()
+    row = store.shard(shard)
+    if row is None and shard.isdigit():
+        row = store.shard(int(shard))
+    if row is None:
+        raise RunNotFound(f"run {run_id} has no shard {shard!r}")
+    return [row]
 
 
 def logs(run_key: str, *, shard: str | None, stderr: bool, tail: int | None, follow: bool,
@@ -211,20 +227,18 @@ def logs(run_key: str, *, shard: str | None, stderr: bool, tail: int | None, fol
     run_dir = find_run(run_key, home)
     store = open_run(run_dir)
     try:
-        detail = run_detail(store, run_dir, sample=False)
+        run_id = store.run()["id"]
+        rows = _shard_rows(store, run_id, shard)
     finally:
         store.close()
-    key = "log_stderr" if stderr else "log_stdout"
-    shards = detail["shards"]
-    if shard is not None:
-        match = [s for s in shards if s["id"] == shard]
-        if not match and shard.isdigit():
-            match = [s for s in shards if s["index"] == int(shard)]
-        if not match:
-            raise RunNotFound(f"run {detail['id']} has no shard {shard!r}")
-        shards = match
-    many = len(shards) > 1
-    streams = [_lines(_log_files(s[key]), f"[{s['id']}] " if many else "") for s in shards]
+    ext = ".err" if stderr else ".out"
+    many = len(rows) > 1
+    files = [(os.path.join(run_dir, LOGS, log_stem(r["idx"], r["id"]) + ext),
+              f"[{r['id']}] " if many else "") for r in rows]
+    # Sizes first: the dump stops there and -f goes on from there, so no line is lost
+    # or printed twice while the shards keep writing.
+    sizes = {path: (os.path.getsize(path) if os.path.exists(path) else 0) for path, _ in files}
+    streams = [_lines(_log_files(path), prefix, sizes[path]) for path, prefix in files]
     merged = (text for _, text in heapq.merge(*streams, key=lambda t: t[0]))
     out = sys.stdout
     if tail is not None:
@@ -235,13 +249,15 @@ def logs(run_key: str, *, shard: str | None, stderr: bool, tail: int | None, fol
             out.write(text)
     out.flush()
     if follow:
-        _follow(run_dir, [(s[key], f"[{s['id']}] " if many else "") for s in shards])
+        _follow(run_dir, files, sizes)
     return RET_OK
 
 
-def _follow(run_dir: str, files: list[tuple[str, str]], poll_s: float = 0.2) -> None:
+def _follow(
+    run_dir: str, files: list[tuple[str, str]], offsets: dict[str, int], poll_s: float = 0.2
+) -> None:
     """Print new lines as they are written, until Ctrl-C or the run ends and goes quiet."""
-    offsets = {p: (os.path.getsize(p) if os.path.exists(p) else 0) for p, _ in files}
+    offsets = dict(offsets)
     inodes = {p: (os.stat(p).st_ino if os.path.exists(p) else None) for p, _ in files}
     partial: dict[str, str] = {}
     while True:

@@ -109,7 +109,11 @@ def events(run_key: str, home: str | None) -> int:
     run_dir = find_run(run_key, home)
     reply = _call(run_dir, "subscribe")
     _, control = _live_endpoint(run_dir)
-    for event in follow_events(reply["events"], control):
-        sys.stdout.buffer.write(orjson.dumps(event) + b"\n")
-        sys.stdout.flush()
+    try:
+        for event in follow_events(reply["events"], control):
+            sys.stdout.buffer.write(orjson.dumps(event) + b"\n")
+            sys.stdout.flush()
+    except MasterUnreachable:
+        _live_endpoint(run_dir)  # says "lost ... orch resume" when the master died
+        raise
     return RET_OK

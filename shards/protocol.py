@@ -24,6 +24,9 @@ import orjson
 PROTOCOL_VERSION = 1
 #: Largest frame (and stdout protocol line) either side accepts, in bytes.
 MAX_FRAME_BYTES = 1 << 20
+#: Largest integer either side accepts (64-bit signed, what SQLite and most languages hold):
+#: a larger count from a buggy or forged sender is a protocol error, never an overflow.
+MAX_INT = 2**63 - 1
 #: Prefix of a stdout protocol line; the rest of the line is one JSON object.
 STDOUT_PREFIX = b"##orch "
 #: Progress heartbeats are sent at most this often (seconds), so a shard sends
@@ -132,12 +135,12 @@ def encode(msg: Message) -> bytes:
 
 
 def _count(d: dict[str, Any], key: str) -> int | None:
-    """Return d[key] when it is a non-negative int (not bool), None when absent or null."""
+    """Return d[key] when it is an int (not bool) in 0..MAX_INT, None when absent or null."""
     value = d.get(key)
-    if value is None or (type(value) is int and value >= 0):
+    if value is None or (type(value) is int and 0 <= value):
         return value
     if type(value) is int:
-        raise ProtocolError(f"negative {key!r}")
+        raise ProtocolError(f"negative {key!r}" if value < 0 else f"{key!r} past 2**63-1")
     raise ProtocolError(f"{key!r} must be a non-negative integer, not {type(value).__name__}")
 
 
@@ -175,12 +178,12 @@ def decode(frame: bytes) -> Message:
     if type(shard) is not str or not shard:
         raise ProtocolError("missing or invalid 'sh'")
     attempt = d.get("a")
-    if type(attempt) is not int or attempt < 1:
+    if type(attempt) is not int or not 1 <= attempt <= MAX_INT:
         raise ProtocolError("missing or invalid 'a'")
     seq = d.get("seq")
     if seq is None:
         seq = 0
-    elif type(seq) is not int or seq < 0:
+    elif type(seq) is not int or not 0 <= seq <= MAX_INT:
         raise ProtocolError("'seq' must be a non-negative integer")
     done = _count(d, "done")
     total = _count(d, "total")
