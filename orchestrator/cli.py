@@ -164,12 +164,14 @@ def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
 @click.argument("run_key", metavar="RUN")
 @click.option("-d", "--detach", "detach_", is_flag=True, help="Resume in the background.")
 @click.option("-v", "--verbose", is_flag=True)
+@click.option("--retry-failed", is_flag=True, help="Also restart shards that gave up.")
 @_home_option
-def resume(run_key: str, detach_: bool, verbose: bool, home: str | None) -> None:
+def resume(run_key: str, detach_: bool, verbose: bool, retry_failed: bool,
+           home: str | None) -> None:
     """Finish a stopped or lost run: unfinished shards restart from their checkpoints."""
     from orchestrator import steer
 
-    sys.exit(steer.resume(run_key, home, detach_, verbose))
+    sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed))
 
 
 @cli.command()

@@ -38,9 +38,13 @@ class RunIsLive(OrchError):
     """Raised when resuming a run whose master is still alive."""
 
 
-def detach(run_id: str, run_dir: str, lock_fd: int, *, resume: bool = False) -> int:
+def detach(
+    run_id: str, run_dir: str, lock_fd: int, *, resume: bool = False, retry_failed: bool = False
+) -> int:
     """Start the master in the background, handing it the run lock; print the run id."""
     argv = [sys.executable, "-m", "orchestrator.daemon", run_dir, "--lock-fd", str(lock_fd)]
+    if retry_failed:
+        argv.append("--retry-failed")
     try:
         with open(os.path.join(run_dir, MASTER_LOG), "ab") as log:
             proc = subprocess.Popen(
@@ -203,6 +207,8 @@ def main(argv: list[str]) -> int:
     from orchestrator.master import Master
     from orchestrator.ui import PlainView
 
+    retry_failed = "--retry-failed" in argv
+    argv = [a for a in argv if a != "--retry-failed"]
     if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--lock-fd"):
         print("usage: python -m orchestrator.daemon RUN_DIR [--lock-fd FD]", file=sys.stderr)
         return RET_USAGE
@@ -216,7 +222,7 @@ def main(argv: list[str]) -> int:
     with open(os.path.join(run_dir, MASTER_PID), "w") as f:
         f.write(f"{os.getpid()}\n")
     master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store,
-                    view=PlainView(tick_s=10.0))
+                    view=PlainView(tick_s=10.0), retry_failed=retry_failed)
     code = master.run()
     store.close()
     return code

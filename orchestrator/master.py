@@ -85,9 +85,11 @@ class Master(Tracking):
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
         backend: Callable[[Loop, Master], Backend] | None = None,
+        retry_failed: bool = False,
     ) -> None:
         self.run_id = run_id
         self.run_dir = run_dir
+        self.retry_failed = retry_failed
         self.task = task
         self.shards = shards
         self.store = store
@@ -132,9 +134,12 @@ class Master(Tracking):
             self.store.resume_rows()
         ):
             state = State(state_text)
-            if not state.terminal or state is State.STOPPED:
+            if not state.terminal or state is State.STOPPED or (
+                self.retry_failed and state is State.FAILED
+            ):
                 # A resumed run restarts whatever was not finished, stopped shards too
-                # (a SIGTERM at reboot stops them all): only done and failed stay.
+                # (a SIGTERM at reboot stops them all): done shards stay done, and
+                # failed ones too unless asked (`orch resume --retry-failed`).
                 state = State.PENDING
             rt = Runtime(life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
                          done=cp_done, total=total)

@@ -147,7 +147,7 @@ def run_command(head: str | None, command: tuple[str, ...], opts: dict[str, Any]
 
 def supervise(
     run_id: str, run_dir: str, task: TaskConfig, shards: ShardList, store: Store,
-    *, verbose: bool = False, view: Any = None,
+    *, verbose: bool = False, view: Any = None, retry_failed: bool = False,
 ) -> int:
     from orchestrator.master import Master
     from orchestrator.show import print_summary
@@ -155,7 +155,8 @@ def supervise(
 
     if view is None:
         view = LiveView(verbose=verbose) if sys.stdout.isatty() else PlainView(verbose=verbose)
-    master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store, view=view)
+    master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store,
+                    view=view, retry_failed=retry_failed)
     code = master.run()
     print_summary(store, run_dir)
     store.close()

@@ -83,7 +83,9 @@ def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float 
         store.close()
 
 
-def resume(run_key: str, home: str | None, detach_: bool, verbose: bool) -> int:
+def resume(
+    run_key: str, home: str | None, detach_: bool, verbose: bool, retry_failed: bool = False
+) -> int:
     from orchestrator.daemon import detach, prepare_resume
     from orchestrator.start import supervise
 
@@ -91,9 +93,10 @@ def resume(run_key: str, home: str | None, detach_: bool, verbose: bool) -> int:
     run_id, task, shards, store, lock_fd = prepare_resume(run_dir)
     if detach_:
         store.close()
-        return detach(run_id, run_dir, lock_fd, resume=True)
+        return detach(run_id, run_dir, lock_fd, resume=True, retry_failed=retry_failed)
     try:
-        return supervise(run_id, run_dir, task, shards, store, verbose=verbose)
+        return supervise(run_id, run_dir, task, shards, store, verbose=verbose,
+                         retry_failed=retry_failed)
     finally:
         os.close(lock_fd)
 

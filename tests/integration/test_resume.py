@@ -357,3 +357,19 @@ def test_kill_and_resume_at_random_moments(denv: Env) -> None:
           f"{sampler.samples} /proc samples, max live attempts per shard {sampler.max_live}; "
           f"SIGKILL -> attempts gone {min(gone_s, default=0):.2f}-{max(gone_s, default=0):.2f}s "
           f"({waited} cycles waited)")
+
+
+def test_resume_retry_failed_restarts_shards_that_gave_up(denv: Env) -> None:
+    """Failed shards stay failed on a plain resume; --retry-failed gives them new attempts."""
+    script = denv.script("flaky.sh", 'if [ "$ORCH_ATTEMPT" -le 2 ]; then exit 3; fi\nexit 0\n')
+    first = denv.orch("run", "--split", "2", "--max-restarts", "1", "--backoff-initial", "0.05",
+                      "--", "sh", script)
+    assert first.returncode == 1, first.stdout + first.stderr
+    run_id = denv.run_id()
+    plain = denv.orch("resume", run_id)
+    assert plain.returncode == 1
+    assert {s["state"] for s in denv.status(run_id)["shards"]} == {"failed"}
+    again = denv.orch("resume", run_id, "--retry-failed")
+    assert again.returncode == 0, again.stdout + again.stderr
+    detail = denv.status(run_id)
+    assert [(s["state"], s["attempts"]) for s in detail["shards"]] == [("done", 3), ("done", 3)]
