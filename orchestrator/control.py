@@ -152,7 +152,7 @@ class ControlServer:
 
     def op_scale(self, req: dict[str, Any]) -> dict[str, Any]:
         jobs = req.get("jobs")
-        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
             # Bounded: a larger number would overflow the store and take the master down.
             raise _BadRequest(f"'jobs' must be an integer from 1 to {MAX_JOBS}")
         self._master.scale(jobs)

@@ -54,7 +54,8 @@ class LogFile:
         self._fd: int | None = None
         self._size = 0
         self.dropped_bytes = 0
-        self._failing = False
+        #: errno of the failure in progress (reported again when the cause changes), or None
+        self._failing: int | None = None
 
     def _open(self) -> int:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -72,15 +73,15 @@ class LogFile:
                 n = os.write(fd, view)
                 view = view[n:]
                 self._size += n
-            if self._failing:
-                self._failing = False
+            if self._failing is not None:
+                self._failing = None
                 self._on_error(f"{self.path}: writing again ({self.dropped_bytes} bytes dropped)")
             if self.max_bytes and self._size >= self.max_bytes:
                 self._rotate()
         except OSError as exc:
             self.dropped_bytes += len(data)
-            if not self._failing:
-                self._failing = True
+            if self._failing != (exc.errno or -1):  # e.g. ENOENT, then ENOSPC: say both
+                self._failing = exc.errno or -1
                 self._on_error(f"{self.path}: {exc.strerror or exc}; dropping output")
 
     def _rotate(self) -> None:

@@ -452,6 +452,9 @@ class Master(Tracking):
 
     def _tick(self) -> None:
         self.view.tick(self)
+        self.flush_counters()  # garbage can arrive while no shard reports progress
+        if self.store.dirty:
+            self.loop.call_when_idle(self._commit)
         self.loop.timers.set("tick", self.loop.clock() + self.view.tick_s, self._tick)
 
     def shard_index(self, shard_id: str) -> int | None:

@@ -219,7 +219,7 @@ class Tracking:
         done = report.done
         if report.advance is not None:
             # Saturate: a sum past 2**63-1 would overflow the store (and the master with it).
-            done = (rt.done or 0) + report.advance
+            done = min((rt.done or 0) + report.advance, proto.MAX_INT)
         self._beat(idx, done, report.total)
         if report.message is not None:
             self.store.set_shard(idx, message=report.message[:1000])

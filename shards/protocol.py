@@ -137,7 +137,7 @@ def encode(msg: Message) -> bytes:
 def _count(d: dict[str, Any], key: str) -> int | None:
     """Return d[key] when it is an int (not bool) in 0..MAX_INT, None when absent or null."""
     value = d.get(key)
-    if value is None or (type(value) is int and 0 <= value):
+    if value is None or (type(value) is int and 0 <= value <= MAX_INT):
         return value
     if type(value) is int:
         raise ProtocolError(f"negative {key!r}" if value < 0 else f"{key!r} past 2**63-1")

@@ -476,10 +476,12 @@ def test_progress_totals(db: str) -> None:
     assert with_store.progress_totals() == (0, None)
     with_store.set_shard(0, state="done", done=10, total=10)
     with_store.set_shard(1, state="running", done=3, total=20)
-    assert with_store.progress_totals() == (13, 30)
-    with_store.set_shard(2, state="running", done=4)  # running without a total
+    # Shards 2 and 3 are pending without a total: the run's total is unknown, not 30.
+    assert with_store.progress_totals() == (13, None)
+    with_store.set_shard(3, state="done")  # finished without ever reporting a total
+    with_store.set_shard(2, state="backoff", done=4)  # unfinished, no total yet
     assert with_store.progress_totals() == (17, None)
-    with_store.set_shard(2, state="failed")  # no longer running: total is known again
+    with_store.set_shard(2, state="failed")  # finished: its missing total no longer matters
     assert with_store.progress_totals() == (17, 30)
     with_store.commit()
     r = reader(db)
