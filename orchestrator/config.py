@@ -11,24 +11,33 @@ command-line flag the value came from; nothing is started on a bad config.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import os
 import re
 import shlex
-import tomllib
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.configfile import (
+    _DURATIONS,
+    _NAME_RE,
+    CONFIG_NAME,
+    KEYS,
+    ConfigFile,
+    _did_you_mean,
+    _display,
+    _kind,
+    find_config,
+    load_config,
+)
 from orchestrator.errors import ConfigError, OrchError
 from orchestrator.sources import parse_range
 from orchestrator.units import format_duration, parse_duration, parse_size
 
 __all__ = ["ConfigFile", "Restart", "TaskConfig", "build_task", "find_config", "load_config"]
 
-CONFIG_NAME = "orch.toml"
 
 
 class Restart(enum.StrEnum):
@@ -127,151 +136,8 @@ class TaskConfig:
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(TaskConfig) if "float" in str(f.type)}
 
-_DURATIONS = ("backoff_initial", "backoff_max", "backoff_reset", "stop_timeout",
-              "heartbeat_interval", "heartbeat_timeout", "stall_timeout")
-#: orch.toml key -> TaskConfig field (durations get "_s", sizes "_bytes").
-KEYS: dict[str, str] = {
-    **{key: key for key in ("command", "call", "shell", "shards", "format", "split", "range",
-                            "env", "cwd", "jobs", "restart", "max_restarts")},
-    **{key: key + "_s" for key in _DURATIONS},
-    "backoff_factor": "backoff_factor", "backoff_jitter": "backoff_jitter",
-    "require_heartbeat": "require_heartbeat", "max_memory": "max_memory_bytes",
-    "log_max_size": "log_max_bytes", "log_backups": "log_backups",
-}
 _FORMATS = ("csv", "tsv", "jsonl", "text")
 _CALL_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-# ----------------------------------------------------------------------------- the file
-
-
-@dataclass(frozen=True)
-class ConfigFile:
-    """A parsed orch.toml: its absolute path and its key-validated task tables."""
-
-    path: str
-    tasks: Mapping[str, Mapping[str, Any]]
-
-    def task(self, name: str) -> Mapping[str, Any]:
-        """The raw table of task ``name``; an unknown name fails with a did-you-mean."""
-        if name in self.tasks:
-            return self.tasks[name]
-        known = ", ".join(self.tasks) or "none defined"
-        raise ConfigError(
-            f"unknown task {name!r} in {_display(self.path)} (known: {known}"
-            f"{_did_you_mean(name, list(self.tasks), sep='; ')})"
-        )
-
-
-def find_config(explicit: str | None, cwd: str) -> str | None:
-    """The explicit path if given, else ``orch.toml`` in ``cwd`` if it exists, else None."""
-    if explicit is not None:
-        return os.path.join(cwd, explicit)
-    candidate = os.path.join(cwd, CONFIG_NAME)
-    return candidate if os.path.isfile(candidate) else None
-
-
-def load_config(path: str) -> ConfigFile:
-    """Read and parse orch.toml, rejecting unknown keys with their line and a did-you-mean.
-
-    Values are type-checked later, by ``build_task``, for the task being run.
-    """
-    shown = _display(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{shown}: is a directory, not a config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{shown}: cannot read ({exc.strerror or exc})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{shown}:{line}: not valid UTF-8") from None
-    try:
-        doc = tomllib.loads(text.removeprefix("\ufeff"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(_toml_error(shown, str(exc))) from None
-    for key in doc:
-        if key != "tasks":
-            raise ConfigError(
-                f"{shown}{_line_of(text, key, None)}: unknown top-level key {key!r} (orch.toml "
-                f"holds [tasks.NAME] tables{_did_you_mean(key, ['tasks'], sep='; ')})"
-            )
-    tasks = doc.get("tasks", {})
-    if not isinstance(tasks, dict):
-        raise ConfigError(f"{shown}{_line_of(text, 'tasks', None)}: 'tasks' must be a table")
-    for name, table in tasks.items():
-        where = f"{shown}{_section_line(text, name)}"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: [tasks.{name}] must be a table, got {_kind(table)}")
-        if not _NAME_RE.fullmatch(name):
-            raise ConfigError(f"{where}: task name {name!r}: use letters, digits, '_', '-', '.'")
-        for key in table:
-            if key not in KEYS:
-                raise ConfigError(
-                    f"{shown}{_line_of(text, key, name)}: unknown key {key!r} in [tasks.{name}]"
-                    f"{_did_you_mean(key, list(KEYS), sep=' (', end=')')}"
-                )
-    return ConfigFile(path=os.path.abspath(path), tasks=tasks)
-
-
-def _toml_error(shown: str, message: str) -> str:
-    match = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
-    if match:
-        return f"{shown}:{match.group(2)}:{match.group(3)}: {match.group(1)}"
-    return f"{shown}: {message.replace('end of document', 'end of file')}"
-
-
-def _quoted(name: str) -> str:
-    return rf"(?:{re.escape(name)}|\"{re.escape(name)}\"|'{re.escape(name)}')"
-
-
-def _section(text: str, name: str) -> re.Match[str] | None:
-    """Where [tasks.NAME] (or a dotted/inline form) is in the text; tomllib gives no positions."""
-    quoted = _quoted(name)
-    return re.search(rf"^\s*\[\s*tasks\s*\.\s*{quoted}\s*\]", text, re.MULTILINE) or re.search(
-        rf"^\s*(?:tasks\s*\.\s*)?{quoted}\s*[.=]", text, re.MULTILINE
-    )
-
-
-def _section_line(text: str, name: str) -> str:
-    """':N' for the line of [tasks.NAME], or '' when it cannot be found."""
-    match = _section(text, name)
-    return f":{text.count(chr(10), 0, match.start()) + 1}" if match else ""
-
-
-def _line_of(text: str, key: str, section: str | None) -> str:
-    """':N' for the line where ``key`` is set (after [tasks.SECTION] if given), or ''."""
-    header = _section(text, section) if section is not None else None
-    start = header.end() if header else 0
-    name = _quoted(key)
-    patterns = (rf"^\s*{name}\s*=", rf"^\s*\[\s*{name}\s*[.\]]", rf"\.\s*{name}\s*\]",
-                rf"(?:^|[\s{{,.]){name}\s*=")
-    for pattern in patterns:
-        match = re.compile(pattern, re.MULTILINE).search(text, start)
-        if match:
-            return f":{text.count(chr(10), 0, match.end() - 1) + 1}"
-    return ""
-
-
-def _display(path: str) -> str:
-    """The path relative to the working directory when it lies below it, else absolute."""
-    try:
-        absolute = os.path.abspath(path)
-        relative = os.path.relpath(absolute)
-    except (OSError, ValueError):
-        return path
-    return absolute if relative.startswith("..") else relative
-
-
-def _did_you_mean(word: str, candidates: list[str], *, sep: str, end: str = "") -> str:
-    close = difflib.get_close_matches(word, candidates, n=1)
-    return f"{sep}did you mean {close[0]!r}?{end}" if close else ""
 
 
 # ----------------------------------------------------------------------------- the task
@@ -461,14 +327,6 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
     if key == "cwd" and not os.path.isdir(path):
         raise ConfigError(f"{where}: no such directory {path!r}")
     return path
-
-
-def _kind(value: object) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "an array", dict: "a table"}
-    kind = kinds.get(type(value), type(value).__name__)
-    shown = repr(value)
-    return f"{kind} {shown}" if isinstance(value, int | float | str) and len(shown) < 40 else kind
 
 
 def _expected(origin: _Origin, what: str, value: object) -> ConfigError:

@@ -146,7 +146,7 @@ def test_stdout_flood_starves_nobody_and_loses_no_line(env: Env, slow: bool) -> 
     env.write("shards.csv", "id,role\nflood,flood\nb1,beat\nb2,beat\nb3,beat\n")
     env.write("orch.toml", '[tasks.t]\nlog_max_size = "8MiB"\nlog_backups = 1000\n')
     proc = env.start("run", "t", "--shards", "shards.csv", "--heartbeat-interval", "0.1",
-                     "--heartbeat-timeout", "1", "--require-heartbeat", "--",
+                     "--heartbeat-timeout", "1", "--",
                      PYTHON, str(env.cwd / "shard.py"), "{role}")
     run = wait_run(env)
     endpoint = str(run.row()["control"])
