@@ -165,10 +165,12 @@ class Loop:
                 handler(signum)
         for callback in self.timers.pop_due(self.clock()):
             callback()
-        while self._idle:
-            idle, self._idle = self._idle, {}
-            for callback in idle:
-                callback()
+        # One pass: what the callbacks queue again runs next iteration, after a
+        # select(0), so a flood that keeps re-queuing its drain never starves
+        # child exits, timers or control requests.
+        idle, self._idle = self._idle, {}
+        for callback in idle:
+            callback()
 
     def close(self) -> None:
         self.restore_signals()

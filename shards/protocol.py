@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -64,12 +64,13 @@ class Kind(enum.StrEnum):
     NACK = "nack"  # master -> shard: refusal with a reason in "msg"
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One message on the ZeroMQ channel, in either direction.
 
     ``has_checkpoint`` tells "checkpoint is JSON null" from "no checkpoint";
-    on the wire it is the presence of key ``cp``.
+    on the wire it is the presence of key ``cp``. A NamedTuple rather than a
+    frozen dataclass: just as immutable, and built several times faster,
+    which the master's ingest of 100,000 messages a second needs.
     """
 
     kind: Kind

@@ -229,7 +229,19 @@ def wait_run(env: Any, timeout: float = DEADLINE_S) -> Run:
         return run if row["state"] == "running" and row["control"] else None
 
     run = poll_for(ready, timeout=timeout)
-    assert run is not None, "the run did not start"
+    if run is None:
+        runs = env.home / "runs"
+        rows = []
+        for d in sorted(runs.iterdir()) if runs.exists() else []:
+            try:
+                rows.append(Run(env, d.name).row())
+            except sqlite3.Error as exc:
+                rows.append({"id": d.name, "error": str(exc)})
+        out = ""
+        for name in ("orch.stdout", "orch.stderr"):
+            if (env.cwd / name).exists():
+                out += (env.cwd / name).read_text()[-2000:]
+        raise AssertionError(f"the run did not start: {rows}\n{out}")
     return run
 
 
