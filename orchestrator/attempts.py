@@ -48,6 +48,19 @@ PROTOCOL_ENV = frozenset({
 class Attempts:
     """Mixed into ``Master``: spawning attempts, their output and their exits."""
 
+    def _stamp(self) -> None:
+        """Record the start time of the processes spawned this iteration (pid reuse guard)."""
+        from orchestrator.backends.local import process_create_time
+
+        handles, self._unstamped = self._unstamped, []
+        for handle in handles:
+            assert handle.pid is not None
+            created = process_create_time(handle.pid)
+            if created is None:
+                continue  # already gone: its exit is on its way
+            handle.create_time = created
+            self.store.attempt_identity(handle.spec.index, handle.spec.attempt, created)
+
     rt: list[Runtime]
     loop: Loop
     store: Store
@@ -62,6 +75,7 @@ class Attempts:
     run_dir: str
     interrupted: int | None
     _base_env: dict[str, str]
+    _unstamped: list[AttemptHandle]
     apply: Callable[[int, lc.Event], None]
     _arm_watch: Callable[[int], None]
     _flush_one: Callable[[int], None]
@@ -86,6 +100,8 @@ class Attempts:
         rt.handle = handle
         if handle.pgid is not None:
             self.guardian.watch(handle.pgid)
+        if handle.create_time is None and handle.pid is not None:
+            self._unstamped.append(handle)
         rt.attempt_started = self.loop.clock()
         rt.notes = []
         if rt.logs is None:

@@ -265,6 +265,8 @@ def _check_relations(
 
 _BOOLS = {"shell", "require_heartbeat"}
 _INTS = {"split": 1, "jobs": 1, "max_restarts": 0, "log_backups": 0}
+#: Largest integer setting: what the run database (SQLite) can store.
+_MAX_INT = 2**63 - 1
 _NUMBERS = {"backoff_factor": (1.0, None), "backoff_jitter": (0.0, 1.0)}
 _SIZES = {"max_memory", "log_max_size"}
 _ZERO_IS_NONE = {"stall_timeout", "max_memory"}  # 0 switches the check off
@@ -284,6 +286,8 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
             raise _expected(origin, f"an integer >= {_INTS[key]}", value)
         if value < _INTS[key]:
             raise ConfigError(f"{where}: must be at least {_INTS[key]}, got {value}")
+        if value > _MAX_INT:
+            raise ConfigError(f"{where}: must be at most {_MAX_INT}, got {value}")
         return value
     if key in _NUMBERS:
         low, high = _NUMBERS[key]
@@ -298,6 +302,8 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
             amount = (parse_duration if key in _DURATIONS else parse_size)(value, where=where)
         except OrchError as exc:
             raise ConfigError(str(exc)) from None
+        if amount > _MAX_INT:
+            raise ConfigError(f"{where}: {value!r} is too large")
         if amount == 0 and key in _ZERO_IS_NONE:
             return None
         if amount == 0 and key in _POSITIVE:

@@ -46,7 +46,7 @@ def detach(
     if retry_failed:
         argv.append("--retry-failed")
     try:
-        with open(os.path.join(run_dir, MASTER_LOG), "ab") as log:
+        with open(os.path.join(run_dir, MASTER_LOG), "ab", opener=_private) as log:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 close_fds=True, pass_fds=(lock_fd,), cwd="/",
@@ -74,6 +74,11 @@ def detach(
           f"(master pid {proc.pid}); 'orch status {run_id}', 'orch logs {run_id} -f'")
     print(run_id)
     return RET_OK
+
+
+def _private(path: str, flags: int) -> int:
+    """``open(..., opener=_private)``: a new file readable by its owner only (0600)."""
+    return os.open(path, flags, 0o600)
 
 
 def _last_line(run_dir: str) -> str:
@@ -219,7 +224,7 @@ def main(argv: list[str]) -> int:
         return RET_USAGE
     os.set_inheritable(lock_fd, False)  # attempts must never hold the run lock
     run_id, task, shards, store = load_run(run_dir)
-    with open(os.path.join(run_dir, MASTER_PID), "w") as f:
+    with open(os.path.join(run_dir, MASTER_PID), "w", opener=_private) as f:
         f.write(f"{os.getpid()}\n")
     master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store,
                     view=PlainView(tick_s=10.0), retry_failed=retry_failed)

@@ -5,7 +5,8 @@ cannot, and ``posix_spawn`` leaves no way to set a parent-death signal in
 the children. So at start the master forks this small process (before any
 thread exists) in its own session, and keeps the write end of a pipe to it.
 The master writes ``+PGID`` when an attempt starts and ``-PGID`` when its
-group is gone. When the pipe reaches EOF, the master is gone: if groups are
+group is gone (batched, once per loop iteration), and ``=`` when it has
+stopped everything itself. When the pipe reaches EOF, the master is gone: if groups are
 still listed, the guardian sends them SIGTERM (and SIGCONT), and likewise every
 process that carries the run's ``ORCH_RUN_ID`` (a daemon that left its
 group), waits the grace period, then SIGKILLs what is left. It ignores SIGINT, SIGTERM and SIGHUP so
@@ -67,6 +68,7 @@ def _signal_all(groups: set[int], pids: set[int], *signums: int) -> None:
 
 def _guard(read_fd: int, grace_s: float, run_id: str) -> None:
     groups: set[int] = set()
+    clean = False
     buf = b""
     while True:
         try:
@@ -78,15 +80,21 @@ def _guard(read_fd: int, grace_s: float, run_id: str) -> None:
         buf += data
         *lines, buf = buf.split(b"\n")
         for line in lines:
-            if len(line) < 2:
-                continue
-            pgid = int(line[1:])
-            if line[:1] == b"+":
-                groups.add(pgid)
-            else:
-                groups.discard(pgid)
+            if line == b"=":
+                clean = True  # the master stopped every attempt itself
+            elif len(line) >= 2 and line[:1] in b"+-":
+                pgid = int(line[1:])
+                if line[:1] == b"+":
+                    groups.add(pgid)
+                else:
+                    groups.discard(pgid)
+    if clean:
+        return
+    # The master died. Its last few spawns may not have been announced yet (it
+    # writes once per loop iteration), so every process carrying the run's
+    # ORCH_RUN_ID is a target as well as the groups it knew of.
     live = {g for g in groups if _alive(g)}
-    strays = _run_processes(run_id) if live or groups else set()
+    strays = _run_processes(run_id)
     _signal_all(live, strays, signal.SIGTERM, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     while (live or strays) and time.monotonic() < deadline:
@@ -130,12 +138,21 @@ class Guardian:
         os.close(read_fd)
         self.pid = pid
         self._fd: int | None = write_fd
+        self._pending: list[str] = []
 
     def _send(self, text: str) -> None:
         if self._fd is None:
             return
+        self._pending.append(text)
+
+    def flush(self) -> None:
+        """Write what was queued since the last flush: one write per loop iteration."""
+        if self._fd is None or not self._pending:
+            return
+        data, self._pending = "".join(self._pending).encode(), []
         try:
-            os.write(self._fd, text.encode())
+            while data:
+                data = data[os.write(self._fd, data) :]
         except OSError:
             self._fd = None  # the guardian is gone; SDK shards still watch the master
 
@@ -145,8 +162,13 @@ class Guardian:
     def forget(self, pgid: int) -> None:
         self._send(f"-{pgid}\n")
 
-    def close(self) -> None:
-        """Every attempt is gone: let the guardian exit with nothing to do."""
+    def close(self, clean: bool = True) -> None:
+        """Let go of the guardian. ``clean``: every attempt is gone, it has nothing to do;
+        otherwise (the master is failing) it stops whatever of the run is left."""
+        if self._fd is not None:
+            if clean:
+                self._pending.append("=\n")
+            self.flush()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -21,7 +21,7 @@ from typing import Any
 
 from orchestrator import lifecycle as lc
 from orchestrator.attempts import PROTOCOL_ENV, Attempts
-from orchestrator.backends import Backend, Stream
+from orchestrator.backends import AttemptHandle, Backend, Stream
 from orchestrator.backends.local import LocalBackend, process_create_time
 from orchestrator.channel import Channel
 from orchestrator.config import TaskConfig
@@ -104,6 +104,7 @@ class Master(Attempts, Tracking):
         self._unfinished = 0
         #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
         self._restarted: set[int] = set()
+        self._unstamped: list[AttemptHandle] = []
         make_backend = backend or (lambda loop, m: LocalBackend(loop, m, stop_timeout_s=task.stop_timeout_s))
         self.backend = make_backend(self.loop, self)
         self.channel: Channel | None = None
@@ -188,7 +189,7 @@ class Master(Attempts, Tracking):
             self.events.close()
             self.channel.close()
             self.backend.close()
-            self.guardian.close()
+            self.guardian.close(clean=not self.backend.live())
             loop.close()
         self.view.finished(self)
         return code
@@ -308,6 +309,9 @@ class Master(Attempts, Tracking):
                 self.apply(idx, lc.Start())
 
     def _commit(self) -> None:
+        self.guardian.flush()  # announce this iteration's new process groups first
+        if self._unstamped:
+            self._stamp()
         if self.store.dirty:
             self.store.commit()
         if self._acks:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
 
-from orchestrator.errors import RunNotFound
+from orchestrator.errors import OrchError, RunNotFound
 
 STATE_DB = "state.db"
 LOCK = "master.lock"
@@ -136,6 +137,17 @@ def ipc_path(run_dir: str, run_id: str, name: str) -> str:
     if len(path) <= MAX_IPC_PATH:
         return path
     base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}")
-    os.makedirs(base, mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise OrchError(f"{base}: cannot create a directory for sockets ({exc.strerror})") from None
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        # In a shared /tmp anyone may create this name first: whoever owns the directory (or
+        # a symlink's target) could replace our sockets and speak for the master. Never use it.
+        raise OrchError(f"{base}: not a directory of your own; remove it, or set TMPDIR to a "
+                        "private directory")
     os.chmod(base, 0o700)
     return os.path.join(base, f"{run_id}-{name}")

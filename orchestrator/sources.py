@@ -89,7 +89,7 @@ class ShardList(Sequence[Shard]):
         lines = [row[2] for row in records]
         index: dict[str, int] = {}
         for i, shard_id in enumerate(ids):
-            if not isinstance(shard_id, str) or not shard_id:
+            if not isinstance(shard_id, str) or not shard_id or "\0" in shard_id:
                 raise ShardListError(f"{source}: shard {i} has an invalid id {shard_id!r}")
             if index.setdefault(shard_id, i) != i:
                 raise ShardListError(f"{source}: duplicate shard id {shard_id!r}")
@@ -146,6 +146,9 @@ def parse_range(text: object, *, where: str = "--range") -> tuple[int, int]:
     if match is None:
         raise ShardListError(f"{where}: invalid range {text!r} (use A..B, e.g. 1..10)")
     start, end = int(match.group(1)), int(match.group(2))
+    for n in (start, end):  # each value is stored in the run database: 64-bit
+        if not -(2**63) <= n < 2**63:
+            raise ShardListError(f"{where}: {n} is out of range in {text!r} (64-bit integers)")
     if end < start:
         raise ShardListError(f"{where}: end {end} is before start {start} in {text!r}")
     if end - start + 1 > MAX_VIRTUAL_SHARDS:
@@ -324,6 +327,8 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
 
 def _add_id(index: dict[str, int], lines: array[int], shard_id: str, line: int, src: str) -> None:
     """Record a new shard's id and line; a duplicate names both lines."""
+    if "\0" in shard_id:  # the id travels in ORCH_SHARD_ID: no environment can carry a NUL
+        raise ShardListError(f"{src}:{line}: shard id {shard_id!r} contains a NUL byte")
     first = index.setdefault(shard_id, len(lines))
     if first != len(lines):
         raise ShardListError(

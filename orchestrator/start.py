@@ -95,6 +95,11 @@ def preflight(task: TaskConfig, template: CommandTemplate, shards: ShardList) ->
             raise ConfigError(f"command: {exc}") from None
 
 
+def _private(path: str, flags: int) -> int:
+    """``open(..., opener=_private)``: a new file readable by its owner only."""
+    return os.open(path, flags, 0o600)
+
+
 def create_run(
     task: TaskConfig, shards: ShardList, *, home: str | None, name: str | None
 ) -> tuple[str, str, Store]:
@@ -106,7 +111,8 @@ def create_run(
     except OSError as exc:
         raise ConfigError(f"cannot create a run in {root}: {exc.strerror}") from None
     task_json = task.to_json()
-    with open(os.path.join(run_dir, TASK_JSON), "wb") as f:
+    # 0600 like everything in the run directory: the task may hold secrets (--env TOKEN=...).
+    with open(os.path.join(run_dir, TASK_JSON), "wb", opener=_private) as f:
         f.write(orjson.dumps({"task": task_json, "source": shards.source}, option=orjson.OPT_INDENT_2))
     row = RunRow(
         id=run_id, name=name or task.name, task_json=task_json, source=shards.source,

@@ -352,6 +352,19 @@ class Store:
         if cur.rowcount != 1:
             raise ValueError(f"no attempt {attempt} of shard idx {idx} was started")
 
+    def attempt_identity(self, idx: int, attempt: int, create_time: float) -> None:
+        """Stage the start time (/proc ticks) of an attempt's process, read after its spawn."""
+        if not self._dirty:
+            self._begin()
+        self._conn.execute(
+            "UPDATE attempts SET create_time = ? WHERE shard_idx = ? AND attempt = ?",
+            (create_time, idx, attempt),
+        )
+        self._conn.execute(
+            "UPDATE shards SET pid_create_time = ? WHERE idx = ? AND attempts = ?",
+            (create_time, idx, attempt),
+        )
+
     def add_counter(self, name: str, delta: int) -> None:
         """Stage ``counters[name] += delta`` (created at 0 if new)."""
         if not self._dirty:
