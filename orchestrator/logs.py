@@ -112,6 +112,12 @@ class StreamLog:
         self._keep_tail = keep_tail
         self.tail = b""
         self.lines_in = 0
+        self._header = b""  # a start marker waiting for the attempt's first output
+
+    def _write(self, data: bytes) -> None:
+        if self._header:
+            data, self._header = self._header + data, b""
+        self.file.write(data)
 
     def feed(self, data: bytes, ts: bytes) -> bytes:
         """Write the complete lines in ``data``; return them (unstamped) for the caller."""
@@ -122,12 +128,12 @@ class StreamLog:
         if cut < 0:
             if len(buf) > MAX_PENDING_BYTES:
                 self._pending = b""
-                self.file.write(ts + buf + b"\n")
+                self._write(ts + buf + b"\n")
                 return buf + b"\n"
             self._pending = buf
             return b""
         complete, self._pending = buf[: cut + 1], buf[cut + 1 :]
-        self.file.write(ts + complete[:-1].replace(b"\n", b"\n" + ts) + b"\n")
+        self._write(ts + complete[:-1].replace(b"\n", b"\n" + ts) + b"\n")
         return complete
 
     def flush(self, ts: bytes) -> bytes:
@@ -135,11 +141,17 @@ class StreamLog:
         if not self._pending:
             return b""
         rest, self._pending = self._pending + b"\n", b""
-        self.file.write(ts + rest)
+        self._write(ts + rest)
         return rest
 
-    def mark(self, ts: bytes, text: str) -> None:
-        self.file.write(ts + MARK + text.encode() + b"\n")
+    def mark(self, ts: bytes, text: str, lazy: bool = False) -> None:
+        """Write a marker line; ``lazy`` holds it until the next write (the start marker:
+        spawning 1,000 shards then opens no log file until one has something to say)."""
+        line = ts + MARK + text.encode() + b"\n"
+        if lazy:
+            self._header = line
+        else:
+            self._write(line)
 
 
 class ShardLogs:
@@ -162,8 +174,8 @@ class ShardLogs:
         ts = stamp()
         self.err.tail = b""
         text = f"attempt {attempt} started, pid {pid}"
-        self.out.mark(ts, text)
-        self.err.mark(ts, text)
+        self.out.mark(ts, text, lazy=True)
+        self.err.mark(ts, text, lazy=True)
 
     def end(self, attempt: int, what: str, duration_s: float) -> None:
         ts = stamp()
