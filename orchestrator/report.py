@@ -104,19 +104,27 @@ def shard_record(row: dict[str, Any], run_dir: str, now: float, live: bool) -> d
     }
 
 
-def _sample(pid: int) -> tuple[float | None, int | None]:
-    """CPU percent averaged over the attempt's life, and its RSS now."""
-    import psutil
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
+
+def _uptime() -> float:
+    with open("/proc/uptime", "rb") as f:
+        return float(f.read().split()[0])
+
+
+def _sample(pid: int, uptime: float | None = None) -> tuple[float | None, int | None]:
+    """CPU percent averaged over the attempt's life, and its RSS now, from /proc/PID/stat."""
     try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            rss = int(proc.memory_info().rss)
-            times = proc.cpu_times()
-            age = max(1e-3, time.time() - proc.create_time())
-    except psutil.Error:  # it ended between the read and the sample
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / _TICKS
+        age = max(1e-3, (uptime if uptime is not None else _uptime()) - int(fields[19]) / _TICKS)
+        rss = int(fields[21]) * _PAGE
+    except (OSError, ValueError, IndexError):  # it ended between the read and the sample
         return None, None
-    return round(100.0 * (times.user + times.system) / age, 1), rss
+    return round(100.0 * cpu_s / age, 1), rss
 
 
 def run_summary(store: Store, run_dir: str) -> dict[str, Any]:

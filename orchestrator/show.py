@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from orchestrator import table
 from orchestrator.errors import RET_OK, OrchError, RunNotFound
 from orchestrator.logs import log_stem
 from orchestrator.report import open_run, run_detail, run_state, run_summary, shard_record
@@ -90,12 +91,7 @@ def _status_all(*, as_json: bool, show_all: bool, home: str | None) -> int:
     if not runs:
         print(f"no runs in {root}")
         return RET_OK
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("RUN", "NAME", "STATE", "STARTED", "SHARDS", "ITEMS"):
-        table.add_column(col)
+    rows = []
     for r in runs:
         counts = r["counts"]
         shards = " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
@@ -103,31 +99,20 @@ def _status_all(*, as_json: bool, show_all: bool, home: str | None) -> int:
         if r["items_done"]:
             items = f"{r['items_done']:,}" + (f"/{r['items_total']:,}" if r["items_total"] else "")
         started = (r["started_at"] or "")[:19].replace("T", " ")
-        table.add_row(r["id"], r["name"] or "-", _state_markup(r["state"]), started, shards, items)
-    Console().print(table)
+        rows.append([r["id"], r["name"] or "-", r["state"], started, shards, items])
+    table.render(("RUN", "NAME", "STATE", "STARTED", "SHARDS", "ITEMS"), rows, state_col=2)
     if any(r["state"] == "lost" for r in runs):
         print("lost: the master died while the run was live; 'orch resume RUN' finishes it")
     return RET_OK
 
 
-def _state_markup(state: str) -> str:
-    colour = {"done": "green", "failed": "red", "running": "cyan", "stopped": "yellow",
-              "lost": "magenta", "backoff": "yellow", "stopping": "yellow"}.get(state)
-    return f"[{colour}]{state}[/]" if colour else state
-
-
 def _print_detail(d: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    head = (f"run [cyan]{d['id']}[/] ({d['name'] or '-'}): {_state_markup(d['state'])}, "
+    on = table.colour_enabled(sys.stdout)
+    head = (f"run {d['id']} ({d['name'] or '-'}): {table.state(d['state'], on)}, "
             f"{d['shard_count']} shards, {format_duration(d['duration_s'])}")
     if d["exit_code"] is not None:
         head += f", exit code {d['exit_code']}"
-    console.print(head, highlight=False)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
-    line = counts
+    line = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
     if d["items_done"]:
         line += f" | {d['items_done']:,}" + (f"/{d['items_total']:,}" if d["items_total"] else "")
         line += " items"
@@ -135,12 +120,11 @@ def _print_detail(d: dict[str, Any]) -> None:
             line += f", {d['rate']:,.1f}/s"
         if d["eta_s"] is not None:
             line += f", ETA {format_duration(d['eta_s'])}"
-    console.print(line, highlight=False)
+    print(head)
+    print(line)
     if d["state"] == "lost":
-        console.print(f"[magenta]the master is gone[/]: 'orch resume {d['id']}' finishes the run")
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("SHARD", "STATE", "ATT", "PID", "PROGRESS", "HEARTBEAT", "CPU", "RSS", "REASON"):
-        table.add_column(col, overflow="fold")
+        print(f"the master is gone: 'orch resume {d['id']}' finishes the run")
+    rows = []
     for s in d["shards"]:
         prog = ""
         if s["done"] is not None:
@@ -150,12 +134,11 @@ def _print_detail(d: dict[str, Any]) -> None:
         hb = format_duration(s["heartbeat_age_s"]) if s["heartbeat_age_s"] is not None else ""
         cpu = f"{s['cpu_percent']:.0f}%" if s["cpu_percent"] is not None else ""
         rss = format_bytes(s["rss_bytes"]) if s["rss_bytes"] is not None else ""
-        reason = s["reason"] if s["state"] not in ("running", "pending") else ""
-        if s["state"] == "done":
-            reason = ""
-        table.add_row(s["id"], _state_markup(s["state"]), str(s["attempts"]),
-                      str(s["pid"] or ""), prog, hb, cpu, rss, reason or "")
-    console.print(table)
+        reason = "" if s["state"] in ("running", "pending", "done") else (s["reason"] or "")
+        rows.append([s["id"], s["state"], str(s["attempts"]), str(s["pid"] or ""), prog, hb,
+                     cpu, rss, reason])
+    table.render(("SHARD", "STATE", "ATT", "PID", "PROGRESS", "HEARTBEAT", "CPU", "RSS",
+                  "REASON"), rows, state_col=1)
 
 
 def print_summary(store: Store, run_dir: str, out: Any = None, limit: int = 20) -> None:

@@ -40,14 +40,39 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-import zmq
 
 from shards import protocol as p
-from shards._link import EXIT_MASTER_GONE as EXIT_MASTER_GONE
-from shards._link import Counters, Link, _count
+
+if TYPE_CHECKING:
+    from shards._link import Link
+
+#: Exit status when the master is gone and SIGTERM did not end the process.
+EXIT_MASTER_GONE = 75
+
+
+class Counters:
+    """The progress counters ``advance()`` adds to; read by the link thread."""
+
+    __slots__ = ("done", "total")
+
+    def __init__(self, done: int = 0, total: int | None = None) -> None:
+        self.done = done
+        self.total = total
+
+
+def _count(value: Any) -> int | None:
+    """Coerce a counter for the wire (a caller may have advanced by a float)."""
+    if value is None:
+        return None
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 
 __all__ = [
     "CheckpointError",
@@ -186,6 +211,10 @@ def _connect(endpoint: str, env: dict[str, str], me: ShardInfo, counters: Counte
     if not 0.0 < interval_s < 3600.0:
         interval_s = 1.0
     master_pid = _env_int(env, p.ENV_MASTER_PID, 0) or None
+    import zmq  # only inside orch: `import shards` (and shards.protocol) stays light
+
+    from shards._link import Link
+
     try:
         link = Link(endpoint, me.run_id, me.shard_id, me.attempt, counters, interval_s, master_pid)
     except (zmq.ZMQError, OSError) as exc:  # a bad endpoint must not crash the user's work

@@ -16,27 +16,8 @@ from typing import Any
 
 import zmq
 
+from shards import EXIT_MASTER_GONE, Counters, _count
 from shards import protocol as p
-
-
-class Counters:
-    """The progress counters ``advance()`` adds to; read by the link thread."""
-
-    __slots__ = ("done", "total")
-
-    def __init__(self, done: int = 0, total: int | None = None) -> None:
-        self.done = done
-        self.total = total
-
-
-def _count(value: Any) -> int | None:
-    """Coerce a counter for the wire (a caller may have advanced by a float)."""
-    if value is None:
-        return None
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError, OverflowError):
-        return None
 
 
 def _rss_bytes() -> int | None:
@@ -49,7 +30,6 @@ def _rss_bytes() -> int | None:
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: Exit status when the master is gone and SIGTERM did not end the process.
-EXIT_MASTER_GONE = 75
 _MASTER_GONE_GRACE_S = 5.0
 
 
