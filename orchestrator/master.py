@@ -105,7 +105,9 @@ class Master(Attempts, Tracking):
         #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
         self._restarted: set[int] = set()
         self._unstamped: list[AttemptHandle] = []
-        make_backend = backend or (lambda loop, m: LocalBackend(loop, m, stop_timeout_s=task.stop_timeout_s))
+        make_backend = backend or (lambda loop, m: LocalBackend(
+            loop, m, stop_timeout_s=task.stop_timeout_s, jobs=self.jobs
+        ))
         self.backend = make_backend(self.loop, self)
         self.channel: Channel | None = None
         self.control: ControlServer

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import errno
 import functools
 import os
@@ -31,7 +32,19 @@ from orchestrator.errors import SpawnError
 from orchestrator.loop import Loop
 
 PR_SET_CHILD_SUBREAPER = 36
-READ_BYTES = 1 << 16
+F_SETPIPE_SZ = 1031
+#: Budget for the stdout pipes of all live attempts together (Linux's default
+#: per-user soft limit on pipe buffers is 64 MiB; stay well inside it).
+PIPE_BUDGET_BYTES = 32 << 20
+MIN_PIPE_BYTES = 1 << 16
+MAX_PIPE_BYTES = 1 << 20
+
+
+def pipe_bytes_for(jobs: int) -> int:
+    """A stdout pipe size for ``jobs`` live attempts: bigger pipes mean fewer, larger reads
+    for chatty shards (and fewer stalls of a shard waiting on a full pipe)."""
+    size = max(MIN_PIPE_BYTES, min(MAX_PIPE_BYTES, PIPE_BUDGET_BYTES // max(1, jobs)))
+    return 1 << (size.bit_length() - 1)
 #: How often a draining group (leader gone, members left) is re-checked when no SIGCHLD comes.
 DRAIN_POLL_S = 0.25
 
@@ -93,8 +106,11 @@ class _Local:
 
 
 class LocalBackend(Backend):
-    def __init__(self, loop: Loop, listener: Listener, *, stop_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, loop: Loop, listener: Listener, *, stop_timeout_s: float = 10.0, jobs: int = 1
+    ) -> None:
         self._loop = loop
+        self.pipe_bytes = pipe_bytes_for(jobs)
         self._listener = listener
         self._stop_timeout_s = stop_timeout_s
         self._by_pid: dict[int, _Local] = {}
@@ -123,6 +139,11 @@ class LocalBackend(Backend):
             out_r, out_w = os.pipe()
         except OSError as exc:
             raise SpawnError(_spawn_reason(exc, spec.argv[0]), transient=True) from None
+        if self.pipe_bytes > MIN_PIPE_BYTES:
+            try:
+                fcntl.fcntl(out_w, F_SETPIPE_SZ, self.pipe_bytes)
+            except OSError:
+                pass  # over the per-user pipe limit: the default size still works
         try:
             err_r, err_w = os.pipe()
         except OSError as exc:
@@ -178,7 +199,7 @@ class LocalBackend(Backend):
             return
         while True:
             try:
-                data = os.read(fd, READ_BYTES)
+                data = os.read(fd, self.pipe_bytes)
             except BlockingIOError:
                 return
             except OSError:
