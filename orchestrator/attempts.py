@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from orchestrator import lifecycle as lc
+from orchestrator import procfs
 from orchestrator.backends import AttemptHandle, AttemptSpec, Stream
 from orchestrator.errors import SpawnError, TemplateError
 from orchestrator.lifecycle import State
@@ -50,12 +51,10 @@ class Attempts:
 
     def _stamp(self) -> None:
         """Record the start time of the processes spawned this iteration (pid reuse guard)."""
-        from orchestrator.backends.local import process_create_time
-
         handles, self._unstamped = self._unstamped, []
         for handle in handles:
             assert handle.pid is not None
-            created = process_create_time(handle.pid)
+            created = procfs.start_time(handle.pid)
             if created is None:
                 continue  # already gone: its exit is on its way
             handle.create_time = created

@@ -31,6 +31,25 @@ COALESCE_S = 0.01
 RCVHWM_PER_PEER = 1000
 
 
+def bind_ipc(kind: int, path: str, options: dict[int, int]) -> zmq.Socket[bytes]:
+    """A socket of ``kind`` bound at ``ipc://path``, created 0600 (umask 077).
+
+    A socket file left by a master that was killed is replaced.
+    """
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(kind)
+    for option, value in options.items():
+        sock.setsockopt(option, value)
+    if os.path.exists(path):
+        os.unlink(path)
+    old_umask = os.umask(0o077)
+    try:
+        sock.bind("ipc://" + path)
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
 class Channel:
     def __init__(
         self,
@@ -47,19 +66,9 @@ class Channel:
         self.received = 0
         self.garbage = 0
         self._scheduled = False
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        sock.setsockopt(zmq.RCVHWM, RCVHWM_PER_PEER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if os.path.exists(path):
-            os.unlink(path)  # left by a master that was killed
-        old_umask = os.umask(0o077)
-        try:
-            sock.bind(self.endpoint)
-        finally:
-            os.umask(old_umask)
+        sock = bind_ipc(zmq.ROUTER, path, {
+            zmq.LINGER: 0, zmq.MAXMSGSIZE: MAX_FRAME_BYTES, zmq.RCVHWM: RCVHWM_PER_PEER,
+        })
         self._sock = sock
         self._fd: int = int(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         self._watching = True

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import zmq
 
+from orchestrator.channel import bind_ipc
 from orchestrator.errors import MasterUnreachable
 from orchestrator.loop import Loop
 
@@ -49,17 +50,7 @@ class ControlServer:
         self.path = path
         self.endpoint = "ipc://" + path
         self.garbage = 0
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        if os.path.exists(path):
-            os.unlink(path)
-        old = os.umask(0o077)
-        try:
-            sock.bind(self.endpoint)
-        finally:
-            os.umask(old)
+        sock = bind_ipc(zmq.ROUTER, path, {zmq.LINGER: 0, zmq.MAXMSGSIZE: MAX_REQUEST_BYTES})
         self._sock = sock
         self._fd: int = int(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         loop.add_reader(self._fd, self.drain)
@@ -176,18 +167,7 @@ class Events:
     def __init__(self, path: str) -> None:
         self.path = path
         self.endpoint = "ipc://" + path
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        sock = ctx.socket(zmq.PUB)
-        sock.setsockopt(zmq.LINGER, 200)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        if os.path.exists(path):
-            os.unlink(path)
-        old = os.umask(0o077)
-        try:
-            sock.bind(self.endpoint)
-        finally:
-            os.umask(old)
-        self._sock = sock
+        self._sock = bind_ipc(zmq.PUB, path, {zmq.LINGER: 200, zmq.SNDHWM: 100_000})
 
     def publish(self, event: dict[str, Any]) -> None:
         try:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+from orchestrator import procfs
 from orchestrator.config import TaskConfig
 from orchestrator.errors import RET_OK, RET_USAGE, OrchError
 from orchestrator.report import master_alive
@@ -103,30 +104,6 @@ def load_run(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store]:
     return run["id"], task, shards, store
 
 
-def _proc_start(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return float(fields[19])
-
-
-def _proc_pgid_env(pid: int, run_id: str) -> tuple[int, bool] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        pgid = int(fields[2])
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read()
-    except (OSError, ValueError, IndexError):
-        return None
-    return pgid, (b"ORCH_RUN_ID=" + run_id.encode() + b"\0") in env or env.startswith(
-        b"ORCH_RUN_ID=" + run_id.encode())
-
-
 def leftovers(store: Store, run_id: str) -> list[int]:
     """Pids of processes that still belong to the run (verified, never a reused pid)."""
     pids: set[int] = set()
@@ -136,50 +113,30 @@ def leftovers(store: Store, run_id: str) -> list[int]:
             if att.get("ended_at") is not None or not att.get("pid"):
                 continue
             pid = att["pid"]
-            if att.get("create_time") is not None and _proc_start(pid) == float(att["create_time"]):
+            if att.get("create_time") is not None and procfs.start_time(pid) == float(att["create_time"]):
                 pids.add(pid)
             if att.get("pgid"):
                 pgids.add(att["pgid"])
     if pgids:
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            info = _proc_pgid_env(int(name), run_id)
-            if info is not None and info[0] in pgids and info[1]:
-                pids.add(int(name))
+        for pid in procfs.with_env({f"ORCH_RUN_ID={run_id}".encode()}):
+            fields = procfs.stat_fields(pid)
+            if fields and int(fields[2]) in pgids:
+                pids.add(pid)
     pids.discard(os.getpid())
     return sorted(pids)
 
 
 def kill_leftovers(store: Store, run_id: str, grace_s: float) -> int:
     """SIGTERM, grace, SIGKILL every leftover process of the run; return how many there were."""
-    pids = leftovers(store, run_id)
-    for pid in pids:
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
+    pids = [p for p in leftovers(store, run_id) if procfs.exists(p)]
+    procfs.signal_pids(pids, *procfs.TERM_THEN_CONT)
     deadline = time.monotonic() + grace_s
     live = list(pids)
     while live and time.monotonic() < deadline:
         time.sleep(0.05)
-        live = [p for p in live if _proc_start(p) is not None and not _zombie(p)]
-    for pid in live:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        live = [p for p in live if procfs.exists(p)]
+    procfs.signal_pids(live, signal.SIGKILL)
     return len(pids)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store, int]:

@@ -24,46 +24,7 @@ import signal
 import sys
 import time
 
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _run_processes(run_id: str) -> set[int]:
-    """Processes carrying ``ORCH_RUN_ID=run_id``: attempts' descendants that left their group."""
-    mark = f"ORCH_RUN_ID={run_id}".encode()
-    found: set[int] = set()
-    me = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if mark in f.read().split(b"\0"):
-                    found.add(int(name))
-        except OSError:
-            continue
-    return found
-
-
-def _signal_all(groups: set[int], pids: set[int], *signums: int) -> None:
-    for signum in signums:
-        for g in groups:
-            try:
-                os.killpg(g, signum)
-            except OSError:
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
+from orchestrator import procfs
 
 
 def _guard(read_fd: int, grace_s: float, run_id: str) -> None:
@@ -93,24 +54,17 @@ def _guard(read_fd: int, grace_s: float, run_id: str) -> None:
     # The master died. Its last few spawns may not have been announced yet (it
     # writes once per loop iteration), so every process carrying the run's
     # ORCH_RUN_ID is a target as well as the groups it knew of.
-    live = {g for g in groups if _alive(g)}
-    strays = _run_processes(run_id)
-    _signal_all(live, strays, signal.SIGTERM, signal.SIGCONT)
+    live = {g for g in groups if procfs.group_alive(g)}
+    strays = set(procfs.with_env({f"ORCH_RUN_ID={run_id}".encode()}))
+    procfs.signal_groups(live, *procfs.TERM_THEN_CONT)
+    procfs.signal_pids(strays, *procfs.TERM_THEN_CONT)
     deadline = time.monotonic() + grace_s
     while (live or strays) and time.monotonic() < deadline:
         time.sleep(0.05)
-        live = {g for g in live if _alive(g)}
-        strays = {p for p in strays if _exists(p)}
-    _signal_all(live, strays, signal.SIGKILL)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+        live = {g for g in live if procfs.group_alive(g)}
+        strays = {p for p in strays if procfs.exists(p)}
+    procfs.signal_groups(live, signal.SIGKILL)
+    procfs.signal_pids(strays, signal.SIGKILL)
 
 
 class Guardian:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from orchestrator.config import Restart, TaskConfig
 
@@ -81,16 +81,8 @@ class Policy:
 
     @classmethod
     def from_task(cls, task: TaskConfig) -> Policy:
-        return cls(
-            restart=task.restart,
-            max_restarts=task.max_restarts,
-            backoff_initial_s=task.backoff_initial_s,
-            backoff_max_s=task.backoff_max_s,
-            backoff_factor=task.backoff_factor,
-            backoff_jitter=task.backoff_jitter,
-            backoff_reset_s=task.backoff_reset_s,
-            stop_timeout_s=task.stop_timeout_s,
-        )
+        """The task's settings of the same names (the task has every field of a Policy)."""
+        return cls(**{f.name: getattr(task, f.name) for f in fields(cls)})
 
 
 def backoff_delay(policy: Policy, level: int, u: float) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import selectors
 import signal
 import socket
@@ -193,13 +192,3 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

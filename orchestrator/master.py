@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import lifecycle as lc
+from orchestrator import procfs
 from orchestrator.attempts import PROTOCOL_ENV, Attempts
 from orchestrator.backends import AttemptHandle, Backend, Stream
-from orchestrator.backends.local import LocalBackend, process_create_time
+from orchestrator.backends.local import LocalBackend
 from orchestrator.channel import Channel
 from orchestrator.config import TaskConfig
 from orchestrator.control import ControlServer, Events
@@ -168,7 +169,7 @@ class Master(Attempts, Tracking):
         self.control = ControlServer(loop, ipc_path(self.run_dir, self.run_id, "control.sock"), self)
         self.store.set_run(
             state="running", master_pid=os.getpid(),
-            master_create_time=process_create_time(os.getpid()), endpoint=self.channel.endpoint,
+            master_create_time=procfs.start_time(os.getpid()), endpoint=self.channel.endpoint,
             control=self.control.endpoint, jobs=self.jobs, exit_code=None, ended_at=None,
         )
         self.store.commit()

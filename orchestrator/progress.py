@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import lifecycle as lc
+from orchestrator import procfs
 from orchestrator.backends import AttemptHandle
 from orchestrator.lifecycle import Intent, State
 from orchestrator.liveness import Watch
@@ -56,21 +57,16 @@ class Runtime:
     notes: list[str] = field(default_factory=list)
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
 def group_rss() -> dict[int, int]:
     """Process group id -> summed RSS in bytes of its live processes, from /proc/*/stat."""
     out: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
+        fields = procfs.stat_fields(int(name))
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            pgrp, rss = int(fields[2]), int(fields[21]) * _PAGE
-        except (OSError, ValueError, IndexError):
+            pgrp, rss = int(fields[2]), int(fields[21]) * procfs.PAGE  # type: ignore[index]
+        except (TypeError, ValueError, IndexError):
             continue
         out[pgrp] = out.get(pgrp, 0) + rss
     return out

@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from orchestrator import procfs
 from orchestrator.logs import log_stem
 from orchestrator.runs import LOGS, STATE_DB
 from orchestrator.store import Store
@@ -35,13 +36,8 @@ def master_alive(run: dict[str, Any]) -> bool:
     pid = run.get("master_pid")
     if not pid:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
+    fields = procfs.stat_fields(pid)
+    if not fields or fields[0] in (b"Z", b"X"):
         return False
     recorded = run.get("master_create_time")
     if recorded is None:
@@ -76,7 +72,7 @@ def shard_record(row: dict[str, Any], run_dir: str, now: float, live: bool) -> d
     cpu, rss = None, None
     pid = row.get("pid")
     if live and pid and row.get("state") in ("running", "stopping"):
-        cpu, rss = _sample(pid)
+        cpu, rss = procfs.cpu_and_rss(pid)
     stem = os.path.join(run_dir, LOGS, log_stem(row["idx"], row["id"]))
     return {
         "id": row["id"],
@@ -102,29 +98,6 @@ def shard_record(row: dict[str, Any], run_dir: str, now: float, live: bool) -> d
         "log_stdout": stem + ".out",
         "log_stderr": stem + ".err",
     }
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _uptime() -> float:
-    with open("/proc/uptime", "rb") as f:
-        return float(f.read().split()[0])
-
-
-def _sample(pid: int, uptime: float | None = None) -> tuple[float | None, int | None]:
-    """CPU percent averaged over the attempt's life, and its RSS now, from /proc/PID/stat."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        cpu_s = (int(fields[11]) + int(fields[12])) / _TICKS
-        age = max(1e-3, (uptime if uptime is not None else _uptime()) - int(fields[19]) / _TICKS)
-        rss = int(fields[21]) * _PAGE
-    except (OSError, ValueError, IndexError):  # it ended between the read and the sample
-        return None, None
-    return round(100.0 * cpu_s / age, 1), rss
 
 
 def run_summary(store: Store, run_dir: str) -> dict[str, Any]:

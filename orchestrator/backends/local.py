@@ -18,8 +18,8 @@
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import errno
+import fcntl
 import functools
 import os
 import shutil
@@ -27,6 +27,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrator import procfs
 from orchestrator.backends import AttemptHandle, AttemptSpec, Backend, Listener, Stream
 from orchestrator.errors import SpawnError
 from orchestrator.loop import Loop
@@ -81,17 +82,6 @@ def resolve_executable(argv0: str, env_path: str | None, cwd: str | None) -> str
     if found is None:
         raise SpawnError(f"executable not found: {argv0!r} (not on PATH)")
     return found
-
-
-def process_create_time(pid: int) -> float | None:
-    """Start time of ``pid`` in clock ticks since boot, from /proc: pid plus this is unique."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return float(fields[19])
 
 
 @dataclass(slots=True)
@@ -251,11 +241,11 @@ class LocalBackend(Backend):
     def _check_draining(self) -> None:
         for pid, local in list(self._draining.items()):
             escaped = self._escapees(local)
-            if _group_alive(pid) or escaped:
+            if procfs.group_alive(pid) or escaped:
                 if not local.draining:
                     local.draining = True
                     self.signal(local.handle, signal.SIGTERM)
-                    _signal_pids(escaped, signal.SIGTERM, signal.SIGCONT)
+                    procfs.signal_pids(escaped, signal.SIGTERM, signal.SIGCONT)
                     self._loop.timers.set(
                         ("drain-kill", pid), self._loop.clock() + self._stop_timeout_s,
                         functools.partial(self._kill_all_of, local),
@@ -271,7 +261,7 @@ class LocalBackend(Backend):
 
     def _kill_all_of(self, local: _Local) -> None:
         self.signal(local.handle, signal.SIGKILL)
-        _signal_pids(self._escapees(local), signal.SIGKILL)
+        procfs.signal_pids(self._escapees(local), signal.SIGKILL)
 
     def _escapees(self, local: _Local) -> list[int]:
         """Live processes of this attempt that left its process group (``setsid`` daemons).
@@ -282,7 +272,7 @@ class LocalBackend(Backend):
         """
         if not self.subreaper:
             return []
-        unknown = [p for p in _own_children() if p not in self._by_pid]
+        unknown = [p for p in procfs.own_children() if p not in self._by_pid]
         if not unknown:
             return []
         env = local.handle.spec.env
@@ -290,16 +280,7 @@ class LocalBackend(Backend):
             f"{key}={env.get(key, '')}".encode()
             for key in ("ORCH_RUN_ID", "ORCH_SHARD_ID", "ORCH_ATTEMPT")
         }
-        found = []
-        for pid in unknown:
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    entries = set(f.read().split(b"\0"))
-            except OSError:
-                continue
-            if marks <= entries and not _is_zombie(pid):
-                found.append(pid)
-        return found
+        return procfs.with_env(marks, unknown)
 
     def _finish(self, local: _Local) -> None:
         self._read(local, Stream.STDOUT, drain=True)
@@ -325,50 +306,6 @@ class LocalBackend(Backend):
 
 
 _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
-
-
-def _own_children() -> set[int]:
-    """Direct children of this process, from /proc/self/task/*/children."""
-    pids: set[int] = set()
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return pids
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                pids.update(int(p) for p in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
-
-
-def _signal_pids(pids: list[int], *signums: int) -> None:
-    for pid in pids:
-        for signum in signums:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _spawn_reason(exc: OSError, argv0: str) -> str:

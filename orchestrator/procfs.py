@@ -1,0 +1,124 @@
+"""What orch reads about processes from /proc, in one place.
+
+Used by the master (group and escapee checks), the guardian, resume's
+leftover hunt and ``orch status`` (CPU, memory, whether a master lives).
+Every reader tolerates a process that vanishes between two reads: it then
+answers as if the process were gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def stat_fields(pid: int) -> list[bytes] | None:
+    """``/proc/PID/stat`` after the command name: [0] state, [1] ppid, [2] pgrp, ...
+
+    Field N of proc(5) is index N - 3 (utime 11, stime 12, starttime 19, rss 21).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> float | None:
+    """Start time of ``pid`` in clock ticks since boot: pid plus this is unique."""
+    fields = stat_fields(pid)
+    return float(fields[19]) if fields else None
+
+
+def exists(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    fields = stat_fields(pid)
+    return fields is not None and bool(fields) and fields[0] not in (b"Z", b"X")
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process (zombies included) is left in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def environ(pid: int) -> set[bytes]:
+    """``KEY=VALUE`` entries of ``pid``'s environment (empty when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return set(f.read().split(b"\0"))
+    except OSError:
+        return set()
+
+
+def with_env(marks: set[bytes], pids: list[int] | None = None) -> list[int]:
+    """Live processes (among ``pids``, else all) whose environment has every entry of ``marks``."""
+    me = os.getpid()
+    if pids is None:
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    return [p for p in pids if p != me and marks <= environ(p) and exists(p)]
+
+
+def own_children() -> set[int]:
+    """Direct children of this process, from /proc/self/task/*/children."""
+    pids: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids.update(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def uptime() -> float:
+    with open("/proc/uptime", "rb") as f:
+        return float(f.read().split()[0])
+
+
+def cpu_and_rss(pid: int, now_uptime: float | None = None) -> tuple[float | None, int | None]:
+    """CPU percent of one core averaged over the process's life, and its RSS in bytes."""
+    fields = stat_fields(pid)
+    if not fields:
+        return None, None
+    try:
+        cpu_s = (int(fields[11]) + int(fields[12])) / TICKS
+        age = max(1e-3, (now_uptime if now_uptime is not None else uptime()) - int(fields[19]) / TICKS)
+        rss = int(fields[21]) * PAGE
+    except (ValueError, IndexError):
+        return None, None
+    return round(100.0 * cpu_s / age, 1), rss
+
+
+def signal_pids(pids: list[int] | set[int], *signums: int) -> None:
+    for pid in pids:
+        for signum in signums:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+
+
+def signal_groups(pgids: set[int], *signums: int) -> None:
+    for pgid in pgids:
+        for signum in signums:
+            try:
+                os.killpg(pgid, signum)
+            except OSError:
+                pass
+
+
+TERM_THEN_CONT = (signal.SIGTERM, signal.SIGCONT)
