@@ -178,7 +178,9 @@ def render_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         *([f"- Load average at the end (1, 5, 15 min): {m['load']}"]
           if "load" in m else []),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- Rounds: {meta['repeat']}; total bench time {meta['elapsed_s']:.0f} s", "",
+        f"- Rounds: {meta['repeat']}; total bench time {meta['elapsed_s']:.0f} s",
+        *[f"- Re-measured on {r['date']} with `{r['command']}`: {', '.join(r['families'])}"
+          for r in meta.get("reruns", [])], "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]
     for b in body:

@@ -53,8 +53,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--docs", choices=["auto", "yes", "no"], default="auto",
                     help="write docs/performance.md (auto: only for a full run of everything)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
-    ap.add_argument("--render", metavar="JSON", help="run nothing: print the table of a JSON "
-                    "file written earlier and rewrite docs/performance.md from it")
+    ap.add_argument("--render", metavar="JSON", action="append",
+                    help="run nothing: print the table of a JSON file written earlier and "
+                    "rewrite docs/performance.md from it; given again, a later file's rows "
+                    "replace the earlier ones with the same key (a partial re-run)")
     return ap.parse_args(argv)
 
 
@@ -64,7 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(FAMILIES))
         return 0
     if args.render:
-        rows, meta = report.from_json(args.render)
+        rows, meta = report.from_json(args.render[0])
+        for path in args.render[1:]:
+            more, more_meta = report.from_json(path)
+            keys = {r.key for r in more}
+            rows = [next(m for m in more if m.key == r.key) if r.key in keys else r
+                    for r in rows] + [m for m in more if m.key not in {r.key for r in rows}]
+            meta.setdefault("reruns", []).append(
+                {"families": more_meta["families"], "date": more_meta["machine"]["date"],
+                 "command": more_meta["command"]})
         print(report.render_text(rows))
         report.write_markdown(str(DOC), rows, meta)
         print(f"docs: {os.path.relpath(DOC)}")

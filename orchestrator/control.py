@@ -122,8 +122,9 @@ class ControlServer:
     def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
         m = self._master
         done, total = m.items()
+        received = m.channel.received if m.channel is not None else 0
         return {"run": m.run_id, "counts": m.counts(), "jobs": m.jobs, "running": m.running,
-                "items_done": done, "items_total": total,
+                "items_done": done, "items_total": total, "received": received,
                 "dropped": {"garbage": m.garbage_messages(), "stale": m.stale_messages}}
 
     def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -174,8 +174,9 @@ def test_stdout_flood_starves_nobody_and_loses_no_line(env: Env, slow: bool) -> 
         flood_s = time.monotonic() - t0
         for t in threads:
             t.join(30)
-        live = control(endpoint, {"v": 1, "op": "status"})
-        assert live is not None and live["counts"] == {"done": 1, "running": 3}, live
+        counts = poll_for(lambda: (control(endpoint, {"v": 1, "op": "status"}) or {}).get(
+            "counts") == {"done": 1, "running": 3}, timeout=DEADLINE_S)
+        assert counts, control(endpoint, {"v": 1, "op": "status"})
     finally:
         (env.cwd / "release").touch()
     _finish(env, proc)

@@ -43,8 +43,10 @@ from _rel_support import (
 NOBODY = 65534
 
 HOLD = """\
-import os, time, shards
+import os, sys, time, shards
 from pathlib import Path
+print("to stdout", flush=True)
+print("to stderr", file=sys.stderr, flush=True)
 shards.progress(0, total=1)
 here = Path(__file__).parent
 (here / f"ready{shards.info().index}").write_text("")
@@ -75,7 +77,12 @@ def _hold(env: Env, shards: int = 2) -> tuple[subprocess.Popen[str], Run]:
                      PYTHON, script)
     run = wait_run(env)
     for i in range(shards):
-        assert poll_for(lambda i=i: (env.cwd / f"ready{i}").exists(), timeout=DEADLINE_S)
+        ready = env.cwd / f"ready{i}"
+        poll_for(lambda r=ready: r.exists() or proc.poll() is not None, timeout=DEADLINE_S)
+        assert ready.exists(), (env.cwd / "orch.stderr").read_text()[-3000:]
+        for suffix in ("out", "err"):  # log files open with the first output
+            log = run.dir / "logs" / f"{i:05d}-{i}.{suffix}"
+            assert poll_for(log.exists, timeout=DEADLINE_S), log
     return proc, run
 
 

@@ -29,7 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -78,7 +77,9 @@ def start_run(env: Env, shards: int = 3, *extra: str) -> tuple[Any, Run]:
                      PYTHON, script)
     run = wait_run(env)
     for i in range(shards):
-        assert poll_for(lambda i=i: (env.cwd / f"ready{i}").exists(), timeout=DEADLINE_S)
+        ready = env.cwd / f"ready{i}"
+        poll_for(lambda r=ready: r.exists() or proc.poll() is not None, timeout=DEADLINE_S)
+        assert ready.exists(), (env.cwd / "orch.stderr").read_text()[-3000:]
     return proc, run
 
 
@@ -233,7 +234,7 @@ def test_hypothesis_frames_on_the_heartbeat_endpoint(env: Env) -> None:
             send(data)
         sock.send_multipart([b"p"] * 5000)
         expected["garbage"] += 1
-        replies = []
+        replies: list[proto.Message] = []
         deadline = time.monotonic() + DEADLINE_S
         while len(replies) < nacks and time.monotonic() < deadline:
             if sock.poll(200):
@@ -256,7 +257,8 @@ def test_hypothesis_frames_on_the_heartbeat_endpoint(env: Env) -> None:
 
 # --- raw bytes and oversize frames ---------------------------------------------------------------
 
-ZMTP_GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\0" * 16 + b"\0" + b"\0" * 31
+#: signature (10 bytes), version 3.0, mechanism NULL (20), as-server (1), filler (31)
+ZMTP_GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\0" * 48
 
 
 def _raw_payloads(rng: random.Random) -> list[bytes]:
@@ -417,7 +419,7 @@ def test_hypothesis_requests_on_the_control_socket(env: Env) -> None:
     print(f"\ncontrol socket: replies {dict(replies)}")
 
 
-# --- integers past 64 bits from the current attempt ---------------------------------------------------
+# --- integers past 64 bits from the current attempt ------------------------------------------
 
 STDOUT_SHARD = """\
 echo '##orch {"advance": 9223372036854775807, "total": 5}'

@@ -65,7 +65,7 @@ def _expected_log(data: bytes, cuts: list[int], stamps: list[bytes], final: byte
                                                             b"\xff", b"\n\n"]),
                                             max_size=80).map(b"".join),
     cut_seeds=st.lists(st.integers(0, 10**6), max_size=30),
-    max_bytes=st.sampled_from([0, 7, 64, 200, 10**6]),
+    max_bytes=st.sampled_from([0, 64, 200, 10**6]),
 )
 def test_any_chunking_gives_the_same_lines_each_stamped_once(
     data: bytes, cut_seeds: list[int], max_bytes: int
@@ -75,14 +75,14 @@ def test_any_chunking_gives_the_same_lines_each_stamped_once(
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "x.out")
         errors: list[str] = []
-        log = StreamLog(LogFile(path, max_bytes, 10**6, errors.append))
+        log = StreamLog(LogFile(path, max_bytes, 100, errors.append))  # keeps every file
         returned = []
         for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, len(data)], strict=True)):
             returned.append(log.feed(data[lo:hi], stamps[i]))
         returned.append(log.flush(b"<END> "))
         log.file.close()
-        files = sorted(Path(tmp).iterdir(), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit()
-                       else 0)
+        files = sorted(Path(tmp).iterdir(),  # oldest first: x.out.N .. x.out.1, x.out
+                       key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
         written = b"".join(p.read_bytes() for p in files)
     assert errors == []
     assert written == _expected_log(data, cuts, stamps, b"<END> ")
@@ -226,6 +226,13 @@ class _NoProcesses(Backend):
         return []
 
 
+class _NoGuardian:
+    """No processes, so nothing to guard: every guardian call is a no-op."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 class _Events:
     endpoint = "ipc:///nonexistent/events.sock"
 
@@ -255,7 +262,8 @@ def master_and_server() -> Iterator[tuple[Any, ControlServer]]:
         master = Master(run_id="fuzz-run", run_dir=run_dir, task=task, shards=shards,
                         store=store, backend=lambda loop, m: _NoProcesses())
         master._load_runtime()
-        master.events = _Events()
+        master.events = _Events()  # type: ignore[assignment]
+        master.guardian = _NoGuardian()  # type: ignore[assignment]
         server = ControlServer(master.loop, os.path.join(base, "c.sock"), master)
         master.control = server
         try:
@@ -312,11 +320,12 @@ _big = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([2**63 - 1, 2**63
                                                                  -(2**63) - 1]))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["jobs", "max_restarts", "log_backups", "split"]), _big,
-                       min_size=1),
-       st.sampled_from([None, "1G", "99999999999999999999G", "9223372036854775808",
-                        "9223372036854775807"]))
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ints=st.dictionaries(st.sampled_from(["jobs", "max_restarts", "log_backups", "split"]),
+                            _big, min_size=1),
+       size=st.sampled_from([None, "1G", "99999999999999999999G", "9223372036854775808",
+                             "9223372036854775807"]))
 def test_integer_settings_are_bounded_or_refused_in_one_line(
     ints: dict[str, int], size: str | None, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

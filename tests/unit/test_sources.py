@@ -138,6 +138,9 @@ def test_csv_round_trip(tmp_path: Path, rows: list[tuple[str, str]], delimiter: 
     if not expected:
         assert "no shards" in _error(path)
         return
+    if any("\0" in row[0] for row in expected):  # no process environment can carry it
+        assert "contains a NUL byte" in _error(path)
+        return
     shards = load_shards(path)
     assert [(s.id, s.record["value"]) for s in shards] == expected
 
