@@ -158,8 +158,13 @@ class Tracking:
         self._progress_dirty.discard(idx)
 
     def _flush_progress(self) -> None:
-        for idx in list(self._progress_dirty):
-            self._flush_one(idx)
+        rt = self.rt
+        self.store.set_progress_many(
+            (r.done, r.total, r.heartbeat_at, r.rss, idx)
+            for idx in self._progress_dirty
+            for r in (rt[idx],)
+        )
+        self._progress_dirty.clear()
         self.flush_counters()
         self.loop.call_when_idle(self._commit)
 

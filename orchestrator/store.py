@@ -352,6 +352,19 @@ class Store:
         if cur.rowcount != 1:
             raise ValueError(f"no attempt {attempt} of shard idx {idx} was started")
 
+    def set_progress_many(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Stage many progress updates at once: ``(done, total, heartbeat_at, rss_bytes, idx)``.
+
+        One ``executemany`` for the master's periodic flush of every shard that
+        reported since the last one.
+        """
+        if not self._dirty:
+            self._begin()
+        self._conn.executemany(
+            "UPDATE shards SET done = ?, total = ?, heartbeat_at = ?, rss_bytes = ? WHERE idx = ?",
+            rows,
+        )
+
     def attempt_identity(self, idx: int, attempt: int, create_time: float) -> None:
         """Stage the start time (/proc ticks) of an attempt's process, read after its spawn."""
         if not self._dirty:

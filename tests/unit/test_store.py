@@ -504,3 +504,18 @@ def test_rows_are_json_friendly(store: Store) -> None:
         "totals": store.progress_totals(),
     }
     assert orjson.loads(orjson.dumps(payload))["shards"][0]["checkpoint"] == {"a": 1}
+
+
+def test_set_progress_many_updates_each_row_in_one_transaction(db: str) -> None:
+    store = Store.create(db, run_row(3), shard_list(3))
+    store.set_progress_many([(5, 10, 100.0, 4096, 0), (7, None, 101.0, None, 2)])
+    r = reader(db)
+    assert [s["done"] for s in r.shards()] == [None, None, None]  # staged, not committed
+    store.commit()
+    rows = {s["idx"]: s for s in r.shards()}
+    assert (rows[0]["done"], rows[0]["total"], rows[0]["heartbeat_at"], rows[0]["rss_bytes"]) == (
+        5, 10, 100.0, 4096)
+    assert (rows[2]["done"], rows[2]["total"]) == (7, None)
+    assert rows[1]["done"] is None
+    r.close()
+    store.close()
