@@ -58,10 +58,20 @@ def run(
     # recurse: also carry the globals the callable uses (a helper defined in the script).
     ForkingPickler(buf, recurse=True).dump(fn)
     payload = buf.getvalue()
-    overrides = {"shards": shards, "split": split, "range": range, **options,
-                 "call": "orchestrator.api:placeholder"}
-    task = build_task(name=name or getattr(fn, "__name__", "run").strip("<>") or "run",
-                      file_task=None, file_path=None, overrides=overrides, cwd=os.getcwd())
+    overrides = {
+        "shards": shards,
+        "split": split,
+        "range": range,
+        **options,
+        "call": "orchestrator.api:placeholder",
+    }
+    task = build_task(
+        name=name or getattr(fn, "__name__", "run").strip("<>") or "run",
+        file_task=None,
+        file_path=None,
+        overrides=overrides,
+        cwd=os.getcwd(),
+    )
     if task.cwd is None:
         task = dataclasses.replace(task, cwd=os.getcwd())
     shard_list = load_shards(task.shards, split=task.split, range_=task.range, fmt=task.format)
@@ -72,8 +82,11 @@ def run(
     task = dataclasses.replace(task, call="@" + path)
     store.set_run(task_json=task.to_json())
     with open(os.path.join(run_dir, TASK_JSON), "wb") as f:
-        f.write(orjson.dumps({"task": task.to_json(), "source": shard_list.source},
-                             option=orjson.OPT_INDENT_2))
+        f.write(
+            orjson.dumps(
+                {"task": task.to_json(), "source": shard_list.source}, option=orjson.OPT_INDENT_2
+            )
+        )
     store.commit()
     lock_fd = lock_run(run_dir)
     assert lock_fd is not None

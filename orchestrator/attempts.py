@@ -39,11 +39,22 @@ if TYPE_CHECKING:
     from orchestrator.template import CommandTemplate
 
 #: The environment that only an attempt's own master may give it.
-PROTOCOL_ENV = frozenset({
-    proto.ENV_RUN_ID, proto.ENV_SHARD_ID, proto.ENV_SHARD_INDEX, proto.ENV_SHARD_COUNT,
-    proto.ENV_ATTEMPT, proto.ENV_SHARD, proto.ENV_ENDPOINT, proto.ENV_HEARTBEAT_INTERVAL,
-    proto.ENV_CHECKPOINT, proto.ENV_CHECKPOINT_DONE, proto.ENV_MASTER_PID, proto.ENV_SDK_PID,
-})
+PROTOCOL_ENV = frozenset(
+    {
+        proto.ENV_RUN_ID,
+        proto.ENV_SHARD_ID,
+        proto.ENV_SHARD_INDEX,
+        proto.ENV_SHARD_COUNT,
+        proto.ENV_ATTEMPT,
+        proto.ENV_SHARD,
+        proto.ENV_ENDPOINT,
+        proto.ENV_HEARTBEAT_INTERVAL,
+        proto.ENV_CHECKPOINT,
+        proto.ENV_CHECKPOINT_DONE,
+        proto.ENV_MASTER_PID,
+        proto.ENV_SDK_PID,
+    }
+)
 
 
 class Attempts:
@@ -88,10 +99,17 @@ class Attempts:
             handle = self.backend.start(spec)
         except (SpawnError, TemplateError) as exc:
             transient = getattr(exc, "transient", False)
-            self.store.attempt_started(idx, attempt, pid=None, pgid=None, create_time=None,
-                                       started_at=time.time())
-            self.store.attempt_ended(idx, attempt, ended_at=time.time(), exit_code=None,
-                                     signal=None, reason=f"cannot start: {exc}")
+            self.store.attempt_started(
+                idx, attempt, pid=None, pgid=None, create_time=None, started_at=time.time()
+            )
+            self.store.attempt_ended(
+                idx,
+                attempt,
+                ended_at=time.time(),
+                exit_code=None,
+                signal=None,
+                reason=f"cannot start: {exc}",
+            )
             self.store.set_shard(idx, attempts=attempt, pid=None)
             self.apply(idx, lc.SpawnFailed(str(exc), transient))
             return
@@ -105,8 +123,12 @@ class Attempts:
         rt.notes = []
         if rt.logs is None:
             rt.logs = ShardLogs(
-                os.path.join(self.run_dir, LOGS), idx, shard.id, self.task.log_max_bytes,
-                self.task.log_backups, self.view.event,
+                os.path.join(self.run_dir, LOGS),
+                idx,
+                shard.id,
+                self.task.log_max_bytes,
+                self.task.log_backups,
+                self.view.event,
             )
         rt.logs.begin(attempt, handle.pid)
         rt.watch = Watch(
@@ -117,12 +139,28 @@ class Attempts:
         )
         rt.done = rt.checkpoint_done
         self._arm_watch(idx)
-        self.store.attempt_started(idx, attempt, pid=handle.pid, pgid=handle.pgid,
-                                   create_time=handle.create_time, started_at=now_wall)
-        self.store.set_shard(idx, attempts=attempt, pid=handle.pid, pgid=handle.pgid,
-                             pid_create_time=handle.create_time, started_at=now_wall,
-                             ended_at=None, exit_code=None, signal=None, done=rt.done,
-                             start_done=rt.done, rss_bytes=None)
+        self.store.attempt_started(
+            idx,
+            attempt,
+            pid=handle.pid,
+            pgid=handle.pgid,
+            create_time=handle.create_time,
+            started_at=now_wall,
+        )
+        self.store.set_shard(
+            idx,
+            attempts=attempt,
+            pid=handle.pid,
+            pgid=handle.pgid,
+            pid_create_time=handle.create_time,
+            started_at=now_wall,
+            ended_at=None,
+            exit_code=None,
+            signal=None,
+            done=rt.done,
+            start_done=rt.done,
+            rss_bytes=None,
+        )
 
     def _spec(self, idx: int, attempt: int) -> AttemptSpec:
         rt = self.rt[idx]
@@ -131,24 +169,32 @@ class Attempts:
         values = shard_values(shard, len(self.shards), cp_text)
         env = self._base_env.copy()
         env.update(self.template.render_env(values))
-        env.update({
-            proto.ENV_RUN_ID: self.run_id,
-            proto.ENV_SHARD_ID: shard.id,
-            proto.ENV_SHARD_INDEX: str(idx),
-            proto.ENV_SHARD_COUNT: str(len(self.shards)),
-            proto.ENV_ATTEMPT: str(attempt),
-            proto.ENV_SHARD: orjson.dumps(dict(shard.record)).decode(),
-            proto.ENV_HEARTBEAT_INTERVAL: f"{self.task.heartbeat_interval_s:g}",
-            proto.ENV_MASTER_PID: str(os.getpid()),
-        })
+        env.update(
+            {
+                proto.ENV_RUN_ID: self.run_id,
+                proto.ENV_SHARD_ID: shard.id,
+                proto.ENV_SHARD_INDEX: str(idx),
+                proto.ENV_SHARD_COUNT: str(len(self.shards)),
+                proto.ENV_ATTEMPT: str(attempt),
+                proto.ENV_SHARD: orjson.dumps(dict(shard.record)).decode(),
+                proto.ENV_HEARTBEAT_INTERVAL: f"{self.task.heartbeat_interval_s:g}",
+                proto.ENV_MASTER_PID: str(os.getpid()),
+            }
+        )
         if self.channel is not None:
             env[proto.ENV_ENDPOINT] = self.channel.endpoint
         if rt.has_checkpoint:
             env[proto.ENV_CHECKPOINT] = cp_text
         if rt.checkpoint_done is not None:
             env[proto.ENV_CHECKPOINT_DONE] = str(rt.checkpoint_done)
-        return AttemptSpec(index=idx, shard_id=shard.id, attempt=attempt,
-                           argv=self.template.render_argv(values), env=env, cwd=self.task.cwd)
+        return AttemptSpec(
+            index=idx,
+            shard_id=shard.id,
+            attempt=attempt,
+            argv=self.template.render_argv(values),
+            env=env,
+            cwd=self.task.cwd,
+        )
 
     def on_output(self, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
         idx = handle.spec.index
@@ -187,12 +233,18 @@ class Attempts:
         self._flush_one(idx)
         reason = rt.life.reason if rt.life.state is State.STOPPING else what
         self.store.attempt_ended(
-            idx, handle.spec.attempt, ended_at=time.time(),
-            exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
+            idx,
+            handle.spec.attempt,
+            ended_at=time.time(),
+            exit_code=code if code >= 0 else None,
+            signal=-code if code < 0 else None,
             reason=reason,
         )
         self.store.set_shard(
-            idx, pid=None, ended_at=time.time(), exit_code=code if code >= 0 else None,
+            idx,
+            pid=None,
+            ended_at=time.time(),
+            exit_code=code if code >= 0 else None,
             signal=-code if code < 0 else None,
         )
         if code != 0:
@@ -201,4 +253,3 @@ class Attempts:
         if code != 0 and rt.life.state is State.RUNNING and self.interrupted is None:
             self.view.event(f"shard {handle.spec.shard_id} attempt {handle.spec.attempt}: {what}")
         self.apply(idx, lc.Exited(code))
-

@@ -69,9 +69,15 @@ class Channel:
         self.received = 0
         self.garbage = 0
         self._scheduled = False
-        sock = bind_ipc(zmq.ROUTER, path, {
-            zmq.LINGER: 0, zmq.MAXMSGSIZE: MAX_FRAME_BYTES, zmq.RCVHWM: RCVHWM_PER_PEER,
-        })
+        sock = bind_ipc(
+            zmq.ROUTER,
+            path,
+            {
+                zmq.LINGER: 0,
+                zmq.MAXMSGSIZE: MAX_FRAME_BYTES,
+                zmq.RCVHWM: RCVHWM_PER_PEER,
+            },
+        )
         self._sock = sock
         self._fd: int = int(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         self._watching = True
@@ -156,8 +162,14 @@ class Channel:
         kind = Kind.ACK if ok else Kind.NACK
         self.reply(
             identity,
-            Message(kind=kind, run=msg.run, shard=msg.shard, attempt=msg.attempt, seq=msg.seq,
-                    message=why),
+            Message(
+                kind=kind,
+                run=msg.run,
+                shard=msg.shard,
+                attempt=msg.attempt,
+                seq=msg.seq,
+                message=why,
+            ),
         )
 
     def close(self) -> None:

@@ -31,8 +31,9 @@ class _RunCommand(click.Command):
 
 
 def _home_option(f: Any) -> Any:
-    return click.option("--home", metavar="DIR", help="orch's home (default $ORCH_HOME, "
-                        "else $XDG_STATE_HOME/orch).")(f)
+    return click.option(
+        "--home", metavar="DIR", help="orch's home (default $ORCH_HOME, else $XDG_STATE_HOME/orch)."
+    )(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,15 +44,23 @@ def cli() -> None:
 
 @cli.command(cls=_RunCommand, context_settings={"allow_interspersed_args": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--shards", "shards_path", metavar="FILE", help="Shard list: CSV, JSON lines or text.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "jsonl", "text"]),
-              help="Shard list format (default: from the file extension).")
+@click.option(
+    "--shards", "shards_path", metavar="FILE", help="Shard list: CSV, JSON lines or text."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "tsv", "jsonl", "text"]),
+    help="Shard list format (default: from the file extension).",
+)
 @click.option("--split", type=int, metavar="N", help="N shards numbered 0..N-1.")
 @click.option("--range", "range_", metavar="A..B", help="One shard per integer A..B (inclusive).")
 @click.option("--config", "config_path", metavar="FILE", help="Task file (default ./orch.toml).")
 @click.option("-j", "--jobs", type=int, metavar="K", help="At most K shards run at once.")
 @click.option("--restart", type=click.Choice(["on-failure", "always", "never"]))
-@click.option("--max-restarts", type=int, metavar="N", help="Restarts allowed after the first attempt.")
+@click.option(
+    "--max-restarts", type=int, metavar="N", help="Restarts allowed after the first attempt."
+)
 @click.option("--stop-timeout", metavar="DUR", help="Grace between SIGTERM and SIGKILL.")
 @click.option("--backoff-initial", metavar="DUR")
 @click.option("--backoff-max", metavar="DUR")
@@ -61,9 +70,13 @@ def cli() -> None:
 @click.option("--stall-timeout", metavar="DUR")
 @click.option("--require-heartbeat", is_flag=True, default=None)
 @click.option("--max-memory", metavar="SIZE", help="Restart an attempt whose RSS exceeds SIZE.")
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment (templated).")
+@click.option(
+    "--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment (templated)."
+)
 @click.option("--cwd", metavar="DIR")
-@click.option("--shell", is_flag=True, default=None, help="Run the command with /bin/sh -c, values quoted.")
+@click.option(
+    "--shell", is_flag=True, default=None, help="Run the command with /bin/sh -c, values quoted."
+)
 @click.option("--name", metavar="NAME", help="A name to refer to the run by.")
 @click.option("-v", "--verbose", is_flag=True, help="Stream child output, prefixed by shard id.")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; print the run id.")
@@ -90,7 +103,9 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
 
 @cli.command()
 @click.argument("run_key", metavar="[RUN]", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/status-json.md).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (docs/status-json.md)."
+)
 @click.option("--all", "show_all", is_flag=True, help="List every run, not only the last 20.")
 @_home_option
 def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None) -> None:
@@ -107,8 +122,9 @@ def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None)
 @click.option("-n", "--tail", type=int, metavar="N", help="Only the last N lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing lines as they are written.")
 @_home_option
-def logs(run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool,
-         home: str | None) -> None:
+def logs(
+    run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool, home: str | None
+) -> None:
     """Show a run's output: one shard, or all shards interleaved with a prefix."""
     from orchestrator import show
 
@@ -139,8 +155,7 @@ def restart(run_key: str, shard: str, home: str | None) -> None:
 
 @cli.command()
 @click.argument("run_key", metavar="RUN")
-@click.option("-j", "--jobs", type=click.IntRange(min=1, max=2**63 - 1), required=True,
-              metavar="K")
+@click.option("-j", "--jobs", type=click.IntRange(min=1, max=2**63 - 1), required=True, metavar="K")
 @_home_option
 def scale(run_key: str, jobs: int, home: str | None) -> None:
     """Change how many shards of a live run may run at once."""
@@ -166,8 +181,9 @@ def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--retry-failed", is_flag=True, help="Also restart shards that gave up.")
 @_home_option
-def resume(run_key: str, detach_: bool, verbose: bool, retry_failed: bool,
-           home: str | None) -> None:
+def resume(
+    run_key: str, detach_: bool, verbose: bool, retry_failed: bool, home: str | None
+) -> None:
     """Finish a stopped or lost run: unfinished shards restart from their checkpoints."""
     from orchestrator import steer
 
@@ -200,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__.startswith("NoArgsIsHelp") and exc.ctx is not None:
             click.echo(exc.ctx.get_help())
             sys.exit(RET_USAGE)
-        hint = f" (orch {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "orch" else ""
+        hint = (
+            f" (orch {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "orch" else ""
+        )
         click.echo(f"orch: {exc.format_message()}{hint}", err=True)
         sys.exit(RET_USAGE)
     except click.exceptions.Abort:

@@ -39,7 +39,6 @@ from orchestrator.units import format_duration, parse_duration, parse_size
 __all__ = ["ConfigFile", "Restart", "TaskConfig", "build_task", "find_config", "load_config"]
 
 
-
 class Restart(enum.StrEnum):
     """When a shard whose process ended is started again."""
 
@@ -175,8 +174,10 @@ def build_task(
     shown = _display(file_path) if file_path else CONFIG_NAME
     for key in file:
         if key not in KEYS:
-            raise ConfigError(f"{shown}: unknown key {key!r} in [tasks.{name}]"
-                              f"{_did_you_mean(key, list(KEYS), sep=' (', end=')')}")
+            raise ConfigError(
+                f"{shown}: unknown key {key!r} in [tasks.{name}]"
+                f"{_did_you_mean(key, list(KEYS), sep=' (', end=')')}"
+            )
     if not _NAME_RE.fullmatch(name):
         raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.'")
     file_base = os.path.dirname(os.path.abspath(file_path)) if file_path else cwd
@@ -209,16 +210,19 @@ def build_task(
         if values.get("shell"):
             raise ConfigError(f"{origin('shell').where}: shell = true needs a command, not call")
     else:
-        values["command"] = _command(run_layer["command"], origin("command"),
-                                     values.get("shell", False))
+        values["command"] = _command(
+            run_layer["command"], origin("command"), values.get("shell", False)
+        )
 
     shard_layer = _top_layer(layers, ("shards", "split", "range"))
     if shard_layer is None:
         raise ConfigError("no shard list: give --shards FILE, --split N or --range A..B")
     given = [key for key in ("shards", "split", "range") if key in shard_layer]
     if len(given) > 1:
-        raise ConfigError(f"{origin(given[1]).where}: give only one of shards, split, range "
-                          f"(got {' and '.join(given)})")
+        raise ConfigError(
+            f"{origin(given[1]).where}: give only one of shards, split, range "
+            f"(got {' and '.join(given)})"
+        )
     values[given[0]] = _convert(given[0], shard_layer[given[0]], origin(given[0]))
 
     env: dict[str, str] = {}
@@ -314,8 +318,10 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
         if not isinstance(value, str):
             raise _expected(origin, "one of " + ", ".join(choices), value)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}"
-                              f"{_did_you_mean(value, list(choices), sep='; ')}")
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {', '.join(choices)}"
+                f"{_did_you_mean(value, list(choices), sep='; ')}"
+            )
         return value
     if key == "range":
         try:
@@ -356,8 +362,10 @@ def _command(value: object, origin: _Origin, shell: bool) -> tuple[str, ...]:
     if not argv or not argv[0].strip():
         raise ConfigError(f"{origin.where}: empty command")
     if shell and len(argv) != 1:
-        raise ConfigError(f"{origin.where}: with shell = true the command must be one string, "
-                          f"got {len(argv)} elements")
+        raise ConfigError(
+            f"{origin.where}: with shell = true the command must be one string, "
+            f"got {len(argv)} elements"
+        )
     return tuple(argv)
 
 
@@ -368,6 +376,8 @@ def _env(value: object, origin: _Origin) -> dict[str, str]:
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise ConfigError(f"{origin.where}: invalid environment variable name {key!r}")
         if not isinstance(item, str):
-            raise ConfigError(f"{origin.where}.{key}: expected a string, got {_kind(item)} "
-                              f'(quote it: {key} = "...")')
+            raise ConfigError(
+                f"{origin.where}.{key}: expected a string, got {_kind(item)} "
+                f'(quote it: {key} = "...")'
+            )
     return dict(value)

@@ -18,16 +18,41 @@ from orchestrator.errors import ConfigError
 
 CONFIG_NAME = "orch.toml"
 
-_DURATIONS = ("backoff_initial", "backoff_max", "backoff_reset", "stop_timeout",
-              "heartbeat_interval", "heartbeat_timeout", "stall_timeout")
+_DURATIONS = (
+    "backoff_initial",
+    "backoff_max",
+    "backoff_reset",
+    "stop_timeout",
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "stall_timeout",
+)
 #: orch.toml key -> TaskConfig field (durations get "_s", sizes "_bytes").
 KEYS: dict[str, str] = {
-    **{key: key for key in ("command", "call", "shell", "shards", "format", "split", "range",
-                            "env", "cwd", "jobs", "restart", "max_restarts")},
+    **{
+        key: key
+        for key in (
+            "command",
+            "call",
+            "shell",
+            "shards",
+            "format",
+            "split",
+            "range",
+            "env",
+            "cwd",
+            "jobs",
+            "restart",
+            "max_restarts",
+        )
+    },
     **{key: key + "_s" for key in _DURATIONS},
-    "backoff_factor": "backoff_factor", "backoff_jitter": "backoff_jitter",
-    "require_heartbeat": "require_heartbeat", "max_memory": "max_memory_bytes",
-    "log_max_size": "log_max_bytes", "log_backups": "log_backups",
+    "backoff_factor": "backoff_factor",
+    "backoff_jitter": "backoff_jitter",
+    "require_heartbeat": "require_heartbeat",
+    "max_memory": "max_memory_bytes",
+    "log_max_size": "log_max_bytes",
+    "log_backups": "log_backups",
 }
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -139,8 +164,12 @@ def _line_of(text: str, key: str, section: str | None) -> str:
     header = _section(text, section) if section is not None else None
     start = header.end() if header else 0
     name = _quoted(key)
-    patterns = (rf"^\s*{name}\s*=", rf"^\s*\[\s*{name}\s*[.\]]", rf"\.\s*{name}\s*\]",
-                rf"(?:^|[\s{{,.]){name}\s*=")
+    patterns = (
+        rf"^\s*{name}\s*=",
+        rf"^\s*\[\s*{name}\s*[.\]]",
+        rf"\.\s*{name}\s*\]",
+        rf"(?:^|[\s{{,.]){name}\s*=",
+    )
     for pattern in patterns:
         match = re.compile(pattern, re.MULTILINE).search(text, start)
         if match:
@@ -164,10 +193,14 @@ def _did_you_mean(word: str, candidates: list[str], *, sep: str, end: str = "") 
 
 
 def _kind(value: object) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "an array", dict: "a table"}
+    kinds = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
     kind = kinds.get(type(value), type(value).__name__)
     shown = repr(value)
     return f"{kind} {shown}" if isinstance(value, int | float | str) and len(shown) < 40 else kind
-
-

@@ -75,9 +75,12 @@ class ControlServer:
                 continue
             reply = self.handle(frames[-1])
             try:
-                self._sock.send_multipart([frames[0], b"", orjson.dumps(reply)]
-                                          if len(frames) == 3 and frames[1] == b""
-                                          else [frames[0], orjson.dumps(reply)], zmq.NOBLOCK)
+                self._sock.send_multipart(
+                    [frames[0], b"", orjson.dumps(reply)]
+                    if len(frames) == 3 and frames[1] == b""
+                    else [frames[0], orjson.dumps(reply)],
+                    zmq.NOBLOCK,
+                )
             except zmq.ZMQError:
                 pass
 
@@ -92,7 +95,9 @@ class ControlServer:
             return _error("request must be a JSON object")
         version = req.get("v")
         if type(version) is not int or version != CONTROL_VERSION:
-            return _error(f"unsupported version {req.get('v')!r} (this master speaks {CONTROL_VERSION})")
+            return _error(
+                f"unsupported version {req.get('v')!r} (this master speaks {CONTROL_VERSION})"
+            )
         op = req.get("op")
         handler = self._ops.get(op) if isinstance(op, str) else None
         if handler is None:
@@ -123,9 +128,16 @@ class ControlServer:
         m = self._master
         done, total = m.items()
         received = m.channel.received if m.channel is not None else 0
-        return {"run": m.run_id, "counts": m.counts(), "jobs": m.jobs, "running": m.running,
-                "items_done": done, "items_total": total, "received": received,
-                "dropped": {"garbage": m.garbage_messages(), "stale": m.stale_messages}}
+        return {
+            "run": m.run_id,
+            "counts": m.counts(),
+            "jobs": m.jobs,
+            "running": m.running,
+            "items_done": done,
+            "items_total": total,
+            "received": received,
+            "dropped": {"garbage": m.garbage_messages(), "stale": m.stale_messages},
+        }
 
     def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         idx = self._shard(req)
@@ -221,7 +233,9 @@ def request(endpoint: str, op: str, timeout_s: float = 2.0, **fields: Any) -> di
         sock.connect(endpoint)
         sock.send(orjson.dumps({"v": CONTROL_VERSION, "op": op, **fields}))
         if not sock.poll(int(timeout_s * 1000)):
-            raise MasterUnreachable(f"the master at {endpoint} did not answer within {timeout_s:g}s")
+            raise MasterUnreachable(
+                f"the master at {endpoint} did not answer within {timeout_s:g}s"
+            )
         reply = orjson.loads(sock.recv())
     finally:
         sock.close(0)

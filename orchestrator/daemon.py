@@ -49,8 +49,14 @@ def detach(
     try:
         with open(os.path.join(run_dir, MASTER_LOG), "ab", opener=_private) as log:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                close_fds=True, pass_fds=(lock_fd,), cwd="/",
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(lock_fd,),
+                cwd="/",
             )
     finally:
         os.close(lock_fd)  # the master holds it now
@@ -67,12 +73,16 @@ def detach(
                 raise OrchError(f"the master exited at start ({_last_line(run_dir)})")
             time.sleep(0.02)
         else:
-            raise OrchError(f"the master did not start within {START_TIMEOUT_S:g}s "
-                            f"(see {os.path.join(run_dir, MASTER_LOG)})")
+            raise OrchError(
+                f"the master did not start within {START_TIMEOUT_S:g}s "
+                f"(see {os.path.join(run_dir, MASTER_LOG)})"
+            )
     finally:
         store.close()
-    print(f"orch: {'resumed' if resume else 'started'} run in the background "
-          f"(master pid {proc.pid}); 'orch status {run_id}', 'orch logs {run_id} -f'")
+    print(
+        f"orch: {'resumed' if resume else 'started'} run in the background "
+        f"(master pid {proc.pid}); 'orch status {run_id}', 'orch logs {run_id} -f'"
+    )
     print(run_id)
     return RET_OK
 
@@ -99,7 +109,8 @@ def load_run(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store]:
     rows = store.shards()
     shards = ShardList.from_records(
         [(r["id"], r["record"] or {}, r["line"] or 0) for r in rows],
-        source=run.get("source") or "", format="stored",
+        source=run.get("source") or "",
+        format="stored",
     )
     return run["id"], task, shards, store
 
@@ -113,7 +124,9 @@ def leftovers(store: Store, run_id: str) -> list[int]:
             if att.get("ended_at") is not None or not att.get("pid"):
                 continue
             pid = att["pid"]
-            if att.get("create_time") is not None and procfs.start_time(pid) == float(att["create_time"]):
+            if att.get("create_time") is not None and procfs.start_time(pid) == float(
+                att["create_time"]
+            ):
                 pids.add(pid)
             if att.get("pgid"):
                 pgids.add(att["pgid"])
@@ -149,17 +162,27 @@ def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store, int
         if lock_fd is not None:
             os.close(lock_fd)
         pid = run.get("master_pid")
-        raise RunIsLive(f"run {run_id} is live (master pid {pid} holds it); "
-                        "'orch stop' it first or 'orch wait' for it")
+        raise RunIsLive(
+            f"run {run_id} is live (master pid {pid} holds it); "
+            "'orch stop' it first or 'orch wait' for it"
+        )
     killed = kill_leftovers(store, run_id, task.stop_timeout_s)
     if killed:
-        print(f"orch: stopped {killed} leftover process{'es' if killed != 1 else ''} of run {run_id}")
+        print(
+            f"orch: stopped {killed} leftover process{'es' if killed != 1 else ''} of run {run_id}"
+        )
     # Attempts the dead master never saw end are closed now, with what we know.
     for row in store.shards(states=["running", "stopping"]):
         for att in store.attempts(row["idx"]):
             if att.get("ended_at") is None:
-                store.attempt_ended(row["idx"], att["attempt"], ended_at=time.time(),
-                                    exit_code=None, signal=None, reason="lost with the master")
+                store.attempt_ended(
+                    row["idx"],
+                    att["attempt"],
+                    ended_at=time.time(),
+                    exit_code=None,
+                    signal=None,
+                    reason="lost with the master",
+                )
     store.commit()
     return run_id, task, shards, store, lock_fd
 
@@ -183,8 +206,15 @@ def main(argv: list[str]) -> int:
     run_id, task, shards, store = load_run(run_dir)
     with open(os.path.join(run_dir, MASTER_PID), "w", opener=_private) as f:
         f.write(f"{os.getpid()}\n")
-    master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store,
-                    view=PlainView(tick_s=10.0), retry_failed=retry_failed)
+    master = Master(
+        run_id=run_id,
+        run_dir=run_dir,
+        task=task,
+        shards=shards,
+        store=store,
+        view=PlainView(tick_s=10.0),
+        retry_failed=retry_failed,
+    )
     code = master.run()
     store.close()
     return code

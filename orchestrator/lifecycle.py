@@ -306,7 +306,11 @@ def _restart_requested(shard: Shard, now: float, policy: Policy) -> tuple[Shard,
             return shard, []
         case State.BACKOFF:
             fresh = replace(
-                shard, state=State.PENDING, failures=0, level=0, ready_at=None,
+                shard,
+                state=State.PENDING,
+                failures=0,
+                level=0,
+                ready_at=None,
                 reason="restarted by user",
             )
             return fresh, [CancelTimer(TimerKind.BACKOFF)]
@@ -331,7 +335,9 @@ def _exited(
             fresh = replace(shard, state=State.PENDING, failures=0, level=0, intent=None)
             return fresh, actions
         # hung, stalled, memory: a failure whatever the exit status says
-        return _schedule_restart(shard, now, policy, rand, shard.reason or str(intent), True, actions)
+        return _schedule_restart(
+            shard, now, policy, rand, shard.reason or str(intent), True, actions
+        )
 
     what = describe_exit(code)
     if code == 0 and policy.restart is not Restart.ALWAYS:
@@ -359,7 +365,9 @@ def _schedule_restart(
         failures += 1
         if failures > policy.max_restarts:
             attempts = shard.attempt
-            reason = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} (last: {what})"
+            reason = (
+                f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} (last: {what})"
+            )
             return (
                 replace(shard, state=State.FAILED, failures=failures, intent=None, reason=reason),
                 actions,

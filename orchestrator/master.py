@@ -52,6 +52,7 @@ class View:
     def line(self, shard_id: str, stream: Stream, data: bytes) -> None: ...
     def tick(self, master: Master) -> None: ...
     def finished(self, master: Master) -> None: ...
+
     verbose = False
     tick_s = 1.0
 
@@ -106,9 +107,11 @@ class Master(Attempts, Tracking):
         #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
         self._restarted: set[int] = set()
         self._unstamped: list[AttemptHandle] = []
-        make_backend = backend or (lambda loop, m: LocalBackend(
-            loop, m, stop_timeout_s=task.stop_timeout_s, jobs=self.jobs
-        ))
+        make_backend = backend or (
+            lambda loop, m: LocalBackend(
+                loop, m, stop_timeout_s=task.stop_timeout_s, jobs=self.jobs
+            )
+        )
         self.backend = make_backend(self.loop, self)
         self.channel: Channel | None = None
         self.control: ControlServer
@@ -124,19 +127,32 @@ class Master(Attempts, Tracking):
     def _load_runtime(self) -> None:
         """Build each shard's runtime from the store: fresh runs and resumed ones alike."""
         pending = State.PENDING.value
-        for idx, shard_id, state_text, attempts, reason, done, total, cp, cp_done in (
-            self.store.resume_rows()
-        ):
+        for (
+            idx,
+            shard_id,
+            state_text,
+            attempts,
+            reason,
+            done,
+            total,
+            cp,
+            cp_done,
+        ) in self.store.resume_rows():
             state = State(state_text)
-            if not state.terminal or state is State.STOPPED or (
-                self.retry_failed and state is State.FAILED
+            if (
+                not state.terminal
+                or state is State.STOPPED
+                or (self.retry_failed and state is State.FAILED)
             ):
                 # A resumed run restarts whatever was not finished, stopped shards too
                 # (a SIGTERM at reboot stops them all): done shards stay done, and
                 # failed ones too unless asked (`orch resume --retry-failed`).
                 state = State.PENDING
-            rt = Runtime(life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
-                         done=cp_done, total=total)
+            rt = Runtime(
+                life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
+                done=cp_done,
+                total=total,
+            )
             if cp is not None or cp_done is not None:
                 rt.checkpoint, rt.has_checkpoint, rt.checkpoint_done = cp, cp is not None, cp_done
             if state.terminal:
@@ -153,12 +169,14 @@ class Master(Attempts, Tracking):
         """Supervise until every shard is terminal; return the run's exit code."""
         self._load_runtime()
         loop = self.loop
-        loop.handle_signals({
-            signal.SIGCHLD: self.handle_sigchld,
-            signal.SIGINT: self.handle_sigint,
-            signal.SIGTERM: self.handle_sigterm,
-            signal.SIGHUP: self.handle_sigterm,
-        })
+        loop.handle_signals(
+            {
+                signal.SIGCHLD: self.handle_sigchld,
+                signal.SIGINT: self.handle_sigint,
+                signal.SIGTERM: self.handle_sigterm,
+                signal.SIGHUP: self.handle_sigterm,
+            }
+        )
         if self.task.cwd:
             os.chdir(self.task.cwd)
         # Fork the guardian before any thread exists (the ZeroMQ context starts some).
@@ -166,11 +184,18 @@ class Master(Attempts, Tracking):
         path = ipc_path(self.run_dir, self.run_id, "hb.sock")
         self.channel = Channel(loop, path, self.run_id, self.on_message)
         self.events = Events(ipc_path(self.run_dir, self.run_id, "events.sock"))
-        self.control = ControlServer(loop, ipc_path(self.run_dir, self.run_id, "control.sock"), self)
+        self.control = ControlServer(
+            loop, ipc_path(self.run_dir, self.run_id, "control.sock"), self
+        )
         self.store.set_run(
-            state="running", master_pid=os.getpid(),
-            master_create_time=procfs.start_time(os.getpid()), endpoint=self.channel.endpoint,
-            control=self.control.endpoint, jobs=self.jobs, exit_code=None, ended_at=None,
+            state="running",
+            master_pid=os.getpid(),
+            master_create_time=procfs.start_time(os.getpid()),
+            endpoint=self.channel.endpoint,
+            control=self.control.endpoint,
+            jobs=self.jobs,
+            exit_code=None,
+            ended_at=None,
         )
         self.store.commit()
         self.view.started(self)
@@ -218,8 +243,10 @@ class Master(Attempts, Tracking):
                 kill_all()
             return
         self.interrupted = signum
-        self.view.event(f"{signal.Signals(signum).name}: stopping every shard "
-                        f"(SIGTERM, then SIGKILL after {self.task.stop_timeout_s:g}s)")
+        self.view.event(
+            f"{signal.Signals(signum).name}: stopping every shard "
+            f"(SIGTERM, then SIGKILL after {self.task.stop_timeout_s:g}s)"
+        )
         self.stop_all(Intent.SHUTDOWN)
 
     # --- control (also used by the control socket) ------------------------------
@@ -266,7 +293,9 @@ class Master(Attempts, Tracking):
                 if handle is not None:
                     self.backend.signal(handle, signum)
             case lc.SetTimer(kind=kind, at=at):
-                event: lc.Event = lc.BackoffElapsed() if kind is lc.TimerKind.BACKOFF else lc.GraceElapsed()
+                event: lc.Event = (
+                    lc.BackoffElapsed() if kind is lc.TimerKind.BACKOFF else lc.GraceElapsed()
+                )
                 self.loop.timers.set((idx, kind), at, lambda: self.apply(idx, event))
             case lc.CancelTimer(kind=kind):
                 self.loop.timers.cancel((idx, kind))
@@ -284,8 +313,11 @@ class Master(Attempts, Tracking):
                 rt.logs = None
         elif old.state.terminal and not new.state.terminal:
             self._unfinished += 1
-        fields: dict[str, Any] = {"state": new.state.value, "reason": new.reason,
-                                  "updated_at": time.time()}
+        fields: dict[str, Any] = {
+            "state": new.state.value,
+            "reason": new.reason,
+            "updated_at": time.time(),
+        }
         if new.state is State.PENDING:
             if idx in self._restarted:
                 self._restarted.discard(idx)
@@ -298,9 +330,17 @@ class Master(Attempts, Tracking):
             if rt.notes:
                 fields["last_error"] = "\n".join(rt.notes)
         self.store.set_shard(idx, **fields)
-        self.events.publish({"t": fields["updated_at"], "shard": self.shards[idx].id, "index": idx,
-                             "from": old.state.value, "state": new.state.value,
-                             "attempt": new.attempt, "reason": new.reason})
+        self.events.publish(
+            {
+                "t": fields["updated_at"],
+                "shard": self.shards[idx].id,
+                "index": idx,
+                "from": old.state.value,
+                "state": new.state.value,
+                "attempt": new.attempt,
+                "reason": new.reason,
+            }
+        )
         self.loop.call_when_idle(self._schedule)
         self.loop.call_when_idle(self._commit)
 

@@ -96,7 +96,9 @@ def cpu_and_rss(pid: int, now_uptime: float | None = None) -> tuple[float | None
         return None, None
     try:
         cpu_s = (int(fields[11]) + int(fields[12])) / TICKS
-        age = max(1e-3, (now_uptime if now_uptime is not None else uptime()) - int(fields[19]) / TICKS)
+        age = max(
+            1e-3, (now_uptime if now_uptime is not None else uptime()) - int(fields[19]) / TICKS
+        )
         rss = int(fields[21]) * PAGE
     except (ValueError, IndexError):
         return None, None

@@ -72,8 +72,6 @@ def group_rss() -> dict[int, int]:
     return out
 
 
-
-
 class Tracking:
     """Mixed into ``Master``: everything a running attempt reports about itself."""
 
@@ -147,14 +145,16 @@ class Tracking:
             rt.watch.beat(self.loop.clock(), rt.done, rt.total)
             self._arm_watch(idx)
         if not self._progress_dirty:
-            self.loop.timers.set("progress", self.loop.clock() + PROGRESS_FLUSH_S,
-                                 self._flush_progress)
+            self.loop.timers.set(
+                "progress", self.loop.clock() + PROGRESS_FLUSH_S, self._flush_progress
+            )
         self._progress_dirty.add(idx)
 
     def _flush_one(self, idx: int) -> None:
         rt = self.rt[idx]
-        self.store.set_shard(idx, done=rt.done, total=rt.total, heartbeat_at=rt.heartbeat_at,
-                             rss_bytes=rt.rss)
+        self.store.set_shard(
+            idx, done=rt.done, total=rt.total, heartbeat_at=rt.heartbeat_at, rss_bytes=rt.rss
+        )
         self._progress_dirty.discard(idx)
 
     def _flush_progress(self) -> None:
@@ -202,8 +202,12 @@ class Tracking:
         rt.checkpoint = checkpoint
         rt.has_checkpoint = True
         rt.checkpoint_done = done if done is not None else rt.done
-        self.store.set_shard(idx, checkpoint=checkpoint, checkpoint_done=rt.checkpoint_done,
-                             checkpoint_at=time.time())
+        self.store.set_shard(
+            idx,
+            checkpoint=checkpoint,
+            checkpoint_done=rt.checkpoint_done,
+            checkpoint_at=time.time(),
+        )
         self._flush_one(idx)
 
     def _stdout_report(self, idx: int, handle: AttemptHandle, line: bytes) -> None:
@@ -227,4 +231,3 @@ class Tracking:
         if report.has_checkpoint:
             self._store_checkpoint(idx, report.checkpoint, rt.done)
             self.loop.call_when_idle(self._commit)
-

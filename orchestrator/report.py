@@ -53,7 +53,9 @@ def run_state(run: dict[str, Any]) -> str:
     return state
 
 
-def _rate(done: int | None, start: float | None, last: float | None, base: int | None) -> float | None:
+def _rate(
+    done: int | None, start: float | None, last: float | None, base: int | None
+) -> float | None:
     if done is None or start is None or last is None or last <= start:
         return None
     moved = done - (base or 0)
@@ -134,18 +136,20 @@ def run_detail(store: Store, run_dir: str, *, sample: bool = True) -> dict[str, 
     if rate and items_total is not None:
         eta = max(0.0, (items_total - items_done) / rate)
     end = run.get("ended_at") or now
-    out.update({
-        "schema": SCHEMA_VERSION,
-        "duration_s": max(0.0, end - run["started_at"]),
-        "jobs": run.get("jobs"),
-        "source": run.get("source"),
-        "task": run.get("task_json"),
-        "master_pid": run.get("master_pid") if live else None,
-        "rate": rate,
-        "eta_s": eta,
-        "counters": store.counters(),
-        "shards": shards,
-    })
+    out.update(
+        {
+            "schema": SCHEMA_VERSION,
+            "duration_s": max(0.0, end - run["started_at"]),
+            "jobs": run.get("jobs"),
+            "source": run.get("source"),
+            "task": run.get("task_json"),
+            "master_pid": run.get("master_pid") if live else None,
+            "rate": rate,
+            "eta_s": eta,
+            "counters": store.counters(),
+            "shards": shards,
+        }
+    )
     return out
 
 

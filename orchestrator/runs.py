@@ -71,9 +71,7 @@ def list_run_dirs(home: str) -> list[str]:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
-    dirs = [
-        os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, STATE_DB))
-    ]
+    dirs = [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, STATE_DB))]
     return sorted(dirs, key=_started_key, reverse=True)
 
 
@@ -147,7 +145,8 @@ def ipc_path(run_dir: str, run_id: str, name: str) -> str:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         # In a shared /tmp anyone may create this name first: whoever owns the directory (or
         # a symlink's target) could replace our sockets and speak for the master. Never use it.
-        raise OrchError(f"{base}: not a directory of your own; remove it, or set TMPDIR to a "
-                        "private directory")
+        raise OrchError(
+            f"{base}: not a directory of your own; remove it, or set TMPDIR to a private directory"
+        )
     os.chmod(base, 0o700)
     return os.path.join(base, f"{run_id}-{name}")

@@ -108,8 +108,10 @@ def _status_all(*, as_json: bool, show_all: bool, home: str | None) -> int:
 
 def _print_detail(d: dict[str, Any]) -> None:
     on = table.colour_enabled(sys.stdout)
-    head = (f"run {d['id']} ({d['name'] or '-'}): {table.state(d['state'], on)}, "
-            f"{d['shard_count']} shards, {format_duration(d['duration_s'])}")
+    head = (
+        f"run {d['id']} ({d['name'] or '-'}): {table.state(d['state'], on)}, "
+        f"{d['shard_count']} shards, {format_duration(d['duration_s'])}"
+    )
     if d["exit_code"] is not None:
         head += f", exit code {d['exit_code']}"
     line = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
@@ -135,10 +137,24 @@ def _print_detail(d: dict[str, Any]) -> None:
         cpu = f"{s['cpu_percent']:.0f}%" if s["cpu_percent"] is not None else ""
         rss = format_bytes(s["rss_bytes"]) if s["rss_bytes"] is not None else ""
         reason = "" if s["state"] in ("running", "pending", "done") else (s["reason"] or "")
-        rows.append([s["id"], s["state"], str(s["attempts"]), str(s["pid"] or ""), prog, hb,
-                     cpu, rss, reason])
-    table.render(("SHARD", "STATE", "ATT", "PID", "PROGRESS", "HEARTBEAT", "CPU", "RSS",
-                  "REASON"), rows, state_col=1)
+        rows.append(
+            [
+                s["id"],
+                s["state"],
+                str(s["attempts"]),
+                str(s["pid"] or ""),
+                prog,
+                hb,
+                cpu,
+                rss,
+                reason,
+            ]
+        )
+    table.render(
+        ("SHARD", "STATE", "ATT", "PID", "PROGRESS", "HEARTBEAT", "CPU", "RSS", "REASON"),
+        rows,
+        state_col=1,
+    )
 
 
 def print_summary(store: Store, run_dir: str, out: Any = None, limit: int = 20) -> None:
@@ -162,8 +178,9 @@ def print_summary(store: Store, run_dir: str, out: Any = None, limit: int = 20) 
         if os.path.exists(rec["log_stderr"]):  # an attempt that never started wrote no log
             out.write(f"    log: {rec['log_stderr']}\n")
     if len(failed) > limit:
-        out.write(f"  ... and {len(failed) - limit} more failed shards "
-                  f"('orch status {summary['id']}')\n")
+        out.write(
+            f"  ... and {len(failed) - limit} more failed shards ('orch status {summary['id']}')\n"
+        )
     out.flush()
 
 
@@ -205,8 +222,15 @@ def _shard_rows(store: Store, run_id: str, shard: str | None) -> list[dict[str, 
     return [row]
 
 
-def logs(run_key: str, *, shard: str | None, stderr: bool, tail: int | None, follow: bool,
-         home: str | None) -> int:
+def logs(
+    run_key: str,
+    *,
+    shard: str | None,
+    stderr: bool,
+    tail: int | None,
+    follow: bool,
+    home: str | None,
+) -> int:
     run_dir = find_run(run_key, home)
     store = open_run(run_dir)
     try:
@@ -216,8 +240,13 @@ def logs(run_key: str, *, shard: str | None, stderr: bool, tail: int | None, fol
         store.close()
     ext = ".err" if stderr else ".out"
     many = len(rows) > 1
-    files = [(os.path.join(run_dir, LOGS, log_stem(r["idx"], r["id"]) + ext),
-              f"[{r['id']}] " if many else "") for r in rows]
+    files = [
+        (
+            os.path.join(run_dir, LOGS, log_stem(r["idx"], r["id"]) + ext),
+            f"[{r['id']}] " if many else "",
+        )
+        for r in rows
+    ]
     # Sizes first: the dump stops there and -f goes on from there, so no line is lost
     # or printed twice while the shards keep writing.
     sizes = {path: (os.path.getsize(path) if os.path.exists(path) else 0) for path, _ in files}

@@ -29,8 +29,14 @@ __all__ = ["MAX_VIRTUAL_SHARDS", "Shard", "ShardList", "load_shards", "parse_ran
 #: Upper bound for ``--split``/``--range`` so a typo cannot create a billion shards.
 MAX_VIRTUAL_SHARDS = 10_000_000
 
-_FORMATS = {"csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl", "text": "text",
-            "txt": "text"}
+_FORMATS = {
+    "csv": "csv",
+    "tsv": "tsv",
+    "jsonl": "jsonl",
+    "ndjson": "jsonl",
+    "text": "text",
+    "txt": "text",
+}
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # Repeated CSV values (a country, a status) are stored once; the cache per column is
 # bounded so a column of unique values costs little more than no cache at all.
@@ -59,13 +65,30 @@ class ShardList(Sequence[Shard]):
     checked against 100,000 records without looking at each one.
     """
 
-    __slots__ = ("_id_at", "_index_of", "_len", "_line_at", "_record_at", "fields", "format",
-                 "path", "source")
+    __slots__ = (
+        "_id_at",
+        "_index_of",
+        "_len",
+        "_line_at",
+        "_record_at",
+        "fields",
+        "format",
+        "path",
+        "source",
+    )
 
     def __init__(
-        self, *, source: str, path: str | None, format: str, fields: frozenset[str], length: int,
-        id_at: Callable[[int], str], record_at: Callable[[int], Mapping[str, Any]],
-        line_at: Callable[[int], int], index_of: Callable[[str], int | None],
+        self,
+        *,
+        source: str,
+        path: str | None,
+        format: str,
+        fields: frozenset[str],
+        length: int,
+        id_at: Callable[[int], str],
+        record_at: Callable[[int], Mapping[str, Any]],
+        line_at: Callable[[int], int],
+        index_of: Callable[[str], int | None],
     ) -> None:
         """Built by the loaders below; the callables give shard ``i``'s parts on demand."""
         self.source = source
@@ -80,7 +103,11 @@ class ShardList(Sequence[Shard]):
 
     @classmethod
     def from_records(
-        cls, records: Sequence[tuple[str, Mapping[str, Any], int]], *, source: str, format: str,
+        cls,
+        records: Sequence[tuple[str, Mapping[str, Any], int]],
+        *,
+        source: str,
+        format: str,
         path: str | None = None,
     ) -> ShardList:
         """Rebuild a list from stored ``(id, record, line)`` rows, e.g. on resume."""
@@ -94,9 +121,15 @@ class ShardList(Sequence[Shard]):
             if index.setdefault(shard_id, i) != i:
                 raise ShardListError(f"{source}: duplicate shard id {shard_id!r}")
         return cls(
-            source=source, path=path, format=format, fields=_common_keys(recs),
-            length=len(ids), id_at=ids.__getitem__, record_at=recs.__getitem__,
-            line_at=lines.__getitem__, index_of=index.get,
+            source=source,
+            path=path,
+            format=format,
+            fields=_common_keys(recs),
+            length=len(ids),
+            id_at=ids.__getitem__,
+            record_at=recs.__getitem__,
+            line_at=lines.__getitem__,
+            index_of=index.get,
         )
 
     def __len__(self) -> int:
@@ -171,8 +204,11 @@ def load_shards(
     (.csv, .tsv, .jsonl/.ndjson, anything else is text). Every problem raises
     ``ShardListError`` with one line naming the source and line.
     """
-    given = [name for name, v in (("--shards", path), ("--split", split), ("--range", range_))
-             if v is not None]
+    given = [
+        name
+        for name, v in (("--shards", path), ("--split", split), ("--range", range_))
+        if v is not None
+    ]
     if not given:
         raise ShardListError("no shard list: give --shards FILE, --split N or --range A..B")
     if len(given) > 1:
@@ -194,8 +230,14 @@ def _split(n: object) -> ShardList:
         raise ShardListError(f"--split: must be at most {MAX_VIRTUAL_SHARDS}, got {n}")
     empty: Mapping[str, Any] = {}
     return ShardList(
-        source=f"--split {n}", path=None, format="split", fields=frozenset(), length=n,
-        id_at=str, record_at=lambda i: empty, line_at=lambda i: 0,
+        source=f"--split {n}",
+        path=None,
+        format="split",
+        fields=frozenset(),
+        length=n,
+        id_at=str,
+        record_at=lambda i: empty,
+        line_at=lambda i: 0,
         index_of=lambda s: _virtual_index(s, 0, n),
     )
 
@@ -204,9 +246,15 @@ def _range(text: str) -> ShardList:
     start, end = parse_range(text)
     n = end - start + 1
     return ShardList(
-        source=f"--range {start}..{end}", path=None, format="range", fields=frozenset({"value"}),
-        length=n, id_at=lambda i: str(start + i), record_at=lambda i: {"value": start + i},
-        line_at=lambda i: 0, index_of=lambda s: _virtual_index(s, start, n),
+        source=f"--range {start}..{end}",
+        path=None,
+        format="range",
+        fields=frozenset({"value"}),
+        length=n,
+        id_at=lambda i: str(start + i),
+        record_at=lambda i: {"value": start + i},
+        line_at=lambda i: 0,
+        index_of=lambda s: _virtual_index(s, start, n),
     )
 
 
@@ -319,9 +367,15 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
         raise ShardListError(f"{src}: no shards (header but no rows)")
     names = header
     return ShardList(
-        source=src, path=abspath, format="csv", fields=frozenset(names), length=len(rows),
-        id_at=lambda i: rows[i][id_col], record_at=lambda i: dict(zip(names, rows[i], strict=True)),
-        line_at=lines.__getitem__, index_of=index.get,
+        source=src,
+        path=abspath,
+        format="csv",
+        fields=frozenset(names),
+        length=len(rows),
+        id_at=lambda i: rows[i][id_col],
+        record_at=lambda i: dict(zip(names, rows[i], strict=True)),
+        line_at=lines.__getitem__,
+        index_of=index.get,
     )
 
 
@@ -362,8 +416,9 @@ def _load_jsonl(text: str, src: str, abspath: str) -> ShardList:
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise ShardListError(f"{src}:{number}: invalid JSON ({exc.msg} at column "
-                                 f"{exc.colno})") from None
+            raise ShardListError(
+                f"{src}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         if not isinstance(record, dict):
             raise ShardListError(
                 f"{src}:{number}: expected a JSON object, got {_json_kind(record)}"
@@ -375,9 +430,15 @@ def _load_jsonl(text: str, src: str, abspath: str) -> ShardList:
     if not records:
         raise ShardListError(f"{src}: no shards (no JSON lines)")
     return ShardList(
-        source=src, path=abspath, format="jsonl", fields=_common_keys(records),
-        length=len(records), id_at=ids.__getitem__,
-        record_at=records.__getitem__, line_at=lines.__getitem__, index_of=index.get,
+        source=src,
+        path=abspath,
+        format="jsonl",
+        fields=_common_keys(records),
+        length=len(records),
+        id_at=ids.__getitem__,
+        record_at=records.__getitem__,
+        line_at=lines.__getitem__,
+        index_of=index.get,
     )
 
 
@@ -401,8 +462,14 @@ def _jsonl_id(record: Mapping[str, Any], src: str, line: int) -> str:
 
 
 def _json_kind(value: object) -> str:
-    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
-             str: "a string", list: "an array"}
+    kinds = {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+    }
     return kinds.get(type(value), "an object")
 
 
@@ -419,7 +486,13 @@ def _load_text(text: str, src: str, abspath: str) -> ShardList:
     if not values:
         raise ShardListError(f"{src}: no shards (the file has no non-blank lines)")
     return ShardList(
-        source=src, path=abspath, format="text", fields=frozenset({"line"}), length=len(values),
-        id_at=values.__getitem__, record_at=lambda i: {"line": values[i]},
-        line_at=lines.__getitem__, index_of=index.get,
+        source=src,
+        path=abspath,
+        format="text",
+        fields=frozenset({"line"}),
+        length=len(values),
+        id_at=values.__getitem__,
+        record_at=lambda i: {"line": values[i]},
+        line_at=lines.__getitem__,
+        index_of=index.get,
     )

@@ -24,13 +24,24 @@ from orchestrator.template import CommandTemplate, check_fields
 
 #: CLI option name -> orch.toml key.
 _OVERRIDES = {
-    "shards_path": "shards", "fmt": "format", "split": "split", "range_": "range",
-    "jobs": "jobs", "restart": "restart", "max_restarts": "max_restarts",
-    "stop_timeout": "stop_timeout", "backoff_initial": "backoff_initial",
-    "backoff_max": "backoff_max", "backoff_reset": "backoff_reset",
-    "heartbeat_interval": "heartbeat_interval", "heartbeat_timeout": "heartbeat_timeout",
-    "stall_timeout": "stall_timeout", "require_heartbeat": "require_heartbeat",
-    "max_memory": "max_memory", "cwd": "cwd", "shell": "shell",
+    "shards_path": "shards",
+    "fmt": "format",
+    "split": "split",
+    "range_": "range",
+    "jobs": "jobs",
+    "restart": "restart",
+    "max_restarts": "max_restarts",
+    "stop_timeout": "stop_timeout",
+    "backoff_initial": "backoff_initial",
+    "backoff_max": "backoff_max",
+    "backoff_reset": "backoff_reset",
+    "heartbeat_interval": "heartbeat_interval",
+    "heartbeat_timeout": "heartbeat_timeout",
+    "stall_timeout": "stall_timeout",
+    "require_heartbeat": "require_heartbeat",
+    "max_memory": "max_memory",
+    "cwd": "cwd",
+    "shell": "shell",
 }
 
 
@@ -113,10 +124,17 @@ def create_run(
     task_json = task.to_json()
     # 0600 like everything in the run directory: the task may hold secrets (--env TOKEN=...).
     with open(os.path.join(run_dir, TASK_JSON), "wb", opener=_private) as f:
-        f.write(orjson.dumps({"task": task_json, "source": shards.source}, option=orjson.OPT_INDENT_2))
+        f.write(
+            orjson.dumps({"task": task_json, "source": shards.source}, option=orjson.OPT_INDENT_2)
+        )
     row = RunRow(
-        id=run_id, name=name or task.name, task_json=task_json, source=shards.source,
-        shard_count=len(shards), started_at=time.time(), jobs=task.jobs,
+        id=run_id,
+        name=name or task.name,
+        task_json=task_json,
+        source=shards.source,
+        shard_count=len(shards),
+        started_at=time.time(),
+        jobs=task.jobs,
     )
     store = Store.create(
         os.path.join(run_dir, STATE_DB), row, ((s.id, s.record, s.line) for s in shards)
@@ -124,7 +142,9 @@ def create_run(
     return run_id, run_dir, store
 
 
-def prepare(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) -> tuple[TaskConfig, ShardList]:
+def prepare(
+    head: str | None, command: tuple[str, ...], opts: dict[str, Any]
+) -> tuple[TaskConfig, ShardList]:
     task = resolve_task(head, command, opts)
     if task.cwd is None:
         # Pin the directory the user ran orch in: a detached or resumed master runs elsewhere.
@@ -152,8 +172,15 @@ def run_command(head: str | None, command: tuple[str, ...], opts: dict[str, Any]
 
 
 def supervise(
-    run_id: str, run_dir: str, task: TaskConfig, shards: ShardList, store: Store,
-    *, verbose: bool = False, view: Any = None, retry_failed: bool = False,
+    run_id: str,
+    run_dir: str,
+    task: TaskConfig,
+    shards: ShardList,
+    store: Store,
+    *,
+    verbose: bool = False,
+    view: Any = None,
+    retry_failed: bool = False,
 ) -> int:
     from orchestrator.master import Master
     from orchestrator.show import print_summary
@@ -161,8 +188,15 @@ def supervise(
 
     if view is None:
         view = LiveView(verbose=verbose) if sys.stdout.isatty() else PlainView(verbose=verbose)
-    master = Master(run_id=run_id, run_dir=run_dir, task=task, shards=shards, store=store,
-                    view=view, retry_failed=retry_failed)
+    master = Master(
+        run_id=run_id,
+        run_dir=run_dir,
+        task=task,
+        shards=shards,
+        store=store,
+        view=view,
+        retry_failed=retry_failed,
+    )
     code = master.run()
     print_summary(store, run_dir)
     store.close()

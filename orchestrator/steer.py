@@ -25,8 +25,9 @@ def _live_endpoint(run_dir: str) -> tuple[str, str]:
         store.close()
     state = run_state(run)
     if state == "lost":
-        raise MasterUnreachable(f"run {run['id']} lost its master; 'orch resume {run['id']}' "
-                                "finishes it")
+        raise MasterUnreachable(
+            f"run {run['id']} lost its master; 'orch resume {run['id']}' finishes it"
+        )
     if state != "running" or not run.get("control"):
         raise OrchError(f"run {run['id']} is not running (it is {state})")
     return run["id"], run["control"]
@@ -95,8 +96,9 @@ def resume(
         store.close()
         return detach(run_id, run_dir, lock_fd, resume=True, retry_failed=retry_failed)
     try:
-        return supervise(run_id, run_dir, task, shards, store, verbose=verbose,
-                         retry_failed=retry_failed)
+        return supervise(
+            run_id, run_dir, task, shards, store, verbose=verbose, retry_failed=retry_failed
+        )
     finally:
         os.close(lock_fd)
 

@@ -13,8 +13,15 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-_COLOURS = {"done": "32", "failed": "31", "running": "36", "stopped": "33", "lost": "35",
-            "backoff": "33", "stopping": "33"}
+_COLOURS = {
+    "done": "32",
+    "failed": "31",
+    "running": "36",
+    "stopped": "33",
+    "lost": "35",
+    "backoff": "33",
+    "stopping": "33",
+}
 
 
 def colour_enabled(out: TextIO) -> bool:

@@ -128,7 +128,10 @@ class CommandTemplate:
     __slots__ = ("_argv", "_env", "_scripts", "fields", "shell", "where")
 
     def __init__(
-        self, argv: tuple[Template, ...], env: tuple[tuple[str, Template], ...], shell: bool,
+        self,
+        argv: tuple[Template, ...],
+        env: tuple[tuple[str, Template], ...],
+        shell: bool,
         where: str,
     ) -> None:
         self._argv = argv
@@ -280,4 +283,3 @@ def check_fields(template: CommandTemplate, shards: ShardList) -> None:
 def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
-

@@ -187,8 +187,10 @@ class LiveView(PlainView):
         rows: list[str] = []
         for i, rt in enumerate(master.rt):
             if rt.life.state is State.BACKOFF and len(rows) < limit:
-                rows.append(f"[yellow]{master.shards[i].id}[/] backoff "
-                            f"(attempt {rt.life.attempt}: {rt.life.reason})")
+                rows.append(
+                    f"[yellow]{master.shards[i].id}[/] backoff "
+                    f"(attempt {rt.life.attempt}: {rt.life.reason})"
+                )
         running = [
             ((rt.done or 0) / rt.total if rt.total else 0.0, i)
             for i, rt in enumerate(master.rt)

@@ -73,7 +73,6 @@ def _count(value: Any) -> int | None:
         return None
 
 
-
 __all__ = [
     "CheckpointError",
     "ShardInfo",

@@ -46,13 +46,23 @@ def pipe_bytes_for(jobs: int) -> int:
     for chatty shards (and fewer stalls of a shard waiting on a full pipe)."""
     size = max(MIN_PIPE_BYTES, min(MAX_PIPE_BYTES, PIPE_BUDGET_BYTES // max(1, jobs)))
     return 1 << (size.bit_length() - 1)
+
+
 #: How often a draining group (leader gone, members left) is re-checked when no SIGCHLD comes.
 DRAIN_POLL_S = 0.25
 
 #: Signals whose disposition the master changes; reset to default in every child.
 _RESET_SIGNALS = (
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
-    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGCHLD,
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
 )
 
 
@@ -247,7 +257,8 @@ class LocalBackend(Backend):
                     self.signal(local.handle, signal.SIGTERM)
                     procfs.signal_pids(escaped, signal.SIGTERM, signal.SIGCONT)
                     self._loop.timers.set(
-                        ("drain-kill", pid), self._loop.clock() + self._stop_timeout_s,
+                        ("drain-kill", pid),
+                        self._loop.clock() + self._stop_timeout_s,
                         functools.partial(self._kill_all_of, local),
                     )
                 self._loop.timers.set(
@@ -318,6 +329,8 @@ def _spawn_reason(exc: OSError, argv0: str) -> str:
     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
         return f"out of resources: {exc.strerror}"
     if exc.errno == errno.E2BIG:
-        return (f"argument list or environment too long for {argv0!r} (one value may hold "
-                "128 KiB at most; the shard's record travels in ORCH_SHARD)")
+        return (
+            f"argument list or environment too long for {argv0!r} (one value may hold "
+            "128 KiB at most; the shard's record travels in ORCH_SHARD)"
+        )
     return f"{exc.strerror or exc} ({argv0!r})"
