@@ -16,7 +16,6 @@ Layout::
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import tempfile
 import time
@@ -52,7 +51,7 @@ def runs_root(home: str) -> str:
 def new_run_id(now: float | None = None) -> str:
     """``20261126-191501-3fa9``: sorts by start time, unique with the random tail."""
     t = time.localtime(time.time() if now is None else now)
-    return time.strftime("%Y%m%d-%H%M%S", t) + "-" + secrets.token_hex(2)
+    return time.strftime("%Y%m%d-%H%M%S", t) + "-" + os.urandom(2).hex()
 
 
 def create_run_dir(home: str, run_id: str) -> str:

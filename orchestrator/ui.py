@@ -183,19 +183,34 @@ class LiveView(PlainView):
         return grid
 
     def _notable(self, master: Master, limit: int = 5) -> list[str]:
-        """Shards worth a look: backing off after failures, then the slowest running."""
-        rows: list[str] = []
+        """Shards worth a look: failing (in backoff), stalled-looking, then the slowest."""
+        failing: list[str] = []
+        quiet: list[tuple[float, int]] = []
+        running: list[tuple[float, int]] = []
+        now = master.loop.clock()
+        quiet_s = max(5.0, 5 * master.task.heartbeat_interval_s)
         for i, rt in enumerate(master.rt):
-            if rt.life.state is State.BACKOFF and len(rows) < limit:
-                rows.append(
-                    f"[yellow]{master.shards[i].id}[/] backoff "
-                    f"(attempt {rt.life.attempt}: {rt.life.reason})"
-                )
-        running = [
-            ((rt.done or 0) / rt.total if rt.total else 0.0, i)
-            for i, rt in enumerate(master.rt)
-            if rt.life.state is State.RUNNING and rt.total
-        ]
+            state = rt.life.state
+            if state is State.BACKOFF:
+                if len(failing) < limit:
+                    failing.append(
+                        f"[yellow]{master.shards[i].id}[/] backoff "
+                        f"(attempt {rt.life.attempt}: {rt.life.reason})"
+                    )
+            elif state is State.RUNNING:
+                watch = rt.watch
+                if watch is not None and watch.last_move is not None:
+                    idle = now - watch.last_move
+                    if idle >= quiet_s:
+                        quiet.append((-idle, i))
+                        continue
+                if rt.total:
+                    running.append(((rt.done or 0) / rt.total, i))
+        rows = failing
+        for idle, i in sorted(quiet)[: max(0, limit - len(rows))]:
+            rows.append(
+                f"[magenta]{master.shards[i].id}[/] no progress for {format_duration(-idle)}"
+            )
         for frac, i in sorted(running)[: max(0, limit - len(rows))]:
             rows.append(f"[dim]{master.shards[i].id}[/] {frac:6.1%}")
         return rows

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import sources
+from orchestrator import readers, sources
 from orchestrator.errors import ShardListError
 from orchestrator.sources import Shard, ShardList, load_shards, parse_range
 
@@ -331,7 +331,7 @@ def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def deny(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(sources, "open", deny, raising=False)
+    monkeypatch.setattr(readers, "open", deny, raising=False)
     assert _error(path) == f"{path}: permission denied"
 
 
@@ -339,7 +339,7 @@ def test_other_os_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(sources, "open", fail, raising=False)
+    monkeypatch.setattr(readers, "open", fail, raising=False)
     assert _error("m.csv") == "m.csv: cannot read (Input/output error)"
 
 
