@@ -100,7 +100,8 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
             continue
         if len(row) != len(header):
             raise ShardListError(
-                f"{src}:{start}: row has {len(row)} fields, header has {len(header)}"
+                f"{src}:{start}: row has {len(row)} field{'s' if len(row) != 1 else ''}, "
+                f"header has {len(header)}"
             )
         if not row[id_col].strip():
             raise ShardListError(f"{src}:{start}: empty shard id in column {header[id_col]!r}")

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 _ORDER = ("running", "pending", "backoff", "stopping", "done", "failed", "stopped")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def counts_text(counts: dict[str, int]) -> str:
     parts = [f"{counts[s]} {s}" for s in _ORDER if counts.get(s)]
     return ", ".join(parts) or "no shards"
@@ -93,8 +97,8 @@ class PlainView(View):
 
     def started(self, master: Master) -> None:
         self._print(
-            f"orch: run {master.run_id}: {len(master.shards)} shards, jobs {master.jobs}, "
-            f"logs in {master.run_dir}/logs"
+            f"orch: run {master.run_id}: {plural(len(master.shards), 'shard')}, "
+            f"jobs {master.jobs}, logs in {master.run_dir}/logs"
         )
 
     def event(self, text: str) -> None:
@@ -139,7 +143,7 @@ class LiveView(PlainView):
         from rich.live import Live
 
         self.console.print(
-            f"[bold]orch[/] run [cyan]{master.run_id}[/]: {len(master.shards)} shards, "
+            f"[bold]orch[/] run [cyan]{master.run_id}[/]: {plural(len(master.shards), 'shard')}, "
             f"jobs {master.jobs}, logs in {master.run_dir}/logs"
         )
         self._live = Live(console=self.console, auto_refresh=False, transient=True)
