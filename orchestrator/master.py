@@ -137,6 +137,7 @@ class Master(Attempts, Tracking):
             total,
             cp,
             cp_done,
+            has_cp,
         ) in self.store.resume_rows():
             state = State(state_text)
             if (
@@ -153,8 +154,8 @@ class Master(Attempts, Tracking):
                 done=cp_done,
                 total=total,
             )
-            if cp is not None or cp_done is not None:
-                rt.checkpoint, rt.has_checkpoint, rt.checkpoint_done = cp, cp is not None, cp_done
+            if has_cp or cp_done is not None:
+                rt.checkpoint, rt.has_checkpoint, rt.checkpoint_done = cp, has_cp, cp_done
             if state.terminal:
                 rt.done = done
             else:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from orchestrator import lifecycle as lc
 from orchestrator import procfs
 from orchestrator.backends import AttemptHandle
@@ -204,7 +206,8 @@ class Tracking:
         rt.checkpoint_done = done if done is not None else rt.done
         self.store.set_shard(
             idx,
-            checkpoint=checkpoint,
+            # Encoded here so that a JSON null is stored as "null", not as no checkpoint.
+            checkpoint=orjson.dumps(checkpoint),
             checkpoint_done=rt.checkpoint_done,
             checkpoint_at=time.time(),
         )

@@ -431,15 +431,16 @@ class Store:
 
     def resume_rows(self) -> Iterator[tuple[Any, ...]]:
         """What a master needs per shard, lean and streamed (100,000 shards, little memory):
-        ``(idx, id, state, attempts, reason, done, total, checkpoint, checkpoint_done)``,
-        checkpoint decoded, ordered by idx."""
+        ``(idx, id, state, attempts, reason, done, total, checkpoint, checkpoint_done,
+        has_checkpoint)``, checkpoint decoded (``has_checkpoint`` tells a stored JSON
+        ``null`` from no checkpoint), ordered by idx."""
         cur = self._query(
             "SELECT idx, id, state, attempts, reason, done, total, checkpoint, checkpoint_done "
             "FROM shards ORDER BY idx"
         )
         for row in cur:
             cp = row[7]
-            yield (*row[:7], orjson.loads(cp) if cp is not None else None, row[8])
+            yield (*row[:7], orjson.loads(cp) if cp is not None else None, row[8], cp is not None)
 
     def shard(self, key: str | int) -> dict[str, Any] | None:
         """One shard by id (``str``) or idx (``int``); None if there is none."""

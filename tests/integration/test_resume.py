@@ -373,3 +373,31 @@ def test_resume_retry_failed_restarts_shards_that_gave_up(denv: Env) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     detail = denv.status(run_id)
     assert [(s["state"], s["attempts"]) for s in detail["shards"]] == [("done", 3), ("done", 3)]
+
+
+NULL_CHECKPOINT = """\
+import os, sys, time
+from pathlib import Path
+import shards
+
+out = Path(sys.argv[1])
+if os.environ["ORCH_ATTEMPT"] == "1":
+    shards.checkpoint(None)  # a checkpoint whose state is JSON null is still a checkpoint
+    (out / "checkpointed").write_text("1")
+    time.sleep(1000)
+(out / "seen").write_text(repr((os.environ.get("ORCH_CHECKPOINT"), shards.last_checkpoint())))
+"""
+
+
+def test_a_null_checkpoint_survives_the_master_and_reaches_the_resumed_attempt(
+    denv: Env,
+) -> None:
+    script = denv.script("nullcp.py", NULL_CHECKPOINT)
+    out = denv.cwd / "out"
+    out.mkdir()
+    run = Run(denv, start_detached(denv, "--split", "1", "--", PYTHON, script, str(out)))
+    assert poll_for(lambda: (out / "checkpointed").exists(), timeout=15)
+    run.kill_master(signal.SIGKILL)
+    proc = denv.orch("resume", run.id, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "seen").read_text() == repr(("null", None))
