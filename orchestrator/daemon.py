@@ -33,6 +33,8 @@ from orchestrator.sources import ShardList
 from orchestrator.store import Store
 
 START_TIMEOUT_S = 15.0
+#: How long resume waits for SIGKILLed leftovers to be gone (a process in D state can linger).
+KILL_WAIT_S = 5.0
 
 
 class RunIsLive(OrchError):
@@ -149,6 +151,11 @@ def kill_leftovers(store: Store, run_id: str, grace_s: float) -> int:
         time.sleep(0.05)
         live = [p for p in live if procfs.exists(p)]
     procfs.signal_pids(live, signal.SIGKILL)
+    # Gone means gone: no new attempt may overlap one that is still exiting.
+    deadline = time.monotonic() + KILL_WAIT_S
+    while live and time.monotonic() < deadline:
+        time.sleep(0.01)
+        live = [p for p in live if procfs.exists(p)]
     return len(pids)
 
 

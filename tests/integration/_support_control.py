@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 import zmq
-from conftest import Env, poll_for, run_pids
+from itest import Env, poll_for, run_pids
 
 from orchestrator.store import Store
 

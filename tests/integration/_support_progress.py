@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from conftest import Env, poll_for
+from itest import Env, poll_for
 
 from orchestrator import control
 from orchestrator.errors import OrchError

@@ -31,7 +31,7 @@ from _support_control import (
     proc_stat,
     start_detached,
 )
-from conftest import ORCH, Env, orch_env, poll_for
+from itest import ORCH, Env, orch_env, poll_for
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from _support_progress import (
     wait_live,
     wait_path,
 )
-from conftest import PYTHON, Env, by_id, poll_for
+from itest import PYTHON, Env, by_id, poll_for
 
 from shards import protocol as proto
 

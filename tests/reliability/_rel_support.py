@@ -34,7 +34,7 @@ def _load_integration_conftest() -> Any:
     name = "_orch_integration_conftest"
     mod = sys.modules.get(name)
     if mod is None:
-        path = Path(__file__).resolve().parent.parent / "integration" / "conftest.py"
+        path = Path(__file__).resolve().parent.parent / "integration" / "itest.py"
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
