@@ -40,7 +40,7 @@ def wait_go():
     while not go.exists():
         if _time.monotonic() > deadline:
             _sys.exit(3)
-        _time.sleep(0.01)
+        _time.sleep(0.01)  # allowed-sleep: deadline-bounded poll
 """
 
 

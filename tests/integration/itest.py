@@ -84,7 +84,7 @@ def poll_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         value = predicate()
         if value or time.monotonic() >= deadline:
             return value
-        time.sleep(interval)
+        time.sleep(interval)  # allowed-sleep: poll interval of poll_for itself
 
 
 def _environ(pid: int) -> bytes:

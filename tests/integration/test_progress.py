@@ -162,7 +162,7 @@ if shards.info().attempt == 1:
     (here / "pid1").write_text(str(os.getpid()))
     while True:  # moves steadily until the test freezes it with SIGSTOP
         shards.advance()
-        time.sleep(0.01)
+        time.sleep(0.01)  # allowed-sleep: the shard's simulated work per item
 shards.progress(1, total=1)
 """
 
@@ -265,7 +265,7 @@ here = Path(__file__).parent
 if os.environ["ORCH_ATTEMPT"] == "1":
     hog = b"x" * (150 * 1024 * 1024)  # written, so resident
     (here / "hog").write_text(str(os.getpid()))
-    time.sleep(HOLD_S)  # the master kills us well before this
+    time.sleep(HOLD_S)  # allowed-sleep: the shard holds its memory until the master kills it
 """
 
 
@@ -313,7 +313,7 @@ with open(here / "items.txt", "a") as log:
     for i in shards.track(range(start, N), total=N):
         log.write(f"{me.attempt} {i}\\n")
         log.flush()
-        time.sleep(0.002)
+        time.sleep(0.002)  # allowed-sleep: the shard's simulated work per item
         if (i + 1) % K == 0:
             shards.checkpoint({"next": i + 1})
         if me.attempt == 1 and i + 1 == CRASH_AFTER:
@@ -337,7 +337,7 @@ def test_crashed_shard_resumes_from_its_checkpoint(env: Env) -> None:
                 floor = max(floor, cp_done)
                 # Shown progress never goes back past the last checkpoint.
                 assert done is not None and done >= floor, samples[-5:]
-            time.sleep(0.005)
+            time.sleep(0.005)  # allowed-sleep: sampling pace of the progress-never-goes-back check
         assert finish(env, proc) == 0, orch_output(env)
     finally:
         (env.cwd / "go").touch()
@@ -600,7 +600,7 @@ go = Path(__file__).parent / "go"
 deadline = time.monotonic() + 60
 while not go.exists() and time.monotonic() < deadline:
     shards.advance(10)
-    time.sleep(0.005)
+    time.sleep(0.005)  # allowed-sleep: the shard's simulated work per item (deadline-bounded)
 """
 
 LIVE_FIELDS = ("rate", "eta_s", "heartbeat_age_s", "cpu_percent", "rss_bytes")

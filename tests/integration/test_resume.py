@@ -56,7 +56,7 @@ with open(out / "attempts.log", "a") as f:
 for i in range(start, n):
     with open(out / "processed.log", "a") as f:
         f.write(f"{i}\\n")
-    time.sleep(delay)
+    time.sleep(delay)  # allowed-sleep: the shard's simulated work per item
     tmp = out / f"item-{i}.{os.getpid()}.tmp"
     tmp.write_text(f"{os.environ['ORCH_SHARD_ID']}:{i}\\n")
     os.replace(tmp, out / f"item-{i}.txt")
@@ -114,7 +114,7 @@ shards.progress(0, 1000)
 child = subprocess.Popen(["sleep", "1000"])  # a grandchild of the master
 for _ in range(1000):
     shards.advance(1)
-    time.sleep(0.05)
+    time.sleep(0.05)  # allowed-sleep: the shard's simulated work per item
 """
 
 
@@ -339,7 +339,7 @@ def test_kill_and_resume_at_random_moments(denv: Env) -> None:
     with ProcessSampler(run.id, denv.home) as sampler:
         for _ in range(cycles):
             # A random moment to kill at: this chooses when, it does not wait for anything.
-            time.sleep(rng.uniform(0.05, 0.9))
+            time.sleep(rng.uniform(0.05, 0.9))  # allowed-sleep: seeded fault timing
             for k, s in run.shards().items():
                 if s["state"] == "done":
                     done_attempts.setdefault(k, s["attempts"])
@@ -396,7 +396,7 @@ out = Path(sys.argv[1])
 if os.environ["ORCH_ATTEMPT"] == "1":
     shards.checkpoint(None)  # a checkpoint whose state is JSON null is still a checkpoint
     (out / "checkpointed").write_text("1")
-    time.sleep(1000)
+    time.sleep(1000)  # allowed-sleep: the attempt idles until the test kills its master
 (out / "seen").write_text(repr((os.environ.get("ORCH_CHECKPOINT"), shards.last_checkpoint())))
 """
 

@@ -358,7 +358,7 @@ def test_jobs_caps_how_many_run_at_once(env: Env) -> None:
     script = env.script("span.py", """\
 import os, time
 t0 = time.time()
-time.sleep(0.4)
+time.sleep(0.4)  # allowed-sleep: the shard's simulated work, so that runs overlap
 t1 = time.time()
 with open(f"span-{os.environ['ORCH_SHARD_INDEX']}", "w") as f:
     f.write(f"{t0} {t1}")
@@ -505,7 +505,7 @@ import os, sys, time
 me = os.environ["ORCH_SHARD_INDEX"]
 deadline = time.time() + 20
 while not os.path.exists(f"go-{me}") and time.time() < deadline:
-    time.sleep(0.02)
+    time.sleep(0.02)  # allowed-sleep: deadline-bounded poll
 sys.exit(1 if me == "0" else 0)
 """)
     proc = subprocess.Popen(

@@ -93,7 +93,7 @@ def _drive(run: Run, rng: random.Random, seconds: float, max_faults: int) -> Cou
                     heapq.heappush(conts, (now + rng.uniform(0.1, 1.5), pid, start))
                 elif kind.startswith("park"):
                     parked.add(pgid)
-        time.sleep(rng.uniform(0.0, 0.05))
+        time.sleep(rng.uniform(0.0, 0.05))  # allowed-sleep: seeded fault timing
     for _, pid, start in conts:
         signal_verified(pid, signal.SIGCONT, needles, start)
     return sent
@@ -196,7 +196,7 @@ def _start_killed_at_startup(env: Env, args: list[str], rng: random.Random) -> R
     run = Run(env, run_dir.name)
     pid = _new_master(run.dir, None, DEADLINE_S)
     assert pid is not None, cli.communicate()[0]
-    time.sleep(rng.uniform(0.0, 0.25))
+    time.sleep(rng.uniform(0.0, 0.25))  # allowed-sleep: seeded fault timing
     assert run.kill_master(pid)
     cli.communicate(timeout=DEADLINE_S)
     return run
@@ -210,7 +210,7 @@ def _kill_cycle(env: Env, run: Run, kind: str, rng: random.Random) -> bool:
         cli = _launch(env, "resume", run.id, "-d")
         pid = _new_master(run.dir, old, DEADLINE_S)
         assert pid is not None, cli.communicate()[0]
-        time.sleep(rng.uniform(0.0, 0.25))
+        time.sleep(rng.uniform(0.0, 0.25))  # allowed-sleep: seeded fault timing
         hit = run.kill_master(pid)
         cli.communicate(timeout=DEADLINE_S)
         return hit
@@ -218,19 +218,19 @@ def _kill_cycle(env: Env, run: Run, kind: str, rng: random.Random) -> bool:
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == run.id
     if kind == "mid":
-        time.sleep(rng.uniform(0.1, 1.0))
+        time.sleep(rng.uniform(0.1, 1.0))  # allowed-sleep: seeded moment to kill the master mid-run
     elif kind == "checkpoint":
         # While checkpoints pour in: at least 50 more stored since the resume.
         before = _checkpointed(run)
         poll_for(lambda: _checkpointed(run) >= before + 50, timeout=10, interval=0.005)
-        time.sleep(rng.uniform(0.0, 0.03))
+        time.sleep(rng.uniform(0.0, 0.03))  # allowed-sleep: seeded fault timing
     else:
-        time.sleep(rng.uniform(0.1, 0.6))
+        time.sleep(rng.uniform(0.1, 0.6))  # allowed-sleep: seeded moment to kill the master
         # What `orch stop` sends, straight to the socket, so that the kill lands while the
         # graceful shards are still finishing their items.
         reply = control(str(run.row()["control"]), {"v": 1, "op": "stop"})
         assert reply is None or reply["ok"], reply
-        time.sleep(rng.uniform(0.0, 0.05))
+        time.sleep(rng.uniform(0.0, 0.05))  # allowed-sleep: seeded fault timing
     return run.kill_master()
 
 

@@ -131,7 +131,7 @@ shards.progress(0)
 deadline = time.monotonic() + 120
 while not (here / "release").exists() and time.monotonic() < deadline:
     shards.advance()
-    time.sleep(0.05)
+    time.sleep(0.05)  # allowed-sleep: simulated work
 """
 
 
@@ -159,7 +159,7 @@ def test_stdout_flood_starves_nobody_and_loses_no_line(env: Env, slow: bool) -> 
             t0 = time.monotonic()
             reply = control(endpoint, {"v": 1, "op": "ping"}, timeout_s=10)
             latencies.append(time.monotonic() - t0 if reply is not None else float("inf"))
-            time.sleep(0.02)
+            time.sleep(0.02)  # allowed-sleep: sampling pace
 
     def ask_status() -> None:
         while not flood_done.exists():
@@ -210,7 +210,7 @@ def test_a_thousand_shards_start_at_once(env: Env) -> None:
     peak = 0
     while proc.poll() is None and time.monotonic() - t0 < DEADLINE_S * 2:
         peak = max(peak, len(run_pids(run.id, env.home)))
-        time.sleep(0.05)
+        time.sleep(0.05)  # allowed-sleep: sampling pace
     elapsed = time.monotonic() - t0
     _finish(env, proc)
     detail = env.status(run.id)

@@ -52,7 +52,7 @@ here = Path(__file__).parent
 (here / f"ready{shards.info().index}").write_text("")
 deadline = time.monotonic() + 120
 while not (here / "go").exists() and time.monotonic() < deadline:
-    time.sleep(0.02)
+    time.sleep(0.02)  # allowed-sleep: poll interval of the shard's deadline-bounded wait for 'go'
 shards.progress(1)
 """
 

@@ -48,7 +48,7 @@ shards.progress(1, total=3)
 (here / f"ready{me.index}").write_text("")
 deadline = time.monotonic() + 120
 while not (here / "go").exists() and time.monotonic() < deadline:
-    time.sleep(0.02)
+    time.sleep(0.02)  # allowed-sleep: poll interval of the shard's deadline-bounded wait for 'go'
 shards.checkpoint({"shard": me.index})
 shards.progress(3)
 (here / f"result{me.index}").write_text(json.dumps(shards.info().checkpoint))
@@ -290,7 +290,7 @@ def _unix(path: str) -> socket.socket:
             s.close()
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.01)
+            time.sleep(0.01)  # allowed-sleep: retry interval of a deadline-bounded connect
 
 
 def test_raw_bytes_and_oversize_frames_on_both_endpoints(env: Env) -> None:

@@ -145,7 +145,7 @@ def poll_until(cond: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+        time.sleep(0.02)  # allowed-sleep: poll interval of poll_until itself
 
 
 # -- heartbeats, progress, END -------------------------------------------------------
