@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +104,7 @@ class Master(Attempts, Tracking):
         self._ids: dict[str, int] = {}
         self._acks: list[tuple[bytes, proto.Message]] = []
         self._unfinished = 0
+        self._counts: Counter[str] = Counter()
         #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
         self._restarted: set[int] = set()
         self._unstamped: list[AttemptHandle] = []
@@ -164,6 +165,7 @@ class Master(Attempts, Tracking):
                 if state_text != pending:
                     self.store.set_shard(idx, state=pending, pid=None)
             self.rt.append(rt)
+            self._counts[state.value] += 1
             self._ids[shard_id] = idx
 
     def run(self) -> int:
@@ -302,6 +304,8 @@ class Master(Attempts, Tracking):
                 self.loop.timers.cancel((idx, kind))
 
     def _changed(self, idx: int, old: lc.Shard, new: lc.Shard) -> None:
+        self._counts[old.state.value] -= 1
+        self._counts[new.state.value] += 1
         if new.state.holds_slot and not old.state.holds_slot:
             self.running += 1
         elif old.state.holds_slot and not new.state.holds_slot:
@@ -400,11 +404,8 @@ class Master(Attempts, Tracking):
         return garbage + self.unknown_messages
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for rt in self.rt:
-            key = rt.life.state.value
-            out[key] = out.get(key, 0) + 1
-        return out
+        """Shards by state (states with none left out), kept up to date by ``_changed``."""
+        return {state: n for state, n in self._counts.items() if n}
 
     def run_state(self) -> str:
         if self._unfinished > 0 or self.running > 0:

@@ -154,9 +154,7 @@ class Tracking:
 
     def _flush_one(self, idx: int) -> None:
         rt = self.rt[idx]
-        self.store.set_shard(
-            idx, done=rt.done, total=rt.total, heartbeat_at=rt.heartbeat_at, rss_bytes=rt.rss
-        )
+        self.store.set_progress_many([(rt.done, rt.total, rt.heartbeat_at, rt.rss, idx)])
         self._progress_dirty.discard(idx)
 
     def _flush_progress(self) -> None:

@@ -57,20 +57,6 @@ class Rate:
         return max(0.0, (s[-1][1] - s[0][1]) / (s[-1][0] - s[0][0]))
 
 
-def progress_of(master: Master) -> tuple[int, int | None]:
-    done = 0
-    total: int | None = 0
-    for rt in master.rt:
-        done += rt.done or 0
-        if total is not None:
-            if rt.total is None:
-                if rt.life.state is not State.DONE:
-                    total = None
-            else:
-                total += rt.total
-    return done, (total or None)
-
-
 class PlainView(View):
     """Periodic plain lines, for logs and pipes."""
 
@@ -111,7 +97,7 @@ class PlainView(View):
 
     def status_line(self, master: Master) -> str:
         line = counts_text(master.counts())
-        done, total = progress_of(master)
+        done, total = master.items()
         if done or total:
             rate = self._rate.add(time.monotonic(), done)
             line += f" | {done}" + (f"/{total}" if total else "") + " items"
@@ -163,7 +149,7 @@ class LiveView(PlainView):
         from rich.table import Table
 
         counts = master.counts()
-        done, total = progress_of(master)
+        done, total = master.items()
         rate = self._rate.add(time.monotonic(), done)
         grid = Table.grid(padding=(0, 1), expand=True)
         grid.add_column(ratio=1)

@@ -116,6 +116,7 @@ class LocalBackend(Backend):
         self._by_pid: dict[int, _Local] = {}
         self._draining: dict[int, _Local] = {}
         self._resolved: dict[tuple[str, str | None, str | None], str] = {}
+        self._here: dict[str, bool] = {}
         self.subreaper = become_subreaper()
         self.reaped_unknown = 0
 
@@ -123,7 +124,7 @@ class LocalBackend(Backend):
 
     def start(self, spec: AttemptSpec) -> AttemptHandle:
         cwd = spec.cwd
-        if cwd is not None and os.path.realpath(cwd) != os.path.realpath(os.getcwd()):
+        if cwd is not None and not self._is_here(cwd):
             if not os.path.isdir(cwd):
                 raise SpawnError(f"cwd does not exist: {cwd!r}")
             # posix_spawn cannot chdir before 3.13: go through env(1) -C, no shell involved.
@@ -186,6 +187,13 @@ class LocalBackend(Backend):
         self._loop.add_reader(out_r, self._reader(local, Stream.STDOUT))
         self._loop.add_reader(err_r, self._reader(local, Stream.STDERR))
         return handle
+
+    def _is_here(self, cwd: str) -> bool:
+        """Whether ``cwd`` is the master's own directory (asked once per directory)."""
+        here = self._here.get(cwd)
+        if here is None:
+            here = self._here[cwd] = os.path.realpath(cwd) == os.path.realpath(os.getcwd())
+        return here
 
     def _reader(self, local: _Local, stream: Stream) -> Callable[[], None]:
         def on_readable() -> None:
