@@ -196,7 +196,7 @@ def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store, int
 
 def main(argv: list[str]) -> int:
     """``python -m orchestrator.daemon RUN_DIR``: the detached master."""
-    from orchestrator.master import Master
+    from orchestrator.assemble import build_master
     from orchestrator.ui import PlainView
 
     retry_failed = "--retry-failed" in argv
@@ -213,7 +213,7 @@ def main(argv: list[str]) -> int:
     run_id, task, shards, store = load_run(run_dir)
     with open(os.path.join(run_dir, MASTER_PID), "w", opener=_private) as f:
         f.write(f"{os.getpid()}\n")
-    master = Master(
+    master = build_master(
         run_id=run_id,
         run_dir=run_dir,
         task=task,

@@ -20,7 +20,7 @@ from orchestrator.errors import ConfigError, SpawnError, UsageError
 from orchestrator.runs import STATE_DB, TASK_JSON, create_run_dir, home_dir, lock_run, new_run_id
 from orchestrator.sources import ShardList, load_shards
 from orchestrator.store import RunRow, Store
-from orchestrator.template import CommandTemplate, check_fields
+from orchestrator.template import CommandTemplate, check_fields, compile_command
 
 #: CLI option name -> orch.toml key.
 _OVERRIDES = {
@@ -84,13 +84,6 @@ def resolve_task(head: str | None, command: tuple[str, ...], opts: dict[str, Any
     if command:
         overrides["command"] = list(command)
     return build_task(name=name, file_task=file_task, file_path=path, overrides=overrides, cwd=cwd)
-
-
-def compile_command(task: TaskConfig) -> CommandTemplate:
-    if task.call is not None:
-        argv: tuple[str, ...] = (sys.executable, "-m", "shards.runner", task.call)
-        return CommandTemplate.compile(argv, dict(task.env), where="call")
-    return CommandTemplate.compile(task.command, dict(task.env), shell=task.shell, where="command")
 
 
 def preflight(task: TaskConfig, template: CommandTemplate, shards: ShardList) -> None:
@@ -182,13 +175,13 @@ def supervise(
     view: Any = None,
     retry_failed: bool = False,
 ) -> int:
-    from orchestrator.master import Master
+    from orchestrator.assemble import build_master
     from orchestrator.show import print_summary
     from orchestrator.ui import LiveView, PlainView
 
     if view is None:
         view = LiveView(verbose=verbose) if sys.stdout.isatty() else PlainView(verbose=verbose)
-    master = Master(
+    master = build_master(
         run_id=run_id,
         run_dir=run_dir,
         task=task,

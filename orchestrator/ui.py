@@ -179,7 +179,7 @@ class LiveView(PlainView):
         running: list[tuple[float, int]] = []
         now = master.loop.clock()
         quiet_s = max(5.0, 5 * master.task.heartbeat_interval_s)
-        for i, rt in enumerate(master.rt):
+        for i, rt in enumerate(master.shard_runs):
             state = rt.life.state
             if state is State.BACKOFF:
                 if len(failing) < limit:
