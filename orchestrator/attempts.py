@@ -24,7 +24,7 @@ from orchestrator.lifecycle import State
 from orchestrator.liveness import Watch
 from orchestrator.logs import ShardLogs, protocol_lines, stamp
 from orchestrator.loop import Loop
-from orchestrator.ports import Guard, HeartbeatChannel, View
+from orchestrator.ports import Guard, HeartbeatChannel, Reporter
 from orchestrator.progress import Apply, Tracker
 from orchestrator.runs import LOGS
 from orchestrator.shard import ShardRun
@@ -73,7 +73,7 @@ class Attempts:
         backend: Backend,
         channel: HeartbeatChannel,
         guardian: Guard,
-        view: View,
+        view: Reporter,
         wall: Callable[[], float],
         tracker: Tracker,
         apply: Apply,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import zmq
@@ -33,9 +33,7 @@ import zmq
 from orchestrator.channel import bind_ipc
 from orchestrator.errors import MasterUnreachable
 from orchestrator.loop import Loop
-
-if TYPE_CHECKING:
-    from orchestrator.ports import Steerable
+from orchestrator.ports import Steerable
 
 CONTROL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024

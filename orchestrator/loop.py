@@ -47,6 +47,11 @@ class Timers:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._live
 
+    def at(self, key: Hashable) -> float | None:
+        """When the timer under ``key`` fires, or None when there is none."""
+        entry = self._live.get(key)
+        return entry[0] if entry is not None else None
+
     def next_at(self) -> float | None:
         heap, live = self._heap, self._live
         while heap:

@@ -29,7 +29,7 @@ from orchestrator.config import TaskConfig
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK
 from orchestrator.lifecycle import Intent, State
 from orchestrator.loop import raise_fd_limit
-from orchestrator.ports import Ports, View
+from orchestrator.ports import Ports
 from orchestrator.progress import MEMORY_CHECK_S, Tracker
 from orchestrator.shard import ShardRun
 from orchestrator.sources import ShardList
@@ -51,6 +51,19 @@ def default_jobs(count: int, requested: int | None) -> int:
         return requested
     fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
     return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
+
+
+class View:
+    """What the master tells the person watching; the base class says nothing."""
+
+    def started(self, master: Master) -> None: ...
+    def event(self, text: str) -> None: ...
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None: ...
+    def tick(self, master: Master) -> None: ...
+    def finished(self, master: Master) -> None: ...
+
+    verbose = False
+    tick_s = 1.0
 
 
 class Master:

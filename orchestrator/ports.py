@@ -16,17 +16,14 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from orchestrator.backends import Backend, Stream
 from orchestrator.loop import Loop
-
-if TYPE_CHECKING:
-    from orchestrator.master import Master
-    from shards.protocol import Message
+from shards.protocol import Message
 
 #: ``on_message(identity, message)``: a decoded protocol message from a shard.
-OnMessage = Callable[[bytes, "Message"], None]
+OnMessage = Callable[[bytes, Message], None]
 
 
 class HeartbeatChannel(Protocol):
@@ -123,14 +120,13 @@ class Ports:
     rand: Callable[[], float] = random.random  # backoff jitter
 
 
-class View:
-    """What the master tells the person watching; the base class says nothing."""
+class Reporter(Protocol):
+    """What the master's parts tell the person watching (``master.View`` is one)."""
 
-    def started(self, master: Master) -> None: ...
-    def event(self, text: str) -> None: ...
-    def line(self, shard_id: str, stream: Stream, data: bytes) -> None: ...
-    def tick(self, master: Master) -> None: ...
-    def finished(self, master: Master) -> None: ...
+    verbose: bool
 
-    verbose = False
-    tick_s = 1.0
+    def event(self, text: str) -> None:
+        """A notable thing happened to a shard (a failure, a kill)."""
+
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None:
+        """Output of an attempt (shown with --verbose)."""

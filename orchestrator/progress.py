@@ -22,7 +22,7 @@ from orchestrator import lifecycle as lc
 from orchestrator.backends import AttemptHandle, Backend
 from orchestrator.lifecycle import State
 from orchestrator.loop import Loop
-from orchestrator.ports import HeartbeatChannel, View
+from orchestrator.ports import HeartbeatChannel, Reporter
 from orchestrator.shard import ShardRun
 from orchestrator.store import Store
 from orchestrator.units import format_bytes
@@ -73,7 +73,7 @@ class Tracker:
         store: Store,
         backend: Backend,
         channel: HeartbeatChannel,
-        view: View,
+        view: Reporter,
         wall: Callable[[], float],
         apply: Apply,
         commit: Callable[[], None],
