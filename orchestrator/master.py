@@ -35,7 +35,6 @@ from orchestrator.shard import ShardRun
 from orchestrator.sources import ShardList
 from orchestrator.store import Store
 from orchestrator.template import compile_command
-from shards import protocol as proto
 
 __all__ = ["DEFAULT_MAX_JOBS", "FDS_PER_ATTEMPT", "Master", "View", "default_jobs"]
 
@@ -106,6 +105,7 @@ class Master:
         self.tracker = Tracker(
             loop=self.loop,
             store=store,
+            by_id=self._by_id,
             backend=self.backend,
             channel=self.channel,
             view=self.view,
@@ -132,7 +132,7 @@ class Master:
             interrupted=lambda: self.interrupted is not None,
         )
         self.backend.bind(self)
-        self.channel.bind(self.on_message)
+        self.channel.bind(self.tracker.on_message)
         ports.control.bind(self)
 
     # --- running ------------------------------------------------------------------
@@ -212,20 +212,13 @@ class Master:
         self.loop.close()
         return code
 
-    # --- what the backend and the channel report -------------------------------------
+    # --- what the backend reports (the channel's messages go to the tracker) ---------------
 
     def on_output(self, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
         self.attempts.output(self.shard_runs[handle.spec.index], handle, stream, data)
 
     def on_exit(self, handle: AttemptHandle, code: int) -> None:
         self.attempts.exited(self.shard_runs[handle.spec.index], handle, code)
-
-    def on_message(self, identity: bytes, msg: proto.Message) -> None:
-        run = self._by_id.get(msg.shard)
-        if run is None or run.life.attempt != msg.attempt:
-            self.tracker.stale(identity, msg, known=run is not None)
-            return
-        self.tracker.message(run, identity, msg)
 
     # --- signals ------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ and the memory check, each as a lifecycle ``Kill``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -71,6 +71,7 @@ class Tracker:
         *,
         loop: Loop,
         store: Store,
+        by_id: Mapping[str, ShardRun],
         backend: Backend,
         channel: HeartbeatChannel,
         view: Reporter,
@@ -81,6 +82,7 @@ class Tracker:
     ) -> None:
         self._loop = loop
         self._store = store
+        self._by_id = by_id
         self._backend = backend
         self._channel = channel
         self._view = view
@@ -165,18 +167,21 @@ class Tracker:
 
     # --- messages -----------------------------------------------------------------
 
-    def stale(self, identity: bytes, msg: proto.Message, known: bool) -> None:
-        """A message from an attempt that is not its shard's current one, or from no shard
-        of this run (forged or misrouted): counted, and a checkpoint or end refused."""
-        if known:
-            self.stale_messages += 1
-        else:
-            self.unknown_messages += 1
-        if msg.kind in (proto.Kind.CHECKPOINT, proto.Kind.END):
-            self.acks.refuse(identity, msg, "stale attempt: a newer one runs")
+    def on_message(self, identity: bytes, msg: proto.Message) -> None:
+        """A message from the heartbeat channel (the hot path: 100,000 a second).
 
-    def message(self, run: ShardRun, identity: bytes, msg: proto.Message) -> None:
-        """A message from the shard's current attempt."""
+        One from an attempt that is not its shard's current one, or from no shard of
+        this run (forged or misrouted), is counted, and a checkpoint or end refused.
+        """
+        run = self._by_id.get(msg.shard)
+        if run is None or run.life.attempt != msg.attempt:
+            if run is None:
+                self.unknown_messages += 1
+            else:
+                self.stale_messages += 1
+            if msg.kind in (proto.Kind.CHECKPOINT, proto.Kind.END):
+                self.acks.refuse(identity, msg, "stale attempt: a newer one runs")
+            return
         self.beat(run, msg.done, msg.total)
         if msg.kind is proto.Kind.CHECKPOINT:
             self._checkpoint(run, msg.checkpoint, msg.done)
