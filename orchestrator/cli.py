@@ -5,12 +5,15 @@ orch.toml > defaults), reads and validates the shard list and the command
 template, and only then creates a run. Every user mistake surfaces as an
 ``OrchError`` printed as ``orch: <one line>`` with exit code 2; nothing has
 been started when that happens.
+
+Each command imports the module that carries it out inside its function:
+``orch status`` must not pay for the master's stack, nor ``orch run`` for
+the status tables (start-up time is a measured figure).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Any
 
@@ -18,8 +21,6 @@ import click
 
 from orchestrator import __version__
 from orchestrator.errors import RET_USAGE, OrchError, UsageError
-
-CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 class _RunCommand(click.Command):
@@ -84,7 +85,7 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
     """Run a task once per shard: orch run [TASK] [OPTIONS] [-- COMMAND...]"""
-    from orchestrator import start
+    from orchestrator import launch
 
     after = ctx.meta.get("after_dashdash")
     head: tuple[str, ...]
@@ -98,7 +99,7 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
             f"unexpected arguments {' '.join(head[1:])!r}: put the command after '--' "
             "(orch run --split 4 -- ./job.sh {index})"
         )
-    sys.exit(start.run_command(head[0] if head else None, command, opts))
+    sys.exit(launch.run_command(head[0] if head else None, command, opts))
 
 
 @cli.command()
@@ -110,7 +111,7 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
 @_home_option
 def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None) -> None:
     """List runs, newest first, or show one RUN shard by shard."""
-    from orchestrator import show
+    from orchestrator.views import status as show
 
     sys.exit(show.status(run_key, as_json=as_json, show_all=show_all, home=home))
 
@@ -126,7 +127,7 @@ def logs(
     run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool, home: str | None
 ) -> None:
     """Show a run's output: one shard, or all shards interleaved with a prefix."""
-    from orchestrator import show
+    from orchestrator.views import logs as show
 
     sys.exit(show.logs(run_key, shard=shard, stderr=stderr, tail=tail, follow=follow, home=home))
 
