@@ -201,8 +201,7 @@ def leftovers(store: Store, run_id: str) -> list[int]:
                 pgids.add(att["pgid"])
     if pgids:
         for pid in procfs.with_env({f"ORCH_RUN_ID={run_id}".encode()}):
-            fields = procfs.stat_fields(pid)
-            if fields and int(fields[2]) in pgids:
+            if procfs.process_group(pid) in pgids:
                 pids.add(pid)
     pids.discard(os.getpid())
     return sorted(pids)

@@ -254,13 +254,11 @@ def master_alive(run: Mapping[str, Any]) -> bool:
     pid = run.get("master_pid")
     if not pid:
         return False
-    fields = procfs.stat_fields(pid)
-    if not fields or fields[0] in (b"Z", b"X"):
+    started = procfs.live_start_time(pid)
+    if started is None:
         return False
     recorded = run.get("master_create_time")
-    if recorded is None:
-        return True
-    return float(fields[19]) == float(recorded)
+    return recorded is None or started == float(recorded)
 
 
 def run_state(run: Mapping[str, Any]) -> str:
