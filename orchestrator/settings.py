@@ -120,10 +120,6 @@ def default(field: str) -> Any:
     return _BY_FIELD[field].default
 
 
-def keys_of(kind: Kind) -> frozenset[str]:
-    return frozenset(s.key for s in SETTINGS if s.kind is kind)
-
-
 def cli_overrides(opts: Mapping[str, Any]) -> dict[str, Any]:
     """orch.toml key -> value for every setting that has an ``orch run`` option."""
     return {s.key: opts.get(s.option) for s in SETTINGS if s.option is not None}
