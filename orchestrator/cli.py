@@ -85,7 +85,7 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
     """Run a task once per shard: orch run [TASK] [OPTIONS] [-- COMMAND...]"""
-    from orchestrator import launch
+    from orchestrator import launch  # lazy: start-up time (see above)
 
     after = ctx.meta.get("after_dashdash")
     head: tuple[str, ...]
@@ -111,7 +111,7 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
 @_home_option
 def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None) -> None:
     """List runs, newest first, or show one RUN shard by shard."""
-    from orchestrator.views import status as show
+    from orchestrator.views import status as show  # lazy: start-up time (see above)
 
     sys.exit(show.status(run_key, as_json=as_json, show_all=show_all, home=home))
 
@@ -127,7 +127,7 @@ def logs(
     run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool, home: str | None
 ) -> None:
     """Show a run's output: one shard, or all shards interleaved with a prefix."""
-    from orchestrator.views import logs as show
+    from orchestrator.views import logs as show  # lazy: start-up time (see above)
 
     sys.exit(show.logs(run_key, shard=shard, stderr=stderr, tail=tail, follow=follow, home=home))
 
@@ -138,7 +138,7 @@ def logs(
 @_home_option
 def stop(run_key: str, shard: str | None, home: str | None) -> None:
     """Stop a live run (SIGTERM, grace, SIGKILL), or one of its shards."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.stop(run_key, shard, home))
 
@@ -149,7 +149,7 @@ def stop(run_key: str, shard: str | None, home: str | None) -> None:
 @_home_option
 def restart(run_key: str, shard: str, home: str | None) -> None:
     """Start a new attempt of one shard now, with its backoff reset."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.restart(run_key, shard, home))
 
@@ -160,7 +160,7 @@ def restart(run_key: str, shard: str, home: str | None) -> None:
 @_home_option
 def scale(run_key: str, jobs: int, home: str | None) -> None:
     """Change how many shards of a live run may run at once."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.scale(run_key, jobs, home))
 
@@ -171,7 +171,7 @@ def scale(run_key: str, jobs: int, home: str | None) -> None:
 @_home_option
 def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
     """Block until RUN ends; exit with its exit code."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.wait(run_key, home, timeout_s))
 
@@ -186,7 +186,7 @@ def resume(
     run_key: str, detach_: bool, verbose: bool, retry_failed: bool, home: str | None
 ) -> None:
     """Finish a stopped or lost run: unfinished shards restart from their checkpoints."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed))
 
@@ -196,7 +196,7 @@ def resume(
 @_home_option
 def events(run_key: str, home: str | None) -> None:
     """Print a live run's shard state changes as JSON lines until it ends."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.events(run_key, home))
 

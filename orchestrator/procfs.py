@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -182,8 +183,6 @@ def cpu_and_rss(pid: int, now_uptime: float | None = None) -> tuple[float | None
 
 
 def _ps_cpu_and_rss(pid: int) -> tuple[float | None, int | None]:
-    import time
-
     proc = _psutil_process(pid)
     if proc is None:
         return None, None

@@ -23,6 +23,7 @@ master and ``orch resume``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import tempfile
@@ -137,8 +138,6 @@ class RunDir:
         to), released by the kernel when that process dies, however it dies. So
         two ``orch resume`` of one run can never both start a master.
         """
-        import fcntl  # only a supervising command locks: keeps `orch status` start-up lean
-
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         fd = os.open(self.lock_file, flags, 0o600)
         try:

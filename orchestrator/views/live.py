@@ -91,7 +91,7 @@ class LiveView(PlainView):
     """A rich live panel for terminals."""
 
     def __init__(self, verbose: bool = False) -> None:
-        from rich.console import Console
+        from rich.console import Console  # rich only for a terminal: plain lines never load it
 
         super().__init__(tick_s=0.2, verbose=verbose)
         self.console = Console()
@@ -99,7 +99,7 @@ class LiveView(PlainView):
         self._t0 = time.monotonic()
 
     def started(self, master: Master) -> None:
-        from rich.live import Live
+        from rich.live import Live  # rich only for a terminal (see __init__)
 
         self.console.print(
             f"[bold]orch[/] run [cyan]{master.run_id}[/]: {plural(len(master.shards), 'shard')}, "
@@ -118,6 +118,7 @@ class LiveView(PlainView):
             self.console.print(f"[{style}]\\[{shard_id}][/] {ln}", highlight=False, markup=True)
 
     def render(self, master: Master) -> Any:
+        # rich only for a terminal (see __init__)
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
