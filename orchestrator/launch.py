@@ -29,16 +29,16 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import procfs
 from orchestrator.errors import RET_OK, OrchError
-from orchestrator.master import Master, View
 from orchestrator.runs import OpenedRun, RunDir, master_alive, private
-from orchestrator.start import prepare
 from orchestrator.store import Store
-from orchestrator.views.live import default_view
 from orchestrator.views.summary import print_summary
+
+if TYPE_CHECKING:
+    from orchestrator.master import View
 
 START_TIMEOUT_S = 15.0
 #: How long resume waits for SIGKILLed leftovers to be gone (a process in D state can linger).
@@ -55,6 +55,10 @@ def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
     The only place a ``Master`` is constructed (the foreground run and the
     detached master both come here).
     """
+    # The master's stack (ZeroMQ, the backend, the views) is loaded only by the process that
+    # supervises: `orch run -d` and `orch resume -d` hand the run over without it.
+    from orchestrator.master import Master
+
     master = Master(
         run_id=run.id,
         run_dir=run.dir.path,
@@ -69,6 +73,9 @@ def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
 
 def run_command(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) -> int:
     """``orch run``: check everything, create the run, start its master; the exit code."""
+    # orch run's preparation (orch.toml, templates, executables): not needed to resume.
+    from orchestrator.start import prepare
+
     task, shards = prepare(head, command, opts)
     run = OpenedRun.create(task, shards, home=opts.get("home"), name=opts.get("name"))
     return start(run, detach=bool(opts.get("detach")), verbose=bool(opts.get("verbose")))
@@ -87,6 +94,8 @@ def start(
         run.store.close()
         return _detach(run.dir, run.hand_over_lock(), resume=resume, retry_failed=retry_failed)
     try:
+        from orchestrator.views.live import default_view  # loads the master (see supervise)
+
         code = supervise(run, default_view(verbose), retry_failed=retry_failed)
         print_summary(run.store, run.dir)
         return code
