@@ -36,6 +36,7 @@ FAMILIES = {
     "shardlist": ("bench.m_startup", "shardlist"),
     "status": ("bench.m_status", "status"),
     "recovery": ("bench.m_recovery", "recovery"),
+    "scale": ("bench.m_scale", "scale"),
 }
 RESULTS = REPO / "bench" / "results" / "latest.json"
 DOC = REPO / "docs" / "performance.md"
