@@ -33,6 +33,7 @@ FAMILIES = {
     "hang": ("bench.m_restart", "hang"),
     "progress": ("bench.m_progress", "progress"),
     "logs": ("bench.m_logs", "logs"),
+    "items": ("bench.m_items", "items"),
     "shardlist": ("bench.m_startup", "shardlist"),
     "status": ("bench.m_status", "status"),
     "recovery": ("bench.m_recovery", "recovery"),

@@ -1,10 +1,11 @@
 """Per-shard log files: timestamped lines, size-based rotation, attempt markers.
 
 Output is handled a chunk at a time, not a line at a time: every line that
-arrives in one read gets that read's timestamp, inserted with one
-``bytes.replace`` in C, so a shard writing many MB/s costs the master a few
-calls per 64 KiB. Only a chunk that contains the stdout protocol prefix is
-split into lines in Python.
+starts in one read gets that read's timestamp, inserted with one
+``bytes.replace`` in C and written with one ``writev``, so a shard writing
+many MB/s costs the master a few calls per read of up to 1 MiB. Only a
+chunk that contains the stdout protocol prefix is split into lines in
+Python.
 
 A log that cannot be written (disk full, directory gone) never stops the
 master: the error is reported once through ``on_error`` and the bytes are
@@ -52,40 +53,54 @@ class LogFile:
         self.backups = backups
         self._on_error = on_error
         self._fd: int | None = None
-        self._size = 0
+        self.size = 0
         self.dropped_bytes = 0
         #: errno of the failure in progress (reported again when the cause changes), or None
         self._failing: int | None = None
 
     def _open(self) -> int:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._size = os.fstat(fd).st_size
+        self.size = os.fstat(fd).st_size
         self._fd = fd
         return fd
 
     def write(self, data: bytes) -> None:
-        if not data:
+        """Append ``data`` (ending at a line end) and rotate if the file is now too big."""
+        self.write_parts([data])
+
+    def write_parts(self, parts: list[bytes | memoryview], rotate: bool = True) -> None:
+        """Append ``parts`` with one ``writev``; ``rotate=False`` when they end mid-line."""
+        total = sum(len(p) for p in parts)
+        if not total:
             return
         try:
             fd = self._fd if self._fd is not None else self._open()
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                self._size += n
+            n = os.writev(fd, parts)
+            self.size += n
+            if n < total:  # rare (a regular file takes it all): finish byte by byte
+                rest = memoryview(b"".join(parts))[n:]
+                while rest:
+                    k = os.write(fd, rest)
+                    rest = rest[k:]
+                    self.size += k
             if self._failing is not None:
                 self._failing = None
                 self._on_error(f"{self.path}: writing again ({self.dropped_bytes} bytes dropped)")
-            if self.max_bytes and self._size >= self.max_bytes:
-                self._rotate()
+            if rotate and self.max_bytes and self.size >= self.max_bytes:
+                self.rotate()
         except OSError as exc:
-            self.dropped_bytes += len(data)
+            self.dropped_bytes += total
             if self._failing != (exc.errno or -1):  # e.g. ENOENT, then ENOSPC: say both
                 self._failing = exc.errno or -1
                 self._on_error(f"{self.path}: {exc.strerror or exc}; dropping output")
 
-    def _rotate(self) -> None:
+    def due(self, more: int) -> bool:
+        """Whether writing ``more`` bytes takes the file past its rotation size."""
+        return bool(self.max_bytes) and self.size + more >= self.max_bytes
+
+    def rotate(self) -> None:
         self.close()
+        self.size = 0
         if self.backups <= 0:
             os.truncate(self.path, 0)
             return
@@ -104,44 +119,82 @@ class LogFile:
 
 
 class StreamLog:
-    """One stream (stdout or stderr) of one shard, across its attempts."""
+    """One stream (stdout or stderr) of one shard, across its attempts.
+
+    Bytes go to the file as they arrive, a line's timestamp written with its
+    first byte: one ``bytes.replace`` inserts the read's timestamp after every
+    newline of the chunk, and one ``writev`` writes the pieces, so a chunk
+    costs one copy. A line cut by the pipe is continued by the next read
+    without a second stamp. Rotation happens only at a line end, so no line
+    straddles two files.
+    """
 
     def __init__(self, file: LogFile, keep_tail: bool = False) -> None:
         self.file = file
-        self._pending = b""
+        self._partial = b""  # the last, unfinished line, for the lines ``feed`` returns
+        self._at_line_start = True  # the file ends at a line end (or is empty)
         self._keep_tail = keep_tail
         self.tail = b""
         self.lines_in = 0
         self._header = b""  # a start marker waiting for the attempt's first output
 
     def _write(self, data: bytes) -> None:
+        """Write whole lines (markers); an unfinished line in the file is ended first."""
+        parts: list[bytes | memoryview] = []
         if self._header:
-            data, self._header = self._header + data, b""
-        self.file.write(data)
+            parts.append(self._header)
+            self._header = b""
+        if not self._at_line_start:
+            parts.append(b"\n")
+            self._at_line_start = True
+        parts.append(data)
+        self.file.write_parts(parts)
 
     def feed(self, data: bytes, ts: bytes) -> bytes:
-        """Write the complete lines in ``data``; return them (unstamped) for the caller."""
+        """Write ``data`` with a timestamp on each line; return the lines it completed
+        (unstamped, for the protocol parser and the verbose view)."""
+        if not data:
+            return b""
         if self._keep_tail:
             self.tail = (self.tail + data)[-TAIL_BYTES:]
-        buf = self._pending + data if self._pending else data
-        cut = buf.rfind(b"\n")
+        body = data.replace(b"\n", b"\n" + ts)
+        ends = data[-1] == 0x0A
+        view = memoryview(body)[: len(body) - len(ts)] if ends else memoryview(body)
+        parts: list[bytes | memoryview] = []
+        if self._header:
+            parts.append(self._header)
+            self._header = b""
+        if self._at_line_start:
+            parts.append(ts)
+        self._at_line_start = ends
+        if not ends and self.file.due(len(view) + len(ts)):
+            cut = body.rfind(b"\n")
+            if cut >= 0:  # rotate at the chunk's last line end; the rest opens the new file
+                parts.append(view[: cut + 1])
+                self.file.write_parts(parts)
+                self.file.rotate()
+                parts, view = [], view[cut + 1 :]
+        parts.append(view)
+        self.file.write_parts(parts, rotate=ends)
+        cut = data.rfind(b"\n")
         if cut < 0:
-            if len(buf) > MAX_PENDING_BYTES:
-                self._pending = b""
-                self._write(ts + buf + b"\n")
-                return buf + b"\n"
-            self._pending = buf
+            if len(self._partial) + len(data) > MAX_PENDING_BYTES:
+                # A line this long is no protocol line: hand it on in pieces.
+                out, self._partial = self._partial + data + b"\n", b""
+                return out
+            self._partial += data
             return b""
-        complete, self._pending = buf[: cut + 1], buf[cut + 1 :]
-        self._write(ts + complete[:-1].replace(b"\n", b"\n" + ts) + b"\n")
+        complete = self._partial + data[: cut + 1] if self._partial else data[: cut + 1]
+        self._partial = data[cut + 1 :]
         return complete
 
     def flush(self, ts: bytes) -> bytes:
-        """Write a partial last line (the process ended without a newline)."""
-        if not self._pending:
+        """End a last line that has no newline (the process ended without one)."""
+        if self._at_line_start:
             return b""
-        rest, self._pending = self._pending + b"\n", b""
-        self._write(ts + rest)
+        self.file.write_parts([b"\n"])
+        self._at_line_start = True
+        rest, self._partial = self._partial + b"\n", b""
         return rest
 
     def mark(self, ts: bytes, text: str, lazy: bool = False) -> None:
