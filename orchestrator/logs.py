@@ -42,12 +42,56 @@ def stamp(now: float | None = None) -> bytes:
     return t.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ " % (t.microsecond // 1000)
 
 
+class OpenLogs:
+    """The log files this process holds open, at most ``limit`` at once.
+
+    Past the limit the least recently written file is closed, and opened
+    again (in append mode) on its next write. Each live attempt then costs
+    the master its two pipes and no more: with thousands of attempts the
+    open-files limit is spent on pipes, not on log files of quiet shards.
+    While the chatty files are fewer than the limit, no file is reopened.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reopened = 0
+        self._files: dict[LogFile, None] = {}  # insertion order: least recently written first
+
+    def opened(self, file: LogFile) -> None:
+        self._files[file] = None
+        while len(self._files) > self.limit:
+            next(iter(self._files)).close()
+
+    def written(self, file: LogFile) -> None:
+        files = self._files
+        if next(reversed(files)) is not file:  # already the most recent: nothing to move
+            del files[file]
+            files[file] = None
+
+    def closed(self, file: LogFile) -> None:
+        self._files.pop(file, None)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+#: Open log files per process (2 per shard that writes, for the first 2,048 such shards).
+OPEN_LOGS = OpenLogs(4096)
+
+
 class LogFile:
     """An append-only file rotated to ``path.1 .. path.N`` past ``max_bytes``."""
 
     def __init__(
-        self, path: str, max_bytes: int, backups: int, on_error: Callable[[str], None]
+        self,
+        path: str,
+        max_bytes: int,
+        backups: int,
+        on_error: Callable[[str], None],
+        pool: OpenLogs | None = None,
     ) -> None:
+        self._pool = pool if pool is not None else OPEN_LOGS
+        self._ever_opened = False
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -62,6 +106,10 @@ class LogFile:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(fd).st_size
         self._fd = fd
+        if self._ever_opened:
+            self._pool.reopened += 1
+        self._ever_opened = True
+        self._pool.opened(self)
         return fd
 
     def write(self, data: bytes) -> None:
@@ -74,7 +122,11 @@ class LogFile:
         if not total:
             return
         try:
-            fd = self._fd if self._fd is not None else self._open()
+            if self._fd is None:
+                fd = self._open()
+            else:
+                fd = self._fd
+                self._pool.written(self)
             n = os.writev(fd, parts)
             self.size += n
             if n < total:  # rare (a regular file takes it all): finish byte by byte
@@ -100,6 +152,7 @@ class LogFile:
 
     def rotate(self) -> None:
         self.close()
+        self._ever_opened = False  # the next open is of a new file, not a reopen
         self.size = 0
         if self.backups <= 0:
             os.truncate(self.path, 0)
@@ -112,6 +165,7 @@ class LogFile:
 
     def close(self) -> None:
         if self._fd is not None:
+            self._pool.closed(self)
             try:
                 os.close(self._fd)
             finally:

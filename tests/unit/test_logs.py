@@ -1,0 +1,57 @@
+"""Log files: the cap on open log descriptors, writes across reopen, stamps per line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.logs import LogFile, OpenLogs, StreamLog
+
+
+def _open_fds(files: list[LogFile]) -> int:
+    return sum(1 for f in files if f._fd is not None)
+
+
+def test_open_log_files_are_capped_and_reopened_in_append_mode(tmp_path: Path) -> None:
+    pool = OpenLogs(limit=2)
+    errors: list[str] = []
+    files = [LogFile(str(tmp_path / f"{i}.out"), 0, 0, errors.append, pool) for i in range(3)]
+    for round_ in range(4):
+        for i, f in enumerate(files):
+            f.write(b"r%d f%d\n" % (round_, i))
+            assert _open_fds(files) <= 2
+            assert len(pool) == _open_fds(files)
+    assert errors == []
+    for i in range(3):
+        assert (tmp_path / f"{i}.out").read_bytes() == b"".join(
+            b"r%d f%d\n" % (r, i) for r in range(4)
+        )
+    assert pool.reopened == 9  # round-robin over 3 files with room for 2: every later write
+    for f in files:
+        f.close()
+    assert len(pool) == 0
+
+
+def test_the_most_recently_written_files_stay_open(tmp_path: Path) -> None:
+    pool = OpenLogs(limit=2)
+    a, b, c = (LogFile(str(tmp_path / n), 0, 0, print, pool) for n in "abc")
+    a.write(b"1\n")
+    b.write(b"1\n")
+    a.write(b"2\n")  # a is now the most recent: c's open closes b
+    c.write(b"1\n")
+    assert (a._fd is not None, b._fd is not None, c._fd is not None) == (True, False, True)
+    assert pool.reopened == 0
+
+
+def test_a_line_cut_by_the_pipe_is_stamped_once_and_rotation_waits_for_its_end(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.out"
+    log = StreamLog(LogFile(str(path), 20, 3, print, OpenLogs(8)))
+    assert log.feed(b"hello wo", b"<1> ") == b""
+    assert log.feed(b"rld\nnext ", b"<2> ") == b"hello world\n"
+    assert log.feed(b"line that is long\n", b"<3> ") == b"next line that is long\n"
+    assert log.flush(b"<4> ") == b""
+    # past 20 bytes the file rotates, each time at a line end: no line is cut in two
+    assert Path(f"{path}.2").read_bytes() == b"<1> hello world\n"
+    assert Path(f"{path}.1").read_bytes() == b"<2> next line that is long\n"
+    assert not path.exists() or path.read_bytes() == b""
