@@ -18,7 +18,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from shards.protocol import STDOUT_PREFIX
 
@@ -36,10 +35,28 @@ def log_stem(index: int, shard_id: str) -> str:
     return f"{index:05d}-{safe}" if safe else f"{index:05d}"
 
 
+_last_ms = -1
+_last_stamp = b""
+_last_s = -1
+_last_prefix = b""
+
+
 def stamp(now: float | None = None) -> bytes:
-    """``2026-11-26T19:20:01.123Z `` in UTC, the prefix of every log line."""
-    t = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ " % (t.microsecond // 1000)
+    """``2026-11-26T19:20:01.123Z `` in UTC, the prefix of every log line.
+
+    Made once per millisecond (the date part once per second): the master
+    asks for one per spawn and per read, thousands a second at start-up.
+    """
+    global _last_ms, _last_stamp, _last_s, _last_prefix
+    ms = int((time.time() if now is None else now) * 1000)
+    if ms == _last_ms:
+        return _last_stamp
+    sec, frac = divmod(ms, 1000)
+    if sec != _last_s:
+        _last_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)).encode()
+        _last_s = sec
+    _last_ms, _last_stamp = ms, _last_prefix + b"%03dZ " % frac
+    return _last_stamp
 
 
 class OpenLogs:

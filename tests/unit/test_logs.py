@@ -55,3 +55,14 @@ def test_a_line_cut_by_the_pipe_is_stamped_once_and_rotation_waits_for_its_end(
     assert Path(f"{path}.2").read_bytes() == b"<1> hello world\n"
     assert Path(f"{path}.1").read_bytes() == b"<2> next line that is long\n"
     assert not path.exists() or path.read_bytes() == b""
+
+
+def test_stamp_is_utc_iso_with_milliseconds_and_changes_with_the_millisecond() -> None:
+    from orchestrator.logs import stamp
+
+    assert stamp(0.0) == b"1970-01-01T00:00:00.000Z "
+    assert stamp(1764500000.25) == b"2025-11-30T10:53:20.250Z "
+    assert stamp(1764500000.2509) == b"2025-11-30T10:53:20.250Z "  # same ms: cached
+    assert stamp(1764500000.999) == b"2025-11-30T10:53:20.999Z "
+    assert stamp(1764500001.0) == b"2025-11-30T10:53:21.000Z "  # next second
+    assert stamp(0.0) == b"1970-01-01T00:00:00.000Z "  # going back works too
