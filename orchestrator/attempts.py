@@ -129,6 +129,7 @@ class Attempts:
                 self.task.log_max_bytes,
                 self.task.log_backups,
                 self.view.event,
+                echo=self.view.verbose,
             )
         rt.logs.begin(attempt, handle.pid)
         rt.watch = Watch(

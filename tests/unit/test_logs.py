@@ -66,3 +66,13 @@ def test_stamp_is_utc_iso_with_milliseconds_and_changes_with_the_millisecond() -
     assert stamp(1764500000.999) == b"2025-11-30T10:53:20.999Z "
     assert stamp(1764500001.0) == b"2025-11-30T10:53:21.000Z "  # next second
     assert stamp(0.0) == b"1970-01-01T00:00:00.000Z "  # going back works too
+
+
+def test_may_hold_prefix_finds_the_prefix_among_other_hashes() -> None:
+    from orchestrator.logs import may_hold_prefix
+
+    assert not may_hold_prefix(b"issue #42 fixed\n# a comment\n")
+    assert may_hold_prefix(b"a #1\n" * 100 + b'##orch {"done": 1}\n')  # past 64 other '#'
+    assert may_hold_prefix(b'x\n##orch {"done": 1}\n')
+    assert not may_hold_prefix(b'x\n##orch {"done": 1}\n', 4)  # only the first 4 bytes
+    assert not may_hold_prefix(b"##orc")
