@@ -155,30 +155,40 @@ class LogFile:
             if self._failing is not None:
                 self._failing = None
                 self._on_error(f"{self.path}: writing again ({self.dropped_bytes} bytes dropped)")
-            if rotate and self.max_bytes and self.size >= self.max_bytes:
-                self.rotate()
         except OSError as exc:
             self.dropped_bytes += total
-            if self._failing != (exc.errno or -1):  # e.g. ENOENT, then ENOSPC: say both
-                self._failing = exc.errno or -1
-                self._on_error(f"{self.path}: {exc.strerror or exc}; dropping output")
+            self._failed(exc, "dropping output")
+            return
+        if rotate and self.max_bytes and self.size >= self.max_bytes:
+            self.rotate()
+
+    def _failed(self, exc: OSError, what: str) -> None:
+        if self._failing != (exc.errno or -1):  # e.g. ENOENT, then ENOSPC: say both
+            self._failing = exc.errno or -1
+            self._on_error(f"{self.path}: {exc.strerror or exc}; {what}")
 
     def due(self, more: int) -> bool:
         """Whether writing ``more`` bytes takes the file past its rotation size."""
         return bool(self.max_bytes) and self.size + more >= self.max_bytes
 
     def rotate(self) -> None:
+        """Move the file to ``path.1`` (and older ones up); the next write starts a new one."""
         self.close()
         self._ever_opened = False  # the next open is of a new file, not a reopen
         self.size = 0
-        if self.backups <= 0:
-            os.truncate(self.path, 0)
-            return
-        for i in range(self.backups - 1, 0, -1):
-            src = f"{self.path}.{i}"
-            if os.path.exists(src):
-                os.replace(src, f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
+        try:
+            if self.backups <= 0:
+                os.truncate(self.path, 0)
+                return
+            for i in range(self.backups - 1, 0, -1):
+                src = f"{self.path}.{i}"
+                if os.path.exists(src):
+                    os.replace(src, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        except FileNotFoundError:
+            pass  # nothing written since the last rotation (or the file was removed)
+        except OSError as exc:
+            self._failed(exc, "not rotated")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -245,7 +255,7 @@ class StreamLog:
             cut = body.rfind(b"\n")
             if cut >= 0:  # rotate at the chunk's last line end; the rest opens the new file
                 parts.append(view[: cut + 1])
-                self.file.write_parts(parts)
+                self.file.write_parts(parts, rotate=False)
                 self.file.rotate()
                 parts, view = [], view[cut + 1 :]
         parts.append(view)

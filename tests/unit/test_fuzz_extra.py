@@ -68,7 +68,7 @@ def _expected_log(data: bytes, cuts: list[int], stamps: list[bytes]) -> bytes:
                                                             b"#", b"##or", b"\xff", b"\n\n"]),
                                             max_size=80).map(b"".join),
     cut_seeds=st.lists(st.integers(0, 10**6), max_size=30),
-    max_bytes=st.sampled_from([0, 64, 200, 10**6]),
+    max_bytes=st.sampled_from([0, 8, 20, 64, 200, 10**6]),
     echo=st.booleans(),
 )
 def test_any_chunking_gives_the_same_lines_each_stamped_once(

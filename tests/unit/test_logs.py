@@ -76,3 +76,29 @@ def test_may_hold_prefix_finds_the_prefix_among_other_hashes() -> None:
     assert may_hold_prefix(b'x\n##orch {"done": 1}\n')
     assert not may_hold_prefix(b'x\n##orch {"done": 1}\n', 4)  # only the first 4 bytes
     assert not may_hold_prefix(b"##orc")
+
+
+def test_rotation_inside_a_chunk_that_ends_mid_line(tmp_path: Path) -> None:
+    """A chunk whose complete lines alone pass the rotation size, and whose last line is
+    cut: the complete lines end the old file, the cut line opens the new one."""
+    path = tmp_path / "x.out"
+    errors: list[str] = []
+    log = StreamLog(LogFile(str(path), 16, 5, errors.append, OpenLogs(8)))
+    log.feed(b"aaaaaaaaaa\nbbbbbbbbbb\ncc", b"<1> ")
+    log.feed(b"c\n", b"<2> ")
+    assert errors == []
+    assert Path(f"{path}.1").read_bytes() == b"<1> aaaaaaaaaa\n<1> bbbbbbbbbb\n"
+    assert path.read_bytes() == b"<1> ccc\n"
+
+
+def test_a_rotation_that_fails_is_reported_and_logging_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "x.out"
+    errors: list[str] = []
+    f = LogFile(str(path), 8, 2, errors.append, OpenLogs(8))
+    f.write(b"0123456789\n")  # rotated: x.out -> x.out.1
+    (tmp_path / "x.out.2").mkdir()
+    (tmp_path / "x.out.2" / "keep").write_text("x")  # x.out.1 -> x.out.2 cannot happen
+    f.write(b"0123456789\n")
+    f.write(b"more\n")
+    assert any("not rotated" in e for e in errors), errors
+    assert path.read_bytes().endswith(b"more\n")
