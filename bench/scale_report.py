@@ -63,11 +63,12 @@ def plot(cur: dict[str, Curve], directory: str = str(IMG)) -> list[str]:
                 if not pts:
                     continue
                 xs = [n for n, _ in pts]
-                # log axes cannot show 0 (an idle manager that used no CPU in the window)
-                ys = [max(c.median, FLOOR) for _, c in pts]
-                floored = floored or any(c.median <= 0 for _, c in pts)
-                lo = [max(0.0, y - max(min(c.samples), FLOOR))
-                      for y, (_, c) in zip(ys, pts, strict=True)]
+                # The minimum of the rounds (the least disturbed figure on a shared machine,
+                # as in the growth fit), a bar up to the maximum. Log axes cannot show 0
+                # (an idle manager that used no CPU in the window): drawn at FLOOR.
+                ys = [max(min(c.samples), FLOOR) for _, c in pts]
+                floored = floored or any(min(c.samples) <= 0 for _, c in pts)
+                lo = [0.0 for _ in pts]
                 hi = [max(0.0, max(max(c.samples), FLOOR) - y)
                       for y, (_, c) in zip(ys, pts, strict=True)]
                 style = "--" if contender == "posix_spawn loop" else STYLES[i % len(STYLES)]
@@ -85,7 +86,7 @@ def plot(cur: dict[str, Curve], directory: str = str(IMG)) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("N (concurrent children)")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title + " (minimum of rounds, bar to maximum)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -105,7 +106,8 @@ def section(rows: list[Row]) -> list[str]:
     ceiling_note = next((r.note for r in scale if r.note.startswith("ceiling")), "")
     out = ["## Cost curve", "",
            "`python -m bench --only scale`: N concurrent `sleep` children, one detached run "
-           "per N (bench/m_scale.py says what each figure is). Cells: median (min–max). "
+           "per N (bench/m_scale.py says what each figure is). Cells: median (min–max); "
+           "the plots show the minimum of the rounds with a bar to the maximum. "
            "Growth is fitted over N ≥ 100 on the minimum of each N (the least disturbed "
            "figure on a shared machine): the log–log slope (1 = linear) and the cost of "
            "one more shard (least squares)."]
