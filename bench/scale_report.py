@@ -115,13 +115,14 @@ def section(rows: list[Row]) -> list[str]:
         why = ceiling_note.split(";")[0].removeprefix("ceiling: ")
         out += ["", f"Ceiling on this machine: {why}."]
     out.append("")
-    for img in images:
-        out.append(f"![{img}](img/{img})")
-    out.append("")
+    placed = {metric: name for name, (_, _, series) in PLOTS.items() if name in images
+              for metric in [series[0][0]]}
     for metric, (what, unit) in METRICS.items():
         per_n = cur.get(metric)
         if not per_n:
             continue
+        if metric in placed:  # each plot above the table of its first series
+            out += [f"![{placed[metric]}](img/{placed[metric]})", ""]
         names = [n for n in ORDER if n in per_n]
         texts: dict[tuple[int, str], str] = {}
         sizes: set[int] = set()
