@@ -166,7 +166,13 @@ class Attempts:
         rt = self.rt[idx]
         shard = self.shards[idx]
         cp_text = orjson.dumps(rt.checkpoint).decode() if rt.has_checkpoint else ""
-        values = shard_values(shard, len(self.shards), cp_text)
+        values = shard_values(
+            shard,
+            len(self.shards),
+            cp_text,
+            fields=self.template.fields,
+            checkpoint_value=rt.checkpoint if rt.has_checkpoint else None,
+        )
         env = self._base_env.copy()
         env.update(self.template.render_env(values))
         env.update(
