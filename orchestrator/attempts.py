@@ -136,6 +136,7 @@ class Attempts:
             heartbeat_timeout_s=self.task.heartbeat_timeout_s,
             stall_timeout_s=self.task.stall_timeout_s,
             require_heartbeat=self.task.require_heartbeat,
+            heartbeat_always=self.task.heartbeat_timeout_set,
         )
         rt.done = rt.checkpoint_done
         self._arm_watch(idx)

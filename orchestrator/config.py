@@ -34,7 +34,7 @@ from orchestrator.configfile import (
 )
 from orchestrator.errors import ConfigError, OrchError
 from orchestrator.sources import parse_range
-from orchestrator.units import format_duration, parse_duration, parse_size
+from orchestrator.units import format_duration, parse_duration, parse_size, parse_timeout
 
 __all__ = ["ConfigFile", "Restart", "TaskConfig", "build_task", "find_config", "load_config"]
 
@@ -95,7 +95,11 @@ class TaskConfig:
     backoff_reset_s: float = 60.0
     stop_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 10.0
+    #: None: no heartbeat timeout at all ("none").
+    heartbeat_timeout_s: float | None = 10.0
+    #: Whether the user set heartbeat_timeout: only then does it apply to shards that
+    #: never spoke the ZeroMQ protocol (stdout protocol, plain commands).
+    heartbeat_timeout_set: bool = False
     stall_timeout_s: float | None = None
     require_heartbeat: bool = False
     max_memory_bytes: int | None = None
@@ -191,7 +195,7 @@ def build_task(
     def origin(key: str) -> _Origin:
         return next(make(key) for layer, make in origins if key in layer)
 
-    values: dict[str, Any] = {"name": name}
+    values: dict[str, Any] = {"name": name, "heartbeat_timeout_set": "heartbeat_timeout" in layers}
     grouped = ("command", "call", "shell", "shards", "split", "range", "env")
     for key, field_name in KEYS.items():
         if key in layers and key not in grouped:
@@ -257,7 +261,10 @@ def _check_relations(
             f"({format_duration(config.backoff_initial_s)}) is larger than backoff_max "
             f"({format_duration(config.backoff_max_s)})"
         )
-    if config.heartbeat_timeout_s <= config.heartbeat_interval_s:
+    if (
+        config.heartbeat_timeout_s is not None
+        and config.heartbeat_timeout_s <= config.heartbeat_interval_s
+    ):
         raise ConfigError(
             f"{name('heartbeat_timeout', 'heartbeat_interval')}: heartbeat_timeout "
             f"({format_duration(config.heartbeat_timeout_s)}) must be longer than "
@@ -273,8 +280,10 @@ _INTS = {"split": 1, "jobs": 1, "max_restarts": 0, "log_backups": 0}
 _MAX_INT = 2**63 - 1
 _NUMBERS = {"backoff_factor": (1.0, None), "backoff_jitter": (0.0, 1.0)}
 _SIZES = {"max_memory", "log_max_size"}
-_ZERO_IS_NONE = {"stall_timeout", "max_memory"}  # 0 switches the check off
-_POSITIVE = {"heartbeat_interval", "heartbeat_timeout", "log_max_size"}
+_ZERO_IS_NONE = {"max_memory"}  # 0 switches the check off
+#: Timeouts: "none" switches the check off, 0 is refused with a hint to say "none".
+_TIMEOUTS = {"heartbeat_timeout", "stall_timeout"}
+_POSITIVE = {"heartbeat_interval", "log_max_size"}
 _CHOICES = {"format": _FORMATS, "restart": tuple(r.value for r in Restart)}
 
 
@@ -301,6 +310,14 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
         if not low <= value <= (high if high is not None else float("inf")):
             raise ConfigError(f"{where}: must be {what}, got {value!r}")
         return float(value)
+    if key in _TIMEOUTS:
+        try:
+            seconds = parse_timeout(value, where=where)
+        except OrchError as exc:
+            raise ConfigError(str(exc)) from None
+        if seconds is not None and seconds > _MAX_INT:
+            raise ConfigError(f"{where}: {value!r} is too large")
+        return seconds
     if key in _DURATIONS or key in _SIZES:
         try:
             amount = (parse_duration if key in _DURATIONS else parse_size)(value, where=where)

@@ -136,7 +136,7 @@ class Tracking:
         self.view.event(f"shard {self.shards[idx].id}: {reason}; killing attempt {rt.life.attempt}")
         self.apply(idx, lc.Kill(intent, reason))
 
-    def _beat(self, idx: int, done: int | None, total: int | None) -> None:
+    def _beat(self, idx: int, done: int | None, total: int | None, sdk: bool = True) -> None:
         rt = self.rt[idx]
         if done is not None:
             rt.done = done if rt.checkpoint_done is None else max(done, rt.checkpoint_done)
@@ -144,7 +144,7 @@ class Tracking:
             rt.total = total
         rt.heartbeat_at = time.time()
         if rt.watch is not None:
-            rt.watch.beat(self.loop.clock(), rt.done, rt.total)
+            rt.watch.beat(self.loop.clock(), rt.done, rt.total, sdk=sdk)
             self._arm_watch(idx)
         if not self._progress_dirty:
             self.loop.timers.set(
@@ -226,7 +226,7 @@ class Tracking:
         if report.advance is not None:
             # Saturate: a sum past 2**63-1 would overflow the store (and the master with it).
             done = min((rt.done or 0) + report.advance, proto.MAX_INT)
-        self._beat(idx, done, report.total)
+        self._beat(idx, done, report.total, sdk=False)
         if report.message is not None:
             self.store.set_shard(idx, message=report.message[:1000])
         if report.has_checkpoint:

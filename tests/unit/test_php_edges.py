@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import TemplateError, closest
+from orchestrator.config import build_task
+from orchestrator.errors import ConfigError, TemplateError, UnitError, closest
+from orchestrator.lifecycle import Intent
+from orchestrator.liveness import Watch
 from orchestrator.sources import load_shards
 from orchestrator.template import CommandTemplate, Template, check_fields, shard_values
+from orchestrator.units import parse_timeout
 
 # --- item 2: only {identifier} / {dotted.identifier} is a field -------------------------
 
@@ -101,3 +105,96 @@ def test_idx_suggests_index() -> None:
 )
 def test_closest(word: str, candidates: list[str], expected: str | None) -> None:
     assert closest(word, candidates) == expected
+
+
+# --- item 1: a shard that never spoke ZeroMQ is judged alive by its process ----------------
+
+
+def _task(cli: dict[str, object] | None = None, file: dict[str, object] | None = None) -> object:
+    return build_task(
+        name="t",
+        file_task={"split": 1, **(file or {})},
+        file_path="/x/orch.toml",
+        overrides={"command": ("php", "slow.php"), **(cli or {})},
+        cwd="/",
+    )
+
+
+def _watch(task: object, started_at: float = 0.0) -> Watch:
+    return Watch(
+        started_at=started_at,
+        heartbeat_timeout_s=task.heartbeat_timeout_s,  # type: ignore[attr-defined]
+        stall_timeout_s=task.stall_timeout_s,  # type: ignore[attr-defined]
+        require_heartbeat=task.require_heartbeat,  # type: ignore[attr-defined]
+        heartbeat_always=task.heartbeat_timeout_set,  # type: ignore[attr-defined]
+    )
+
+
+def test_stdout_protocol_shard_with_slow_query_is_not_hung() -> None:
+    """##orch {"done":0,"total":3}, then a 15 s query: defaults never call that hung."""
+    w = _watch(_task())
+    w.beat(1.0, done=0, total=3, sdk=False)
+    assert w.next_deadline() is None
+    assert w.verdict(1000.0) is None
+
+
+def test_sdk_shard_keeps_the_ten_second_default() -> None:
+    task = _task()
+    assert task.heartbeat_timeout_s == 10.0  # type: ignore[attr-defined]
+    w = _watch(task)
+    w.beat(1.0, sdk=True)
+    assert w.next_deadline() == 11.0
+    verdict = w.verdict(11.0)
+    assert verdict is not None and verdict[0] is Intent.HUNG
+
+
+def test_explicit_heartbeat_timeout_applies_to_stdout_shards() -> None:
+    for task in (_task({"heartbeat_timeout": "20s"}), _task(file={"heartbeat_timeout": "20s"})):
+        w = _watch(task)
+        w.beat(1.0, done=0, sdk=False)
+        verdict = w.verdict(21.0)
+        assert verdict is not None and verdict[0] is Intent.HUNG
+
+
+def test_require_heartbeat_applies_the_default_to_stdout_shards() -> None:
+    w = _watch(_task({"require_heartbeat": True}))
+    assert w.next_deadline() == 10.0
+    w.beat(2.0, sdk=False)
+    assert w.next_deadline() == 12.0
+
+
+def test_stall_timeout_still_catches_a_stuck_stdout_shard() -> None:
+    w = _watch(_task({"stall_timeout": "1m"}))
+    w.beat(1.0, done=5, sdk=False)
+    w.beat(30.0, done=5, sdk=False)
+    verdict = w.verdict(61.0)
+    assert verdict is not None and verdict[0] is Intent.STALLED
+
+
+@pytest.mark.parametrize("spelling", ["none", "None", " NONE "])
+def test_none_switches_the_checks_off(spelling: str) -> None:
+    for where in ({"heartbeat_timeout": spelling, "stall_timeout": spelling},):
+        for task in (_task(where), _task(file=where)):
+            assert task.heartbeat_timeout_s is None  # type: ignore[attr-defined]
+            assert task.stall_timeout_s is None  # type: ignore[attr-defined]
+            w = _watch(task)
+            w.beat(1.0, done=1, sdk=True)
+            assert w.next_deadline() is None
+
+
+@pytest.mark.parametrize("key", ["heartbeat_timeout", "stall_timeout"])
+@pytest.mark.parametrize("zero", [0, "0", "0s", 0.0])
+def test_zero_timeout_is_an_error_that_suggests_none(key: str, zero: object) -> None:
+    for layer in ("cli", "file"):
+        with pytest.raises(ConfigError) as info:
+            _task({key: zero}) if layer == "cli" else _task(file={key: zero})
+        text = str(info.value)
+        assert "'none'" in text and "\n" not in text
+        assert (f"--{key.replace('_', '-')}" if layer == "cli" else key) in text
+
+
+def test_parse_timeout() -> None:
+    assert parse_timeout("none", where="w") is None
+    assert parse_timeout("15s", where="w") == 15.0
+    with pytest.raises(UnitError, match="'none'"):
+        parse_timeout("0", where="w")
