@@ -166,12 +166,16 @@ def scale(run_key: str, jobs: int, home: str | None) -> None:
 
 @cli.command()
 @click.argument("run_key", metavar="RUN")
-@click.option("--timeout", "timeout_s", type=float, metavar="SECONDS")
+@click.option(
+    "--timeout", metavar="DUR", help="Give up after DUR (30s, 5m): exit 124, the run goes on."
+)
 @_home_option
-def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
-    """Block until RUN ends; exit with its exit code."""
+def wait(run_key: str, timeout: str | None, home: str | None) -> None:
+    """Block until RUN ends; exit with its exit code (124 on --timeout)."""
     from orchestrator import steer
+    from orchestrator.units import parse_duration
 
+    timeout_s = None if timeout is None else parse_duration(timeout, where="--timeout")
     sys.exit(steer.wait(run_key, home, timeout_s))
 
 

@@ -19,6 +19,8 @@ RET_FAILED = 1
 RET_USAGE = 2
 #: A control request could not reach the run's master.
 RET_UNREACHABLE = 3
+#: ``orch wait --timeout`` gave up before the run ended (as timeout(1) exits).
+RET_TIMEOUT = 124
 #: The foreground run was interrupted with Ctrl-C (128 + SIGINT).
 RET_INTERRUPTED = 130
 
@@ -85,6 +87,18 @@ class MasterUnreachable(OrchError):
     """Raised when a live run's master does not answer on its control socket."""
 
     exit_code = RET_UNREACHABLE
+
+
+class WaitTimeout(OrchError):
+    """Raised when ``orch wait --timeout`` runs out before the run ends."""
+
+    exit_code = RET_TIMEOUT
+
+
+class RunLost(OrchError):
+    """Raised when a run waited on lost its master (``orch resume`` finishes it)."""
+
+    exit_code = RET_FAILED
 
 
 class ProtocolError(Exception):

@@ -12,9 +12,10 @@ import time
 from typing import Any
 
 from orchestrator.control import request
-from orchestrator.errors import RET_OK, MasterUnreachable, OrchError
+from orchestrator.errors import RET_OK, MasterUnreachable, OrchError, RunLost, WaitTimeout
 from orchestrator.report import open_run, run_state
 from orchestrator.show import find_run
+from orchestrator.units import format_duration
 
 
 def _live_endpoint(run_dir: str) -> tuple[str, str]:
@@ -64,7 +65,8 @@ def scale(run_key: str, jobs: int, home: str | None) -> int:
 
 
 def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float = 0.1) -> int:
-    """Block until the run ends; return its exit code (lost runs: 1)."""
+    """Block until the run ends; return its exit code. A lost run raises ``RunLost``
+    (exit 1), a timeout ``WaitTimeout`` (exit 124, the run goes on)."""
     run_dir = find_run(run_key, home)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     store = open_run(run_dir)
@@ -73,12 +75,16 @@ def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float 
             run = store.run()
             state = run_state(run)
             if state == "lost":
-                raise OrchError(f"run {run['id']} lost its master; 'orch resume {run['id']}'")
+                raise RunLost(
+                    f"run {run['id']} lost its master; 'orch resume {run['id']}' finishes it"
+                )
             if state != "running":
                 code = run.get("exit_code")
                 return int(code) if code is not None else 1
             if deadline is not None and time.monotonic() >= deadline:
-                raise OrchError(f"run {run['id']} still running after {timeout_s:g}s")
+                raise WaitTimeout(
+                    f"run {run['id']} still running after {format_duration(timeout_s or 0)}"
+                )
             time.sleep(poll_s)
     finally:
         store.close()
