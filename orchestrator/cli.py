@@ -118,17 +118,38 @@ def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None)
 @cli.command()
 @click.argument("run_key", metavar="RUN")
 @click.option("--shard", metavar="ID", help="One shard (by id, or by index).")
-@click.option("--stderr", is_flag=True, help="Show stderr instead of stdout.")
+@click.option("--stdout", is_flag=True, help="Only stdout.")
+@click.option("--stderr", is_flag=True, help="Only stderr.")
+@click.option("--protocol", is_flag=True, help="Also show the ##orch protocol lines.")
 @click.option("-n", "--tail", type=int, metavar="N", help="Only the last N lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing lines as they are written.")
 @_home_option
 def logs(
-    run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool, home: str | None
+    run_key: str,
+    shard: str | None,
+    stdout: bool,
+    stderr: bool,
+    protocol: bool,
+    tail: int | None,
+    follow: bool,
+    home: str | None,
 ) -> None:
-    """Show a run's output: one shard, or all shards interleaved with a prefix."""
+    """Show a run's output, stdout and stderr interleaved in time order (stderr marked):
+    one shard, or all shards with a prefix."""
     from orchestrator import show
 
-    sys.exit(show.logs(run_key, shard=shard, stderr=stderr, tail=tail, follow=follow, home=home))
+    sys.exit(
+        show.logs(
+            run_key,
+            shard=shard,
+            stdout=stdout,
+            stderr=stderr,
+            protocol=protocol,
+            tail=tail,
+            follow=follow,
+            home=home,
+        )
+    )
 
 
 @cli.command()

@@ -1,0 +1,115 @@
+"""Issue 10 end to end, through the real ``orch`` CLI: what a PHP batch user trips over.
+
+Each test names the item of issue 10 it holds to. Tests that need ``php``
+skip cleanly when it is not installed; each PHP test has a ``sh`` twin that
+holds the same contract everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+from itest import PYTHON, Env, only_run_id, poll_for
+
+PHP = shutil.which("php")
+needs_php = pytest.mark.skipif(PHP is None, reason="php is not installed")
+
+DEADLINE_S = 30.0
+
+
+def _detail(env: Env, run: str | None = None) -> dict:
+    return env.status(run or env.run_id())
+
+
+# --- item 1: a slow query is not a hang --------------------------------------------------
+
+SLOW_SH = 'echo \'##orch {"done":0,"total":3}\'; sleep 11; echo \'##orch {"done":3}\'\n'
+SLOW_PHP = """<?php
+echo '##orch ' . json_encode(['done' => 0, 'total' => 3]) . "\\n";
+sleep(11);  // the slow query: longer than the 10 s heartbeat timeout
+echo '##orch ' . json_encode(['done' => 3]) . "\\n";
+"""
+
+
+@pytest.mark.parametrize("lang", ["sh", pytest.param("php", marks=needs_php)])
+def test_stdout_shard_blocking_past_heartbeat_timeout_is_not_killed(env: Env, lang: str) -> None:
+    script = env.script(f"slow.{lang}", SLOW_SH if lang == "sh" else SLOW_PHP)
+    proc = env.orch("run", "--split", "1", "--", lang, script, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (shard,) = _detail(env)["shards"]
+    assert (shard["state"], shard["attempts"], shard["done"]) == ("done", 1, 3), shard
+    assert "hung" not in proc.stdout + proc.stderr
+
+
+def test_explicit_heartbeat_timeout_applies_to_stdout_shards(env: Env) -> None:
+    script = env.script("slow.sh", 'echo \'##orch {"done":0}\'; sleep 30\n')
+    proc = env.orch("run", "--split", "1", "--heartbeat-interval", "0.2",
+                    "--heartbeat-timeout", "1s", "--max-restarts", "0", "--stop-timeout", "1",
+                    "--", "sh", script, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (shard,) = _detail(env)["shards"]
+    assert shard["state"] == "failed" and "hung" in shard["reason"], shard
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--heartbeat-timeout", "0"), ("--stall-timeout", "0s")]
+)
+def test_zero_timeout_is_refused_with_a_hint(env: Env, flag: str, value: str) -> None:
+    proc = env.orch("run", "--split", "1", flag, value, "--", "true")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("orch: ") and flag in line and "'none'" in line, line
+    assert not (env.home / "runs").exists() or not list((env.home / "runs").iterdir())
+
+
+def test_none_switches_the_heartbeat_timeout_off(env: Env) -> None:
+    env.write("orch.toml", '[tasks.t]\ncommand = ["true"]\nsplit = 1\nstall_timeout = "none"\n')
+    proc = env.orch("run", "t", "--heartbeat-timeout", "none")
+    assert proc.returncode == 0, proc.stderr
+    task = _detail(env)["task"]
+    assert task["heartbeat_timeout_s"] is None and task["stall_timeout_s"] is None, task
+
+
+# --- item 2: JSON in sh -c ----------------------------------------------------------------
+
+
+def test_json_in_sh_c_is_passed_literally(env: Env) -> None:
+    proc = env.orch("run", "--split", "1", "--", "sh", "-c",
+                    'echo "##orch {\\"total\\": 10, \\"done\\": {index}}"; echo ${HOME:+set}')
+    assert proc.returncode == 0, proc.stderr
+    (shard,) = _detail(env)["shards"]
+    assert (shard["total"], shard["done"]) == (10, 0), shard
+    logs = env.orch("logs", env.run_id(), "--shard", "0", "--stdout")
+    assert "set" in logs.stdout, logs
+
+
+def test_idx_suggests_index(env: Env) -> None:
+    proc = env.orch("run", "--split", "2", "--", "echo", "{idx}")
+    assert proc.returncode == 2
+    assert "did you mean 'index'?" in proc.stderr, proc.stderr
+
+
+# --- item 4: orch wait --timeout ----------------------------------------------------------
+
+
+def test_wait_timeout_exits_124_and_takes_durations(env: Env) -> None:
+    gate = env.cwd / "go"
+    script = env.script("gate.sh", f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n')
+    started = env.orch("run", "-d", "--split", "1", "--", "sh", script)
+    assert started.returncode == 0, started.stderr
+    run = started.stdout.split()[-1]
+    t0 = time.monotonic()
+    waited = env.orch("wait", run, "--timeout", "300ms")
+    assert waited.returncode == 124, waited
+    assert time.monotonic() - t0 < 20
+    (line,) = waited.stderr.splitlines()
+    assert line.startswith("orch: ") and "still running" in line, line
+    bad = env.orch("wait", run, "--timeout", "soon")
+    assert bad.returncode == 2 and "--timeout" in bad.stderr, bad
+    gate.touch()
+    done = env.orch("wait", run, "--timeout", "1m")
+    assert done.returncode == 0, done
