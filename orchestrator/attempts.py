@@ -90,6 +90,7 @@ class Attempts:
     _arm_watch: Callable[[int], None]
     _flush_one: Callable[[int], None]
     _stdout_report: Callable[[int, AttemptHandle, bytes], None]
+    bad_lines_summary: Callable[[int], None]
 
     def _spawn(self, idx: int, attempt: int) -> None:
         rt = self.rt[idx]
@@ -121,6 +122,7 @@ class Attempts:
             self._unstamped.append(handle)
         rt.attempt_started = self.loop.clock()
         rt.notes = []
+        rt.bad_lines = 0
         if rt.logs is None:
             rt.logs = ShardLogs(
                 os.path.join(self.run_dir, LOGS),
@@ -229,6 +231,7 @@ class Attempts:
             # A last protocol line without a newline (PHP's echo adds none) still counts.
             for line in protocol_lines(rt.logs.out.flush(stamp())):
                 self._stdout_report(idx, handle, line)
+            self.bad_lines_summary(idx)
             rt.logs.end(handle.spec.attempt, what, duration)
             if code != 0:
                 rt.notes = rt.logs.stderr_tail()

@@ -36,6 +36,7 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
     names = list(dict.fromkeys(candidates))
     if word in names:
         return word
+
     def ratio(candidate: str) -> float:
         return difflib.SequenceMatcher(None, word, candidate).ratio()
 

@@ -144,6 +144,11 @@ class StreamLog:
         self._write(ts + rest)
         return rest
 
+    def note(self, ts: bytes, text: str) -> None:
+        """Write a line of orch's own (``orch: ...``) between the shard's lines; a partial
+        line of the shard waits in memory, so the note never splits one."""
+        self._write(ts + text.encode("utf-8", "replace") + b"\n")
+
     def mark(self, ts: bytes, text: str, lazy: bool = False) -> None:
         """Write a marker line; ``lazy`` holds it until the next write (the start marker:
         spawning 1,000 shards then opens no log file until one has something to say)."""

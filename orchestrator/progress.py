@@ -24,7 +24,7 @@ from orchestrator import procfs
 from orchestrator.backends import AttemptHandle
 from orchestrator.lifecycle import Intent, State
 from orchestrator.liveness import Watch
-from orchestrator.logs import ShardLogs
+from orchestrator.logs import ShardLogs, stamp
 from orchestrator.units import format_bytes
 from shards import protocol as proto
 
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from orchestrator.store import Store
 
 PROGRESS_FLUSH_S = 0.5
+#: Bad ##orch lines of one attempt logged one by one; the rest are counted.
+BAD_LINES_LOGGED = 5
+#: Longest part of a bad line quoted in its log line.
+BAD_LINE_QUOTE = 120
 #: How often attempts are measured against ``max_memory``.
 MEMORY_CHECK_S = 1.0
 
@@ -57,6 +61,7 @@ class Runtime:
     rss: int | None = None
     attempt_started: float = 0.0
     notes: list[str] = field(default_factory=list)
+    bad_lines: int = 0  # malformed ##orch lines of the current attempt
 
 
 def group_rss() -> dict[int, int]:
@@ -211,14 +216,41 @@ class Tracking:
         )
         self._flush_one(idx)
 
+    def _bad_line(self, idx: int, line: bytes, problem: str) -> None:
+        """Say what is wrong with a ##orch line: in the shard's stderr log and in -v output,
+        for the first few of an attempt (``bad_lines_summary`` counts the rest)."""
+        rt = self.rt[idx]
+        rt.bad_lines += 1
+        if rt.bad_lines > BAD_LINES_LOGGED or rt.logs is None:
+            return
+        text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+        if len(text) > BAD_LINE_QUOTE:
+            text = text[: BAD_LINE_QUOTE - 3] + "..."
+        note = f"bad ##orch line: {problem}: {text!r}"
+        rt.logs.err.note(stamp(), f"orch: {note}")
+        if self.view.verbose:
+            self.view.event(f"shard {self.shards[idx].id}: {note}")
+
+    def bad_lines_summary(self, idx: int) -> None:
+        """At the end of an attempt: how many bad ##orch lines were not logged one by one."""
+        rt = self.rt[idx]
+        more = rt.bad_lines - BAD_LINES_LOGGED
+        if more > 0 and rt.logs is not None:
+            note = f"{more} more bad ##orch line{'s' if more > 1 else ''} not shown"
+            rt.logs.err.note(stamp(), f"orch: {note}")
+            if self.view.verbose:
+                self.view.event(f"shard {self.shards[idx].id}: {note}")
+        rt.bad_lines = 0
+
     def _stdout_report(self, idx: int, handle: AttemptHandle, line: bytes) -> None:
         rt = self.rt[idx]
         if rt.handle is not handle:
             return
         try:
             report = proto.parse_line(line)
-        except proto.ProtocolError:
+        except proto.ProtocolError as exc:
             self.store.add_counter("bad_stdout_lines", 1)
+            self._bad_line(idx, line, str(exc))
             return
         if report is None:
             return

@@ -287,7 +287,9 @@ def logs(
             streams.append(_Stream(stem + ".err", prefix, True, want_out, want_out, protocol))
     # Sizes first: the dump stops there and -f goes on from there, so no line is lost
     # or printed twice while the shards keep writing.
-    sizes = {st.path: (os.path.getsize(st.path) if os.path.exists(st.path) else 0) for st in streams}
+    sizes = {
+        st.path: (os.path.getsize(st.path) if os.path.exists(st.path) else 0) for st in streams
+    }
     merged = (
         text
         for _, text in heapq.merge(

@@ -85,8 +85,10 @@ def parse_timeout(value: object, *, where: str) -> float | None:
         return None
     seconds = parse_duration(value, where=where)
     if seconds == 0:
-        raise UnitError(f"{where}: a timeout of {_show(value)} would fire at once; "
-                        "use 'none' to switch the check off")
+        raise UnitError(
+            f"{where}: a timeout of {_show(value)} would fire at once; "
+            "use 'none' to switch the check off"
+        )
     return seconds
 
 

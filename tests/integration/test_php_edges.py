@@ -7,13 +7,11 @@ holds the same contract everywhere.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import time
 
 import pytest
-from itest import PYTHON, Env, only_run_id, poll_for
+from itest import Env
 
 PHP = shutil.which("php")
 needs_php = pytest.mark.skipif(PHP is None, reason="php is not installed")
@@ -113,3 +111,42 @@ def test_wait_timeout_exits_124_and_takes_durations(env: Env) -> None:
     gate.touch()
     done = env.orch("wait", run, "--timeout", "1m")
     assert done.returncode == 0, done
+
+
+# --- item 3: malformed ##orch lines are said, not swallowed -------------------------------
+
+BAD_LINES = r"""
+echo '##orch {"done": "5"}'
+echo '##orch not json'
+echo '##orch {"speed": 3}'
+echo '##orch [1, 2]'
+echo "##orch {\"message\": \"$(printf 'x%.0s' $(seq 300))\"\"}"
+echo '##orch {"done": -1}'
+echo '##orch {"done": 1, "advance": 1}'
+echo '##orch {"total": true}'
+echo '##orch {"done": 2}'
+"""
+
+
+def test_bad_protocol_lines_are_logged_on_stderr_and_in_verbose_output(env: Env) -> None:
+    script = env.script("bad.sh", BAD_LINES)
+    proc = env.orch("run", "-v", "--split", "1", "--", "sh", script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = env.run_id()
+    (shard,) = _detail(env)["shards"]
+    assert shard["done"] == 2  # the good line still counts
+    err_log = env.orch("logs", run, "--shard", "0", "--stderr").stdout.splitlines()
+    notes = [ln[25:] for ln in err_log if ln[25:].startswith("orch: ")]
+    assert len(notes) == 6, err_log
+    assert notes[0] == (
+        "orch: bad ##orch line: 'done' must be a non-negative integer, not str: "
+        "'##orch {\"done\": \"5\"}'"
+    )
+    assert "not JSON" in notes[1] and "'speed'" in notes[2] and "not a JSON object" in notes[3]
+    assert notes[4].endswith("...'") and len(notes[4]) < 220, notes[4]
+    assert notes[5] == "orch: 3 more bad ##orch lines not shown"
+    output = (proc.stdout + proc.stderr).splitlines()
+    shown = [ln for ln in output if "bad ##orch line:" in ln]
+    assert len(shown) == 5 and all(ln.startswith("orch: ") for ln in shown), shown
+    assert "orch: shard 0: 3 more bad ##orch lines not shown" in output
+    assert _detail(env)["counters"]["bad_stdout_lines"] == 8
