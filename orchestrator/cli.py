@@ -205,14 +205,28 @@ def wait(run_key: str, timeout: str | None, home: str | None) -> None:
 @click.option("-d", "--detach", "detach_", is_flag=True, help="Resume in the background.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--retry-failed", is_flag=True, help="Also restart shards that gave up.")
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override the run's environment (templated; kept for later resumes).",
+)
 @_home_option
 def resume(
-    run_key: str, detach_: bool, verbose: bool, retry_failed: bool, home: str | None
+    run_key: str,
+    detach_: bool,
+    verbose: bool,
+    retry_failed: bool,
+    env: tuple[str, ...],
+    home: str | None,
 ) -> None:
-    """Finish a stopped or lost run: unfinished shards restart from their checkpoints."""
+    """Finish a stopped or lost run with the environment it started with: unfinished
+    shards restart from their checkpoints."""
     from orchestrator import steer
+    from orchestrator.start import env_pairs
 
-    sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed))
+    sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed, env_pairs(env)))
 
 
 @cli.command()

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from orchestrator import procfs
+from orchestrator import environ, procfs
 from orchestrator.config import TaskConfig
 from orchestrator.errors import RET_OK, RET_USAGE, OrchError
 from orchestrator.report import master_alive
@@ -39,6 +39,13 @@ KILL_WAIT_S = 5.0
 
 class RunIsLive(OrchError):
     """Raised when resuming a run whose master is still alive."""
+
+
+class NothingToResume(OrchError):
+    """Raised when resuming a run whose every shard is done (or failed, without
+    --retry-failed): not an error, the run is simply over (exit 0)."""
+
+    exit_code = RET_OK
 
 
 def detach(
@@ -159,7 +166,9 @@ def kill_leftovers(store: Store, run_id: str, grace_s: float) -> int:
     return len(pids)
 
 
-def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store, int]:
+def prepare_resume(
+    run_dir: str, retry_failed: bool = False
+) -> tuple[str, TaskConfig, ShardList, Store, int]:
     """Take the run lock, stop leftovers, close lost attempts; the run is ready for a master."""
     lock_fd = lock_run(run_dir)
     run_id, task, shards, store = load_run(run_dir)
@@ -173,6 +182,22 @@ def prepare_resume(run_dir: str) -> tuple[str, TaskConfig, ShardList, Store, int
             f"run {run_id} is live (master pid {pid} holds it); "
             "'orch stop' it first or 'orch wait' for it"
         )
+    left = [
+        row
+        for row in store.shards()
+        if row["state"] != "done" and (row["state"] != "failed" or retry_failed)
+    ]
+    if not left:
+        failed = len(store.shards(states=["failed"]))
+        store.close()
+        os.close(lock_fd)
+        why = (
+            f"its {failed} failed shard{'s' if failed != 1 else ''} stay failed "
+            "('orch resume --retry-failed' restarts them)"
+            if failed
+            else "every shard is done"
+        )
+        raise NothingToResume(f"run {run_id} has nothing to resume: {why}")
     killed = kill_leftovers(store, run_id, task.stop_timeout_s)
     if killed:
         print(
@@ -211,6 +236,7 @@ def main(argv: list[str]) -> int:
         return RET_USAGE
     os.set_inheritable(lock_fd, False)  # attempts must never hold the run lock
     run_id, task, shards, store = load_run(run_dir)
+    task, base_env = environ.for_master(run_dir, task)
     with open(os.path.join(run_dir, MASTER_PID), "w", opener=_private) as f:
         f.write(f"{os.getpid()}\n")
     master = Master(
@@ -221,6 +247,7 @@ def main(argv: list[str]) -> int:
         store=store,
         view=PlainView(tick_s=10.0),
         retry_failed=retry_failed,
+        base_env=base_env,
     )
     code = master.run()
     store.close()

@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator import lifecycle as lc
@@ -78,6 +78,7 @@ class Master(Attempts, Tracking):
         rand: Callable[[], float] = random.random,
         backend: Callable[[Loop, Master], Backend] | None = None,
         retry_failed: bool = False,
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.run_dir = run_dir
@@ -121,7 +122,9 @@ class Master(Attempts, Tracking):
         # Never inherit an outer orch's protocol variables (orch run from inside a shard):
         # a stale ORCH_CHECKPOINT would make a first attempt skip work, ORCH_SDK_PID would
         # keep its SDK from connecting.
-        self._base_env = {k: v for k, v in os.environ.items() if k not in PROTOCOL_ENV}
+        # ``base_env``: the environment the run started with (orchestrator.environ).
+        start_env = os.environ if base_env is None else base_env
+        self._base_env = {k: v for k, v in start_env.items() if k not in PROTOCOL_ENV}
 
     # --- setup --------------------------------------------------------------
 

@@ -11,10 +11,12 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
+from orchestrator import environ
 from orchestrator.config import TaskConfig, build_task, find_config, load_config
 from orchestrator.errors import ConfigError, SpawnError, UsageError
 from orchestrator.runs import STATE_DB, TASK_JSON, create_run_dir, home_dir, lock_run, new_run_id
@@ -45,7 +47,7 @@ _OVERRIDES = {
 }
 
 
-def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str] | None:
+def env_pairs(pairs: tuple[str, ...]) -> dict[str, str] | None:
     if not pairs:
         return None
     env: dict[str, str] = {}
@@ -65,7 +67,7 @@ def resolve_task(head: str | None, command: tuple[str, ...], opts: dict[str, Any
     path = find_config(opts.get("config_path"), cwd)
     cfg = load_config(path) if path else None
     overrides: dict[str, Any] = {key: opts.get(opt) for opt, key in _OVERRIDES.items()}
-    overrides["env"] = _env_pairs(opts.get("env") or ())
+    overrides["env"] = env_pairs(opts.get("env") or ())
     file_task = None
     name = "run"
     if head is not None:
@@ -139,6 +141,7 @@ def create_run(
     store = Store.create(
         os.path.join(run_dir, STATE_DB), row, ((s.id, s.record, s.line) for s in shards)
     )
+    environ.record(run_dir, os.environ)  # for orch resume, from any shell
     return run_id, run_dir, store
 
 
@@ -181,6 +184,7 @@ def supervise(
     verbose: bool = False,
     view: Any = None,
     retry_failed: bool = False,
+    base_env: Mapping[str, str] | None = None,
 ) -> int:
     from orchestrator.master import Master
     from orchestrator.show import print_summary
@@ -196,6 +200,7 @@ def supervise(
         store=store,
         view=view,
         retry_failed=retry_failed,
+        base_env=base_env,
     )
     code = master.run()
     print_summary(store, run_dir)

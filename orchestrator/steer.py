@@ -7,8 +7,10 @@ forward), never a hang: every request has a short timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.control import request
@@ -91,19 +93,49 @@ def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float 
 
 
 def resume(
-    run_key: str, home: str | None, detach_: bool, verbose: bool, retry_failed: bool = False
+    run_key: str,
+    home: str | None,
+    detach_: bool,
+    verbose: bool,
+    retry_failed: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> int:
-    from orchestrator.daemon import detach, prepare_resume
-    from orchestrator.start import supervise
+    """Finish a run with the environment it started with (``--env`` entries win)."""
+    from orchestrator import environ
+    from orchestrator.daemon import NothingToResume, detach, prepare_resume
+    from orchestrator.start import compile_command, supervise
+    from orchestrator.template import check_fields
 
     run_dir = find_run(run_key, home)
-    run_id, task, shards, store, lock_fd = prepare_resume(run_dir)
+    try:
+        run_id, task, shards, store, lock_fd = prepare_resume(run_dir, retry_failed)
+    except NothingToResume as exc:
+        print(f"orch: {exc}")
+        return RET_OK
+    try:
+        if env:
+            trial, _ = environ.for_master(run_dir, task)
+            trial = dataclasses.replace(trial, env={**trial.env, **env})
+            check_fields(compile_command(trial), shards)  # before anything is kept or started
+            environ.add_env(run_dir, env)
+        task, base_env = environ.for_master(run_dir, task)
+    except BaseException:
+        store.close()
+        os.close(lock_fd)
+        raise
     if detach_:
         store.close()
         return detach(run_id, run_dir, lock_fd, resume=True, retry_failed=retry_failed)
     try:
         return supervise(
-            run_id, run_dir, task, shards, store, verbose=verbose, retry_failed=retry_failed
+            run_id,
+            run_dir,
+            task,
+            shards,
+            store,
+            verbose=verbose,
+            retry_failed=retry_failed,
+            base_env=base_env,
         )
     finally:
         os.close(lock_fd)

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from itest import Env
+from _support_control import detached_env
+from itest import Env, poll_for
 
 PHP = shutil.which("php")
 needs_php = pytest.mark.skipif(PHP is None, reason="php is not installed")
 
 DEADLINE_S = 30.0
+
+
+@pytest.fixture
+def denv(tmp_path: Path) -> Iterator[Env]:
+    """An Env whose teardown also kills detached masters (not our children)."""
+    yield from detached_env(tmp_path)
 
 
 def _detail(env: Env, run: str | None = None) -> dict:
@@ -94,22 +103,22 @@ def test_idx_suggests_index(env: Env) -> None:
 # --- item 4: orch wait --timeout ----------------------------------------------------------
 
 
-def test_wait_timeout_exits_124_and_takes_durations(env: Env) -> None:
-    gate = env.cwd / "go"
-    script = env.script("gate.sh", f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n')
-    started = env.orch("run", "-d", "--split", "1", "--", "sh", script)
+def test_wait_timeout_exits_124_and_takes_durations(denv: Env) -> None:
+    gate = denv.cwd / "go"
+    script = denv.script("gate.sh", f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n')
+    started = denv.orch("run", "-d", "--split", "1", "--", "sh", script)
     assert started.returncode == 0, started.stderr
     run = started.stdout.split()[-1]
     t0 = time.monotonic()
-    waited = env.orch("wait", run, "--timeout", "300ms")
+    waited = denv.orch("wait", run, "--timeout", "300ms")
     assert waited.returncode == 124, waited
     assert time.monotonic() - t0 < 20
     (line,) = waited.stderr.splitlines()
     assert line.startswith("orch: ") and "still running" in line, line
-    bad = env.orch("wait", run, "--timeout", "soon")
+    bad = denv.orch("wait", run, "--timeout", "soon")
     assert bad.returncode == 2 and "--timeout" in bad.stderr, bad
     gate.touch()
-    done = env.orch("wait", run, "--timeout", "1m")
+    done = denv.orch("wait", run, "--timeout", "1m")
     assert done.returncode == 0, done
 
 
@@ -150,3 +159,59 @@ def test_bad_protocol_lines_are_logged_on_stderr_and_in_verbose_output(env: Env)
     assert len(shown) == 5 and all(ln.startswith("orch: ") for ln in shown), shown
     assert "orch: shard 0: 3 more bad ##orch lines not shown" in output
     assert _detail(env)["counters"]["bad_stdout_lines"] == 8
+
+
+# --- item 6: resume keeps the run's starting environment ----------------------------------
+
+SEEN = """\
+echo "$ORCH_ATTEMPT ${INHERITED:-unset} ${EXTRA:-unset}" >> "$1"
+if [ "$ORCH_ATTEMPT" = 1 ]; then
+    while :; do sleep 0.05; done  # the first attempt runs until the run is stopped
+fi
+"""
+
+
+def _start_then_stop(env: Env, seen: str) -> str:
+    script = env.script("seen.sh", SEEN)
+    started = env.orch("run", "-d", "--split", "1", "--stop-timeout", "2", "--",
+                       "sh", script, seen, env={"INHERITED": "yes", "SECRET_TOKEN": "sekrit-42"})
+    assert started.returncode == 0, started.stderr
+    run = started.stdout.split()[-1]
+    assert poll_for(lambda: (env.cwd / seen).exists(), DEADLINE_S)
+    assert env.orch("stop", run).returncode == 0
+    assert env.orch("wait", run, "--timeout", "30s").returncode == 1
+    return run
+
+
+def test_resume_uses_the_environment_the_run_started_with(denv: Env) -> None:
+    run = _start_then_stop(denv, "seen.txt")
+    resumed = denv.orch("resume", run)  # from a shell without INHERITED
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (denv.cwd / "seen.txt").read_text().splitlines() == ["1 yes unset", "2 yes unset"]
+    recorded = denv.home / "runs" / run / "environ.json"
+    assert recorded.stat().st_mode & 0o777 == 0o600
+    for args in (["status", run, "--json"], ["status", run], ["status", "--json"]):
+        shown = denv.orch(*args)
+        assert shown.returncode == 0 and "sekrit-42" not in shown.stdout + shown.stderr, args
+
+
+def test_resume_env_overrides(denv: Env) -> None:
+    run = _start_then_stop(denv, "seen.txt")
+    resumed = denv.orch("resume", run, "--env", "INHERITED=override", "--env", "EXTRA=x{index}")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (denv.cwd / "seen.txt").read_text().splitlines()[-1] == "2 override x0"
+    bad = denv.orch("resume", run, "--env", "NOEQUALS")
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr, bad
+
+
+# --- item 7: resume of a done run ---------------------------------------------------------
+
+
+def test_resume_of_a_done_run_says_nothing_to_resume(env: Env) -> None:
+    assert env.orch("run", "--split", "2", "--", "true").returncode == 0
+    run = env.run_id()
+    resumed = env.orch("resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "nothing to resume" in resumed.stdout, resumed.stdout
+    assert all(s["attempts"] == 1 for s in _detail(env)["shards"])
+    assert "master_pid" not in resumed.stdout
