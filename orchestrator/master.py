@@ -35,7 +35,7 @@ from orchestrator.progress import Runtime, Tracking
 from orchestrator.runs import ipc_path
 from orchestrator.sources import ShardList
 from orchestrator.start import compile_command
-from orchestrator.store import Store
+from orchestrator.store import Store, StoreUnwritable
 from shards import protocol as proto
 
 #: Default ceiling on children alive at once when --jobs is not given.
@@ -62,6 +62,12 @@ def default_jobs(count: int, requested: int | None) -> int:
         return requested
     fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
     return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
+
+
+#: How long state writes the disk refuses are retried before the run is stopped.
+STORE_RETRY_S = 10.0
+#: Delay between those retries: doubling from the first, up to the last.
+STORE_RETRY_DELAYS_S = (0.1, 2.0)
 
 
 class Master(Attempts, Tracking):
@@ -98,6 +104,10 @@ class Master(Attempts, Tracking):
         self.started_wall = time.time()
         self.started_mono = clock()
         self.interrupted: int | None = None
+        #: Set when the run's state could not be saved for STORE_RETRY_S: the run stops.
+        self.store_error: str | None = None
+        self._store_failing_since: float | None = None
+        self._store_retry_s = STORE_RETRY_DELAYS_S[0]
         self.stale_messages = 0
         self.unknown_messages = 0
         self._counted: dict[str, int] = {}
@@ -217,7 +227,13 @@ class Master(Attempts, Tracking):
             code = self.exit_code()
             self.store.set_run(state=self.run_state(), exit_code=code, ended_at=time.time())
             self.flush_counters()
-            self.store.commit()
+            try:
+                self.store.commit()
+            except StoreUnwritable as exc:
+                # The run stays "running" in the database, its master gone: `lost`,
+                # which `orch resume` finishes once the disk has room again.
+                self._give_up_store(exc)
+                code = self.exit_code()
             self.events.publish({"run": self.run_state(), "exit_code": code})
             self.control.close()
             self.events.close()
@@ -354,7 +370,12 @@ class Master(Attempts, Tracking):
 
     def _schedule(self) -> None:
         ready = self.ready
-        while ready and self.running < self.jobs and self.interrupted is None:
+        while (
+            ready
+            and self.running < self.jobs
+            and self.interrupted is None
+            and self.store_error is None
+        ):
             idx = ready.popleft()
             if self.rt[idx].life.state is State.PENDING:
                 self.apply(idx, lc.Start())
@@ -364,12 +385,50 @@ class Master(Attempts, Tracking):
         if self._unstamped:
             self._stamp()
         if self.store.dirty:
-            self.store.commit()
+            if "store-retry" in self.loop.timers:
+                return  # the disk is refusing writes: wait for the retry
+            try:
+                self.store.commit()
+            except StoreUnwritable as exc:
+                self._store_refused(exc)
+                return  # no acknowledgement for what is not saved
+            if self._store_failing_since is not None:
+                self._store_failing_since = None
+                self._store_retry_s = STORE_RETRY_DELAYS_S[0]
+                if self.store_error is None:
+                    self.view.event(f"{self.store.path}: writing again")
         if self._acks:
             acks, self._acks = self._acks, []
             assert self.channel is not None
             for identity, msg in acks:
                 self.channel.ack(identity, msg)
+
+    def _store_refused(self, exc: StoreUnwritable) -> None:
+        """The disk refused the run's state: retry with backoff (everything staged is
+        kept), and stop the run cleanly when it still refuses after STORE_RETRY_S."""
+        now = self.loop.clock()
+        if self._store_failing_since is None:
+            self._store_failing_since = now
+        elif now - self._store_failing_since >= STORE_RETRY_S and self.store_error is None:
+            self._give_up_store(exc)
+        delay, self._store_retry_s = (
+            self._store_retry_s,
+            min(self._store_retry_s * 2, STORE_RETRY_DELAYS_S[1]),
+        )
+        self.loop.timers.set("store-retry", now + delay, self._commit)
+
+    def _give_up_store(self, exc: StoreUnwritable) -> None:
+        """Stop every shard: a run whose progress and checkpoints cannot be saved must
+        not go on. One line says where and why, and how to finish the run."""
+        if self.store_error is not None:
+            return
+        self.store_error = exc.reason
+        self.view.event(
+            f"{exc.path}: {exc.reason}; stopping the run "
+            f"(free some space, then 'orch resume {self.run_id}')"
+        )
+        if self._unfinished or self.running:
+            self.stop_all(Intent.SHUTDOWN)
 
     # --- reporting -----------------------------------------------------------------
 
@@ -414,7 +473,7 @@ class Master(Attempts, Tracking):
         if self._unfinished > 0 or self.running > 0:
             return "running"
         counts = self.counts()
-        if self.interrupted is not None:
+        if self.interrupted is not None or self.store_error is not None:
             return "stopped"
         if counts.get("failed"):
             return "failed"
@@ -423,6 +482,8 @@ class Master(Attempts, Tracking):
         return "done"
 
     def exit_code(self) -> int:
+        if self.store_error is not None:
+            return RET_FAILED
         if self.interrupted == signal.SIGINT:
             return RET_INTERRUPTED
         if self.interrupted is not None:

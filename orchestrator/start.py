@@ -203,6 +203,7 @@ def supervise(
         base_env=base_env,
     )
     code = master.run()
-    print_summary(store, run_dir)
+    if master.store_error is None:  # else the database holds no end: the line said it all
+        print_summary(store, run_dir)
     store.close()
     return code

@@ -7,14 +7,16 @@ holds the same contract everywhere.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from _support_control import detached_env
-from itest import Env, poll_for
+from itest import PYTHON, Env, poll_for
 
 PHP = shutil.which("php")
 needs_php = pytest.mark.skipif(PHP is None, reason="php is not installed")
@@ -215,3 +217,73 @@ def test_resume_of_a_done_run_says_nothing_to_resume(env: Env) -> None:
     assert "nothing to resume" in resumed.stdout, resumed.stdout
     assert all(s["attempts"] == 1 for s in _detail(env)["shards"])
     assert "master_pid" not in resumed.stdout
+
+
+# --- item 8: a full disk stops the run cleanly, and resume finishes it ---------------------
+
+FILLER = """\
+import os, sys, shards
+acked = open(sys.argv[1] + "." + os.environ["ORCH_SHARD_ID"], "a")
+cp = shards.last_checkpoint()
+start = cp["i"] + 1 if cp else 0
+acked.write(f"start {os.environ['ORCH_ATTEMPT']} {start}\\n"); acked.flush()
+for i in range(start, 400):
+    sys.stdout.write(("line %d " % i) + "x" * 4000 + "\\n")
+    sys.stdout.flush()
+    try:
+        shards.checkpoint({"i": i, "pad": "p" * (1000 + 97 * (i % 50))})
+    except shards.CheckpointError:
+        continue  # not saved: not acknowledged, so not recorded below
+    acked.write(f"acked {i}\\n"); acked.flush()
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs for orch's home (root only); unmounted at teardown."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_stops_the_run_cleanly_and_resume_finishes_it(
+    denv: Env, small_disk: Path
+) -> None:
+    home = small_disk / "home"
+    script = denv.script("filler.py", FILLER)
+    acked = str(denv.cwd / "acked")
+    proc = denv.orch("run", "--home", str(home), "--split", "2", "--stop-timeout", "2",
+                     "--", PYTHON, script, acked, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out and "Error" not in out, out
+    (run,) = [p.name for p in (home / "runs").iterdir()]
+    db = home / "runs" / run / "state.db"
+    lines = [ln for ln in out.splitlines() if str(db) in ln]
+    assert len(lines) == 1 and "No space left on device" in lines[0], out
+    assert lines[0].startswith("orch: ") and f"orch resume {run}" in lines[0]
+    last_acked = {}
+    for shard in ("0", "1"):
+        marks = Path(f"{acked}.{shard}").read_text().split()
+        acks = [int(marks[k + 1]) for k in range(len(marks)) if marks[k] == "acked"]
+        last_acked[shard] = max(acks, default=-1)
+    # Free space, then resume: every acknowledged checkpoint is still there.
+    grown = subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)],
+                           capture_output=True, text=True)
+    assert grown.returncode == 0, grown.stderr
+    resumed = denv.orch("resume", "--home", str(home), run, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for shard in ("0", "1"):
+        starts = [ln.split() for ln in Path(f"{acked}.{shard}").read_text().splitlines()
+                  if ln.startswith("start ")]
+        if len(starts) > 1:  # the shard was unfinished: it went on from its last ack, or later
+            assert int(starts[-1][2]) >= last_acked[shard] + 1, (shard, starts, last_acked)
+    detail = json.loads(denv.orch("status", "--home", str(home), run, "--json").stdout)
+    assert [s["state"] for s in detail["shards"]] == ["done", "done"], detail

@@ -14,6 +14,7 @@ from orchestrator.errors import ConfigError, TemplateError, UnitError, closest
 from orchestrator.lifecycle import Intent
 from orchestrator.liveness import Watch
 from orchestrator.sources import load_shards
+from orchestrator.store import RunRow, Store, StoreUnwritable
 from orchestrator.template import CommandTemplate, Template, check_fields, shard_values
 from orchestrator.units import parse_timeout
 
@@ -198,3 +199,65 @@ def test_parse_timeout() -> None:
     assert parse_timeout("15s", where="w") == 15.0
     with pytest.raises(UnitError, match="'none'"):
         parse_timeout("0", where="w")
+
+
+# --- item 8: a disk that refuses the run's state ------------------------------------------
+# SQLite's max_page_count makes the database answer SQLITE_FULL ("database or disk is
+# full") exactly as a full disk does, on a real file, without a tmpfs.
+
+
+def _full_store(tmp_path: Path) -> Store:
+    store = Store.create(
+        str(tmp_path / "state.db"),
+        RunRow(id="r", name="t", task_json={}, source="s", shard_count=2, started_at=1.0, jobs=1),
+        [("a", {}, 1), ("b", {}, 2)],
+    )
+    store.commit()
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")  # no room to grow
+    return store
+
+
+def test_store_refusing_writes_raises_one_line_and_keeps_everything(tmp_path: Path) -> None:
+    store = _full_store(tmp_path)
+    try:
+        for i in range(3):
+            store.set_shard(0, checkpoint={"page": i, "pad": "x" * 50_000}, checkpoint_done=i)
+        store.set_shard(1, state="done", reason="exit 0")
+        store.add_counter("bad_stdout_lines", 2)
+        with pytest.raises(StoreUnwritable) as info:
+            store.commit()
+        assert str(info.value) == f"{tmp_path / 'state.db'}: No space left on device"
+        assert store.dirty and store.failing == "No space left on device"
+        with pytest.raises(StoreUnwritable):  # still full: still refused, still kept
+            store.commit()
+        store.set_shard(0, done=7)  # writes go on being staged while the disk is full
+        store._conn.execute("PRAGMA max_page_count = 1000000")  # space freed
+        store.commit()
+        assert not store.dirty and store.failing is None
+    finally:
+        store.close()
+    reader = Store.open(str(tmp_path / "state.db"), readonly=True)
+    try:
+        a, b = reader.shards()
+        assert (a["checkpoint"]["page"], a["checkpoint_done"], a["done"]) == (2, 2, 7)
+        assert (b["state"], b["reason"]) == ("done", "exit 0")
+        assert reader.counters().get("bad_stdout_lines") == 2
+    finally:
+        reader.close()
+
+
+def test_store_commits_nothing_twice_after_a_refusal(tmp_path: Path) -> None:
+    store = _full_store(tmp_path)
+    try:
+        store.add_counter("n", 1)
+        store.set_shard(0, checkpoint={"pad": "y" * 50_000})
+        with pytest.raises(StoreUnwritable):
+            store.commit()
+        store._conn.execute("PRAGMA max_page_count = 1000000")
+        store.commit()
+        store.add_counter("n", 1)
+        store.commit()
+        assert store.counters()["n"] == 2  # replayed once, not once per retry
+    finally:
+        store.close()
