@@ -22,7 +22,7 @@ from orchestrator.backends import AttemptHandle, AttemptSpec, Stream
 from orchestrator.errors import SpawnError, TemplateError
 from orchestrator.lifecycle import State
 from orchestrator.liveness import Watch
-from orchestrator.logs import ShardLogs, protocol_lines, stamp
+from orchestrator.logs import ShardLogs, pick_error, protocol_lines, stamp
 from orchestrator.runs import LOGS
 from orchestrator.template import shard_values
 from shards import protocol as proto
@@ -261,5 +261,8 @@ class Attempts:
             # The tail of stderr, or at least how it ended: a failed shard always says why.
             self.store.set_shard(idx, last_error="\n".join(rt.notes) if rt.notes else what)
         if code != 0 and rt.life.state is State.RUNNING and self.interrupted is None:
-            self.view.event(f"shard {handle.spec.shard_id} attempt {handle.spec.attempt}: {what}")
+            why = f": {pick_error(rt.notes)}" if rt.notes else ""
+            self.view.event(
+                f"shard {handle.spec.shard_id} attempt {handle.spec.attempt}: {what}{why}"
+            )
         self.apply(idx, lc.Exited(code))

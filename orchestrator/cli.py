@@ -104,7 +104,10 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
 @cli.command()
 @click.argument("run_key", metavar="[RUN]", required=False)
 @click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output (docs/status-json.md)."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Machine-readable output (schema: docs/cli.md, 'orch status --json').",
 )
 @click.option("--all", "show_all", is_flag=True, help="List every run, not only the last 20.")
 @_home_option
@@ -239,6 +242,26 @@ def events(run_key: str, home: str | None) -> None:
     sys.exit(steer.events(run_key, home))
 
 
+def _permission_problem(exc: PermissionError) -> str:
+    """One line naming the path, the refusal, and whose the path is."""
+    path = str(exc.filename or "?")
+    line = f"{path}: {exc.strerror or 'permission denied'}"
+    where = path
+    while where not in ("", os.sep):  # the nearest directory we can see, and its owner
+        try:
+            owner = os.stat(where).st_uid
+        except OSError:
+            where = os.path.dirname(where)
+            continue
+        if owner != os.geteuid():
+            line += (
+                f" ({where} belongs to uid {owner}, you are uid {os.geteuid()}: "
+                "run orch as that user, or give another --home)"
+            )
+        break
+    return line
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, named exit codes, never a traceback for a user mistake."""
     for name in ("stdout", "stderr"):
@@ -266,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"orch: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
+    except PermissionError as exc:
+        # A home another user owns (a run started with sudo, `orch status` without it).
+        click.echo(f"orch: {_permission_problem(exc)}", err=True)
+        sys.exit(RET_USAGE)
     except BrokenPipeError:
         # `orch logs RUN | head`: the reader left; that is not an error.
         devnull = os.open(os.devnull, os.O_WRONLY)

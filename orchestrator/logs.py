@@ -122,7 +122,7 @@ class StreamLog:
     def feed(self, data: bytes, ts: bytes) -> bytes:
         """Write the complete lines in ``data``; return them (unstamped) for the caller."""
         if self._keep_tail:
-            self.tail = (self.tail + data)[-TAIL_BYTES:]
+            self.tail = (self.tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
         buf = self._pending + data if self._pending else data
         cut = buf.rfind(b"\n")
         if cut < 0:
@@ -172,12 +172,13 @@ class ShardLogs:
         on_error: Callable[[str], None],
     ) -> None:
         stem = os.path.join(directory, log_stem(index, shard_id))
-        self.out = StreamLog(LogFile(stem + ".out", max_bytes, backups, on_error))
         self.err = StreamLog(LogFile(stem + ".err", max_bytes, backups, on_error), keep_tail=True)
+        # Kept too: PHP with display_errors on prints its fatal error on stdout.
+        self.out = StreamLog(LogFile(stem + ".out", max_bytes, backups, on_error), keep_tail=True)
 
     def begin(self, attempt: int, pid: int | None) -> None:
         ts = stamp()
-        self.err.tail = b""
+        self.err.tail = self.out.tail = b""
         text = f"attempt {attempt} started, pid {pid}"
         self.out.mark(ts, text, lazy=True)
         self.err.mark(ts, text, lazy=True)
@@ -191,12 +192,34 @@ class ShardLogs:
         self.err.mark(ts, text)
 
     def stderr_tail(self, lines: int = 5) -> list[str]:
-        text = self.err.tail.decode("utf-8", "replace")
-        return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+        """The last lines the attempt wrote on stderr; when it wrote none there, its last
+        lines of stdout (protocol lines left out), so a failure always shows its words."""
+        for stream in (self.err, self.out):
+            text = stream.tail.decode("utf-8", "replace")
+            found = [
+                ln
+                for ln in text.splitlines()
+                if ln.strip() and not ln.startswith(STDOUT_PREFIX.decode())
+            ]
+            if found:
+                return found[-lines:]
+        return []
 
     def close(self) -> None:
         self.out.file.close()
         self.err.file.close()
+
+
+_ERROR_WORDS = re.compile(r"error|exception|fatal|panic|traceback|denied|refused", re.IGNORECASE)
+
+
+def pick_error(lines: list[str]) -> str:
+    """The one line of an attempt's last output that best says why it failed: the
+    last that names an error (PHP's "PHP Fatal error: ...", Python's "ValueError:
+    ..."), else the last; shortened to 200 characters."""
+    chosen = next((ln for ln in reversed(lines) if _ERROR_WORDS.search(ln)), lines[-1])
+    chosen = " ".join(chosen.split())
+    return chosen if len(chosen) <= 200 else chosen[:197] + "..."
 
 
 def protocol_lines(block: bytes) -> list[bytes]:

@@ -1,7 +1,7 @@
 """What ``orch status`` says: run and shard records built from the state database.
 
-The JSON schema produced here is a contract (docs/status-json.md); fields
-are only ever added. Times are ISO 8601 in UTC; durations are seconds with
+The JSON schema produced here is a contract (docs/cli.md, "orch status
+--json"); fields are only ever added. Times are ISO 8601 in UTC; durations are seconds with
 an ``_s`` suffix; sizes are bytes with a ``_bytes`` suffix.
 """
 
@@ -62,7 +62,18 @@ def _rate(
     return max(0.0, moved / (last - start))
 
 
-def shard_record(row: dict[str, Any], run_dir: str, now: float, live: bool) -> dict[str, Any]:
+#: Shard states that need a live master; in a lost run they are shown as ``lost``.
+_UNFINISHED = frozenset({"running", "stopping", "backoff"})
+
+
+def shard_record(
+    row: dict[str, Any], run_dir: str, now: float, live: bool, lost: bool = False
+) -> dict[str, Any]:
+    """One shard as ``orch status`` shows it. In a ``lost`` run a shard the dead master
+    was running (or stopping, or about to restart) is ``lost``: no pid, rate or ETA,
+    since nothing runs it until ``orch resume``."""
+    if lost and row.get("state") in _UNFINISHED:
+        row = {**row, "state": "lost", "pid": None, "heartbeat_at": None}
     done, total = row.get("done"), row.get("total")
     rate = None
     if row.get("state") == "running":
@@ -106,11 +117,14 @@ def run_summary(store: Store, run_dir: str) -> dict[str, Any]:
     """The short form used by ``orch status`` (no RUN)."""
     run = store.run()
     counts = store.counts()
+    state = run_state(run)
+    if state == "lost":
+        counts = _lost_counts(counts)
     done, total = store.progress_totals()
     return {
         "id": run["id"],
         "name": run.get("name"),
-        "state": run_state(run),
+        "state": state,
         "exit_code": run.get("exit_code"),
         "started_at": iso(run.get("started_at")),
         "ended_at": iso(run.get("ended_at")),
@@ -122,13 +136,22 @@ def run_summary(store: Store, run_dir: str) -> dict[str, Any]:
     }
 
 
+def _lost_counts(counts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for state, n in counts.items():
+        key = "lost" if state in _UNFINISHED else state
+        out[key] = out.get(key, 0) + n
+    return out
+
+
 def run_detail(store: Store, run_dir: str, *, sample: bool = True) -> dict[str, Any]:
     """The full form used by ``orch status RUN``."""
     now = time.time()
     out = run_summary(store, run_dir)
     live = out["state"] == "running"
     run = store.run()
-    shards = [shard_record(r, run_dir, now, live and sample) for r in store.shards()]
+    lost = out["state"] == "lost"
+    shards = [shard_record(r, run_dir, now, live and sample, lost) for r in store.shards()]
     rates = [s["rate"] for s in shards if s["rate"] is not None]
     rate = sum(rates) if rates else None
     items_done, items_total = out["items_done"], out["items_total"]

@@ -29,26 +29,35 @@ from shards.protocol import STDOUT_PREFIX
 LIST_LIMIT = 20
 
 
-def _names(home: str) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _named(home: str, name: str) -> list[tuple[str, bool]]:
+    """(run directory, live) of the runs called ``name``, newest first."""
+    out: list[tuple[str, bool]] = []
     for d in list_run_dirs(home):
         try:
             store = open_run(d)
         except OrchError:
             continue
         try:
-            out[d] = store.run().get("name") or ""
+            run = store.run()
+            if (run.get("name") or "") == name:
+                out.append((d, run_state(run) == "running"))
         finally:
             store.close()
     return out
 
 
 def find_run(key: str, home: str | None) -> str:
+    """The run directory for a run id, a unique id prefix, or a name. Several runs with
+    one name: the live one, else the newest."""
     root = home_dir(home)
     try:
         return resolve_run(root, key)
     except RunNotFound:
-        return resolve_run(root, key, _names(root))
+        named = _named(root, key)
+        if not named:
+            raise
+    live = [d for d, is_live in named if is_live]
+    return live[0] if live else named[0][0]
 
 
 def _dump(obj: Any) -> None:
@@ -138,7 +147,7 @@ def _print_detail(d: dict[str, Any]) -> None:
         hb = format_duration(s["heartbeat_age_s"]) if s["heartbeat_age_s"] is not None else ""
         cpu = f"{s['cpu_percent']:.0f}%" if s["cpu_percent"] is not None else ""
         rss = format_bytes(s["rss_bytes"]) if s["rss_bytes"] is not None else ""
-        reason = "" if s["state"] in ("running", "pending", "done") else (s["reason"] or "")
+        reason = _why(s)
         rows.append(
             [
                 s["id"],
@@ -157,6 +166,19 @@ def _print_detail(d: dict[str, Any]) -> None:
         rows,
         state_col=1,
     )
+
+
+def _why(s: dict[str, Any]) -> str:
+    """The REASON column: why a shard ended or waits; for a live one, its last
+    ``message`` and what ended its previous attempt (the last restart)."""
+    if s["state"] == "done":
+        return ""
+    if s["state"] in ("running", "pending"):
+        parts = [s["message"]] if s["message"] else []
+        if s["attempts"] > 1 and s["reason"]:
+            parts.append(f"last restart: {s['reason']}")
+        return "; ".join(parts)
+    return s["reason"] or ""
 
 
 def print_summary(store: Store, run_dir: str, out: Any = None, limit: int = 20) -> None:

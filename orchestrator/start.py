@@ -64,7 +64,10 @@ def resolve_task(head: str | None, command: tuple[str, ...], opts: dict[str, Any
     from orchestrator.cli import CALLABLE
 
     cwd = os.getcwd()
-    path = find_config(opts.get("config_path"), cwd)
+    # orch.toml is read only when a task is named (or --config given): an inline
+    # `orch run -- CMD` must not fail on an unrelated, broken ./orch.toml.
+    explicit = opts.get("config_path")
+    path = find_config(explicit, cwd) if head is not None or explicit is not None else None
     cfg = load_config(path) if path else None
     overrides: dict[str, Any] = {key: opts.get(opt) for opt, key in _OVERRIDES.items()}
     overrides["env"] = env_pairs(opts.get("env") or ())

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import Stream
 from orchestrator.lifecycle import State
+from orchestrator.logs import pick_error
 from orchestrator.master import View
 from orchestrator.units import format_duration
 
 if TYPE_CHECKING:
     from orchestrator.master import Master
+    from orchestrator.progress import Runtime
 
 _ORDER = ("running", "pending", "backoff", "stopping", "done", "failed", "stopped")
 
@@ -38,6 +40,18 @@ def plural(n: int, word: str) -> str:
 def counts_text(counts: dict[str, int]) -> str:
     parts = [f"{counts[s]} {s}" for s in _ORDER if counts.get(s)]
     return ", ".join(parts) or "no shards"
+
+
+def waiting(rt: Runtime, now: float) -> str:
+    """A shard in backoff: when it retries, and why its last attempt ended."""
+    life = rt.life
+    when = (
+        f"retry in {format_duration(max(0.0, life.ready_at - now))}" if life.ready_at else "backoff"
+    )
+    why = life.reason or "failed"
+    if rt.notes:
+        why += f": {pick_error(rt.notes)}"
+    return f"{when} (attempt {life.attempt}: {why})"
 
 
 class Rate:
@@ -103,7 +117,7 @@ class PlainView(View):
             line += f" | {done}" + (f"/{total}" if total else "") + " items"
             if rate is not None:
                 line += f", {rate:,.0f}/s"
-                if total and rate > 0:
+                if total and rate > 0 and master.running:
                     line += f", ETA {format_duration((total - done) / rate)}"
         return line
 
@@ -162,7 +176,9 @@ class LiveView(PlainView):
         tail = ""
         if rate:
             tail = f"  {rate:,.0f}/s"
-            if total and rate > 0:
+            # No ETA while nothing runs (the last shard waiting out a backoff): the
+            # rate says nothing about when it will be done.
+            if total and rate > 0 and master.running:
                 tail += f"  ETA {format_duration((total - done) / rate)}"
         grid.add_row(ProgressBar(total=max(1, bar_total), completed=bar_done))
         elapsed = format_duration(time.monotonic() - self._t0)
@@ -183,10 +199,7 @@ class LiveView(PlainView):
             state = rt.life.state
             if state is State.BACKOFF:
                 if len(failing) < limit:
-                    failing.append(
-                        f"[yellow]{master.shards[i].id}[/] backoff "
-                        f"(attempt {rt.life.attempt}: {rt.life.reason})"
-                    )
+                    failing.append(f"[yellow]{master.shards[i].id}[/] {waiting(rt, now)}")
             elif state is State.RUNNING:
                 watch = rt.watch
                 if watch is not None and watch.last_move is not None:

@@ -8,15 +8,18 @@ holds the same contract everywhere.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support_control import detached_env
-from itest import PYTHON, Env, poll_for
+from _support_control import Run, detached_env, start_detached
+from itest import ORCH, PYTHON, Env, orch_env, poll_for
 
 PHP = shutil.which("php")
 needs_php = pytest.mark.skipif(PHP is None, reason="php is not installed")
@@ -287,3 +290,138 @@ def test_full_disk_stops_the_run_cleanly_and_resume_finishes_it(
             assert int(starts[-1][2]) >= last_acked[shard] + 1, (shard, starts, last_acked)
     detail = json.loads(denv.orch("status", "--home", str(home), run, "--json").stdout)
     assert [s["state"] for s in detail["shards"]] == ["done", "done"], detail
+
+
+GATED = 'while [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+
+
+def test_status_by_shared_name_prefers_the_live_run(denv: Env) -> None:
+    gate = denv.cwd / "go"
+    script = denv.script("gate.sh", GATED.format(gate=gate))
+    live = start_detached(denv, "--name", "nightly", "--split", "1", "--", "sh", script)
+    assert denv.orch("run", "--name", "nightly", "--split", "1", "--", "true").returncode == 0
+    assert _detail(denv, "nightly")["id"] == live  # the live one, not the newer done one
+    gate.touch()
+    assert denv.orch("wait", live, "--timeout", "30s").returncode == 0
+    newest = sorted(p.name for p in (denv.home / "runs").iterdir())[-1]
+    assert _detail(denv, "nightly")["id"] == newest  # none live: the newest
+
+
+def test_lost_run_shows_its_shards_lost_without_rate_or_eta(denv: Env) -> None:
+    script = denv.script("count.sh", 'i=0; while :; do i=$((i+1)); '
+                         'echo "##orch {\\"done\\": $i, \\"total\\": 100000}"; sleep 0.05; done\n')
+    run = Run(denv, start_detached(denv, "--split", "3", "--", "sh", script))
+    assert poll_for(lambda: all((s["done"] or 0) > 2 for s in _detail(denv, run.id)["shards"]),
+                    DEADLINE_S)
+    os.kill(run.master_pid(), signal.SIGKILL)
+    detail = poll_for(lambda: (d := _detail(denv, run.id))["state"] == "lost" and d, DEADLINE_S)
+    assert detail, _detail(denv, run.id)
+    assert detail["counts"] == {"lost": 3}, detail["counts"]
+    assert (detail["rate"], detail["eta_s"], detail["master_pid"]) == (None, None, None)
+    for s in detail["shards"]:
+        assert (s["state"], s["rate"], s["eta_s"], s["pid"]) == ("lost", None, None, None), s
+        assert s["heartbeat_age_s"] is None
+    text = denv.orch("status", run.id).stdout
+    assert "running" not in text and "ETA" not in text and "3 lost" in text, text
+    listing = denv.orch("status").stdout
+    assert "3 lost" in listing and "running" not in listing, listing
+
+
+def test_failed_attempt_says_why_in_the_live_output(env: Env) -> None:
+    proc = env.orch("run", "--split", "2", "--max-restarts", "0", "--", "sh", "-c",
+                    'if [ {index} = 0 ]; then echo "PHP Fatal error:  Uncaught Exception: '
+                    'boom" >&2; else echo "PHP Fatal error:  on stdout"; fi; '
+                    'echo "  thrown in x.php on line 3" >&2; exit 255')
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "shard 0 attempt 1: exit 255: PHP Fatal error: Uncaught Exception: boom" in out, out
+    assert "shard 1 attempt 1: exit 255: thrown in x.php on line 3" in out, out
+
+
+def test_failed_attempt_without_stderr_shows_its_stdout(env: Env) -> None:
+    proc = env.orch("run", "--split", "1", "--max-restarts", "0", "--", "sh", "-c",
+                    'echo "PHP Fatal error:  Uncaught Error: on stdout"; exit 255')
+    assert proc.returncode == 1
+    assert "attempt 1: exit 255: PHP Fatal error: Uncaught Error: on stdout" in proc.stdout
+    assert "| PHP Fatal error:  Uncaught Error: on stdout" in proc.stdout  # end summary
+
+
+def test_status_shows_a_running_shards_message_and_last_restart(denv: Env) -> None:
+    gate = denv.cwd / "go"
+    script = denv.script("msg.sh", f"""\
+echo '##orch {{"message": "fetching page 8"}}'
+if [ "$ORCH_ATTEMPT" = 1 ]; then exit 3; fi
+{GATED.format(gate=gate)}""")
+    run = start_detached(denv, "--split", "1", "--backoff-initial", "0.05", "--", "sh", script)
+    seen = poll_for(lambda: (s := _detail(denv, run)["shards"][0])["attempts"] == 2
+                    and s["message"] and s["state"] == "running" and s, DEADLINE_S)
+    assert seen, _detail(denv, run)
+    text = denv.orch("status", run).stdout
+    row = [ln for ln in text.splitlines() if ln.startswith("0 ")]
+    assert row and "fetching page 8" in row[0] and "last restart: exit 3" in row[0], text
+    gate.touch()
+
+
+def test_inline_run_ignores_a_broken_orch_toml(env: Env) -> None:
+    env.write("orch.toml", "[tasks.crawl\ncommand = \n")
+    assert env.orch("run", "--split", "1", "--", "true").returncode == 0
+    named = env.orch("run", "crawl")
+    assert named.returncode == 2 and "orch.toml" in named.stderr  # named: still read
+    given = env.orch("run", "--config", "orch.toml", "--split", "1", "--", "true")
+    assert given.returncode == 2 and "orch.toml" in given.stderr
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(SETPRIV is None or os.geteuid() != 0, reason="needs root and setpriv")
+def test_home_of_another_user_is_one_line_not_a_traceback(env: Env) -> None:
+    assert env.orch("run", "--split", "1", "--", "true").returncode == 0
+    run = env.run_id()
+    subprocess.run(["chown", "-R", "65534:65534", str(env.home)], check=True)
+    env.home.chmod(0o700)
+    for args in (["status"], ["status", run], ["status", run, "--json"], ["stop", run],
+                 ["logs", run], ["wait", run], ["resume", run]):
+        # root without its capabilities: the file permissions apply as to any user
+        proc = subprocess.run([SETPRIV, "--bounding-set=-all", "--inh-caps=-all", ORCH, *args],
+                              env=orch_env(env.home), cwd=env.cwd, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 2, (args, proc.stderr)
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith("orch: ") and "Permission denied" in line, line
+        assert str(env.home) in line and "uid 65534" in line, line
+
+
+# --- item 7: docs and code agree ---------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_status_help_points_to_docs_that_exist(env: Env) -> None:
+    helptext = env.orch("status", "--help").stdout
+    for ref in re.findall(r"docs/[\w.-]+\.md", helptext):
+        assert (DOCS.parent / ref).is_file(), ref
+
+
+def test_zero_counters_are_left_out_as_documented(env: Env) -> None:
+    assert env.orch("run", "--split", "1", "--", "true").returncode == 0
+    assert _detail(env)["counters"] == {}
+    assert "a counter that is 0 is left out" in (DOCS / "cli.md").read_text()
+
+
+def test_a_null_checkpoint_renders_as_documented(env: Env) -> None:
+    script = env.script("cp.sh", """\
+if [ "$ORCH_ATTEMPT" = 1 ]; then echo '##orch {"checkpoint": null}'; exit 1; fi
+printf '%s' "$1" > got.txt
+""")
+    proc = env.orch("run", "--split", "1", "--backoff-initial", "0.05", "--",
+                    "sh", script, "{checkpoint}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (env.cwd / "got.txt").read_text() == "null"
+    assert "`null` for a checkpoint of `null`" in (DOCS / "config.md").read_text()
+
+
+def test_no_distributed_backend_is_promised(env: Env) -> None:
+    text = (DOCS / "protocol.md").read_text()
+    assert "specified with the distributed backend" not in text
+    assert "Only the local backend exists today" in text
