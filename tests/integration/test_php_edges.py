@@ -425,3 +425,24 @@ def test_no_distributed_backend_is_promised(env: Env) -> None:
     text = (DOCS / "protocol.md").read_text()
     assert "specified with the distributed backend" not in text
     assert "Only the local backend exists today" in text
+
+
+def test_oversized_frame_is_not_counted_as_documented(denv: Env) -> None:
+    """protocol.md: ZeroMQ closes the connection of a frame over 1 MiB before orch sees
+    it, so it is not counted; a small bad frame is. The master lives on."""
+    from _support_progress import ask, dealer, run_row
+
+    gate = denv.cwd / "go"
+    script = denv.script("gate.sh", GATED.format(gate=gate))
+    run = start_detached(denv, "--split", "1", "--", "sh", script)
+    endpoint = run_row(denv, run)["endpoint"]
+    with dealer(endpoint) as big:
+        big.send(b"{" + b" " * (2 << 20) + b"}")
+    with dealer(endpoint) as small:
+        small.send(b"not json")
+        assert poll_for(lambda: ask(denv, run, "status")["dropped"]["garbage"] >= 1, DEADLINE_S)
+    assert ask(denv, run, "status")["dropped"]["garbage"] == 1
+    text = (DOCS / "protocol.md").read_text()
+    assert "**not counted**" in text
+    gate.touch()
+    assert denv.orch("wait", run, "--timeout", "30s").returncode == 0

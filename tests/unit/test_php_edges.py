@@ -261,3 +261,53 @@ def test_store_commits_nothing_twice_after_a_refusal(tmp_path: Path) -> None:
         assert store.counters()["n"] == 2  # replayed once, not once per retry
     finally:
         store.close()
+
+
+# --- item 7: the live view says why, and when a backoff ends ------------------------------
+
+
+def test_backoff_row_says_retry_in_and_why() -> None:
+    from orchestrator import lifecycle as lc
+    from orchestrator.progress import Runtime
+    from orchestrator.ui import waiting
+
+    life = lc.Shard(state=lc.State.BACKOFF, attempt=2, reason="exit 255", ready_at=116.0)
+    rt = Runtime(life=life, notes=["PHP Fatal error:  Uncaught Exception: boom", "  thrown in"])
+    assert waiting(rt, now=100.0) == (
+        "retry in 16s (attempt 2: exit 255: PHP Fatal error: Uncaught Exception: boom)"
+    )
+
+
+class _FakeMaster:
+    def __init__(self, running: int) -> None:
+        self.running = running
+
+    def counts(self) -> dict[str, int]:
+        return {"backoff": 1, "done": 3} if not self.running else {"running": 1, "done": 3}
+
+    def items(self) -> tuple[int, int | None]:
+        return 999, 1000
+
+
+@pytest.mark.parametrize("running", [0, 1])
+def test_no_eta_while_the_last_shard_waits(running: int) -> None:
+    import io
+
+    from orchestrator.ui import PlainView
+
+    view = PlainView(out=io.StringIO())
+    view._rate.add(0.0, 0)  # a rate exists: 999 items over the window
+    line = view.status_line(_FakeMaster(running))  # type: ignore[arg-type]
+    assert ("ETA" in line) == bool(running), line
+
+
+def test_pick_error_prefers_the_line_naming_the_error() -> None:
+    from orchestrator.logs import pick_error
+
+    assert pick_error(["Traceback (most recent call last):", '  File "x"', "ValueError: bad"]) == (
+        "ValueError: bad"
+    )
+    assert pick_error(["PHP Fatal error:  boom", "Stack trace:", "#0 {main}"]) == (
+        "PHP Fatal error: boom"
+    )
+    assert pick_error(["just words", "last words"]) == "last words"
