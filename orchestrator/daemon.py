@@ -26,7 +26,7 @@ import time
 
 from orchestrator import environ, procfs
 from orchestrator.config import TaskConfig
-from orchestrator.errors import RET_OK, RET_USAGE, OrchError
+from orchestrator.errors import RET_FAILED, RET_OK, RET_USAGE, OrchError
 from orchestrator.report import master_alive
 from orchestrator.runs import MASTER_LOG, MASTER_PID, STATE_DB, lock_run
 from orchestrator.sources import ShardList
@@ -189,6 +189,14 @@ def prepare_resume(
     ]
     if not left:
         failed = len(store.shards(states=["failed"]))
+        if run.get("state") == "running":
+            # Its master died after the last shard ended but before it wrote the end.
+            store.set_run(
+                state="failed" if failed else "done",
+                exit_code=RET_FAILED if failed else RET_OK,
+                ended_at=time.time(),
+            )
+            store.commit()
         store.close()
         os.close(lock_fd)
         why = (

@@ -111,6 +111,8 @@ def resume(
         run_id, task, shards, store, lock_fd = prepare_resume(run_dir, retry_failed)
     except NothingToResume as exc:
         print(f"orch: {exc}")
+        if detach_:
+            print(os.path.basename(run_dir))  # -d: the run id is always the last line
         return RET_OK
     try:
         if env:
