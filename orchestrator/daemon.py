@@ -43,9 +43,11 @@ class RunIsLive(OrchError):
 
 class NothingToResume(OrchError):
     """Raised when resuming a run whose every shard is done (or failed, without
-    --retry-failed): not an error, the run is simply over (exit 0)."""
+    --retry-failed): the run is over, and ``exit_code`` is its own (0 when done)."""
 
-    exit_code = RET_OK
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def detach(
@@ -205,7 +207,9 @@ def prepare_resume(
             if failed
             else "every shard is done"
         )
-        raise NothingToResume(f"run {run_id} has nothing to resume: {why}")
+        raise NothingToResume(
+            f"run {run_id} has nothing to resume: {why}", RET_FAILED if failed else RET_OK
+        )
     killed = kill_leftovers(store, run_id, task.stop_timeout_s)
     if killed:
         print(

@@ -113,7 +113,7 @@ def resume(
         print(f"orch: {exc}")
         if detach_:
             print(os.path.basename(run_dir))  # -d: the run id is always the last line
-        return RET_OK
+        return exc.exit_code
     try:
         if env:
             trial, _ = environ.for_master(run_dir, task)
