@@ -5,12 +5,15 @@ orch.toml > defaults), reads and validates the shard list and the command
 template, and only then creates a run. Every user mistake surfaces as an
 ``OrchError`` printed as ``orch: <one line>`` with exit code 2; nothing has
 been started when that happens.
+
+Each command imports the module that carries it out inside its function:
+``orch status`` must not pay for the master's stack, nor ``orch run`` for
+the status tables (start-up time is a measured figure).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Any
 
@@ -18,8 +21,6 @@ import click
 
 from orchestrator import __version__
 from orchestrator.errors import RET_USAGE, OrchError, UsageError
-
-CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 class _RunCommand(click.Command):
@@ -84,7 +85,7 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
     """Run a task once per shard: orch run [TASK] [OPTIONS] [-- COMMAND...]"""
-    from orchestrator import start
+    from orchestrator import launch  # lazy: start-up time (see above)
 
     after = ctx.meta.get("after_dashdash")
     head: tuple[str, ...]
@@ -98,7 +99,7 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
             f"unexpected arguments {' '.join(head[1:])!r}: put the command after '--' "
             "(orch run --split 4 -- ./job.sh {index})"
         )
-    sys.exit(start.run_command(head[0] if head else None, command, opts))
+    sys.exit(launch.run_command(head[0] if head else None, command, opts))
 
 
 @cli.command()
@@ -113,7 +114,7 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
 @_home_option
 def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None) -> None:
     """List runs, newest first, or show one RUN shard by shard."""
-    from orchestrator import show
+    from orchestrator.views import status as show  # lazy: start-up time (see above)
 
     sys.exit(show.status(run_key, as_json=as_json, show_all=show_all, home=home))
 
@@ -139,7 +140,7 @@ def logs(
 ) -> None:
     """Show a run's output, stdout and stderr interleaved in time order (stderr marked):
     one shard, or all shards with a prefix."""
-    from orchestrator import show
+    from orchestrator.views import logs as show  # lazy: start-up time (see above)
 
     sys.exit(
         show.logs(
@@ -161,7 +162,7 @@ def logs(
 @_home_option
 def stop(run_key: str, shard: str | None, home: str | None) -> None:
     """Stop a live run (SIGTERM, grace, SIGKILL), or one of its shards."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.stop(run_key, shard, home))
 
@@ -172,7 +173,7 @@ def stop(run_key: str, shard: str | None, home: str | None) -> None:
 @_home_option
 def restart(run_key: str, shard: str, home: str | None) -> None:
     """Start a new attempt of one shard now, with its backoff reset."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.restart(run_key, shard, home))
 
@@ -183,7 +184,7 @@ def restart(run_key: str, shard: str, home: str | None) -> None:
 @_home_option
 def scale(run_key: str, jobs: int, home: str | None) -> None:
     """Change how many shards of a live run may run at once."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.scale(run_key, jobs, home))
 
@@ -196,7 +197,7 @@ def scale(run_key: str, jobs: int, home: str | None) -> None:
 @_home_option
 def wait(run_key: str, timeout: str | None, home: str | None) -> None:
     """Block until RUN ends; exit with its exit code (124 on --timeout)."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
     from orchestrator.units import parse_duration
 
     timeout_s = None if timeout is None else parse_duration(timeout, where="--timeout")
@@ -226,7 +227,7 @@ def resume(
 ) -> None:
     """Finish a stopped or lost run with the environment it started with: unfinished
     shards restart from their checkpoints."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
     from orchestrator.start import env_pairs
 
     sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed, env_pairs(env)))
@@ -237,7 +238,7 @@ def resume(
 @_home_option
 def events(run_key: str, home: str | None) -> None:
     """Print a live run's shard state changes as JSON lines until it ends."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.events(run_key, home))
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support_control import Run, detached_env, start_detached
-from itest import ORCH, PYTHON, Env, orch_env, poll_for
+from helpers.control import Run, detached_env, start_detached
+from helpers.world import ORCH, PYTHON, Env, orch_env, poll_for
 
 PHP = shutil.which("php")
 needs_php = pytest.mark.skipif(PHP is None, reason="php is not installed")
@@ -430,7 +430,7 @@ def test_no_distributed_backend_is_promised(env: Env) -> None:
 def test_oversized_frame_is_not_counted_as_documented(denv: Env) -> None:
     """protocol.md: ZeroMQ closes the connection of a frame over 1 MiB before orch sees
     it, so it is not counted; a small bad frame is. The master lives on."""
-    from _support_progress import ask, dealer, run_row
+    from helpers.progress import ask, dealer, run_row
 
     gate = denv.cwd / "go"
     script = denv.script("gate.sh", GATED.format(gate=gate))

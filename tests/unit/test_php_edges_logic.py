@@ -268,11 +268,12 @@ def test_store_commits_nothing_twice_after_a_refusal(tmp_path: Path) -> None:
 
 def test_backoff_row_says_retry_in_and_why() -> None:
     from orchestrator import lifecycle as lc
-    from orchestrator.progress import Runtime
-    from orchestrator.ui import waiting
+    from orchestrator.shard import ShardRun
+    from orchestrator.views.live import waiting
 
     life = lc.Shard(state=lc.State.BACKOFF, attempt=2, reason="exit 255", ready_at=116.0)
-    rt = Runtime(life=life, notes=["PHP Fatal error:  Uncaught Exception: boom", "  thrown in"])
+    rt = ShardRun(index=0, id="0", life=life)
+    rt.notes = ["PHP Fatal error:  Uncaught Exception: boom", "  thrown in"]
     assert waiting(rt, now=100.0) == (
         "retry in 16s (attempt 2: exit 255: PHP Fatal error: Uncaught Exception: boom)"
     )
@@ -293,7 +294,7 @@ class _FakeMaster:
 def test_no_eta_while_the_last_shard_waits(running: int) -> None:
     import io
 
-    from orchestrator.ui import PlainView
+    from orchestrator.views.live import PlainView
 
     view = PlainView(out=io.StringIO())
     view._rate.add(0.0, 0)  # a rate exists: 999 items over the window

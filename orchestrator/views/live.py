@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import Stream
@@ -25,24 +24,14 @@ from orchestrator.lifecycle import State
 from orchestrator.logs import pick_error
 from orchestrator.master import View
 from orchestrator.units import format_duration
+from orchestrator.views.figures import Rate, counts_text, eta_s, plural
 
 if TYPE_CHECKING:
     from orchestrator.master import Master
-    from orchestrator.progress import Runtime
-
-_ORDER = ("running", "pending", "backoff", "stopping", "done", "failed", "stopped")
+    from orchestrator.shard import ShardRun
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def counts_text(counts: dict[str, int]) -> str:
-    parts = [f"{counts[s]} {s}" for s in _ORDER if counts.get(s)]
-    return ", ".join(parts) or "no shards"
-
-
-def waiting(rt: Runtime, now: float) -> str:
+def waiting(rt: ShardRun, now: float) -> str:
     """A shard in backoff: when it retries, and why its last attempt ended."""
     life = rt.life
     when = (
@@ -52,23 +41,6 @@ def waiting(rt: Runtime, now: float) -> str:
     if rt.notes:
         why += f": {pick_error(rt.notes)}"
     return f"{when} (attempt {life.attempt}: {why})"
-
-
-class Rate:
-    """Items per second over a sliding window of samples."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, now: float, done: int) -> float | None:
-        s = self._samples
-        s.append((now, done))
-        while len(s) > 2 and now - s[0][0] > self.window_s:
-            s.popleft()
-        if len(s) < 2 or s[-1][0] <= s[0][0]:
-            return None
-        return max(0.0, (s[-1][1] - s[0][1]) / (s[-1][0] - s[0][0]))
 
 
 class PlainView(View):
@@ -110,15 +82,18 @@ class PlainView(View):
         self._print("\n".join(f"{tag} {ln}" for ln in text.split("\n")))
 
     def status_line(self, master: Master) -> str:
-        line = counts_text(master.counts())
+        line = counts_text(master.counts(), lifecycle_order=True)
         done, total = master.items()
         if done or total:
             rate = self._rate.add(time.monotonic(), done)
             line += f" | {done}" + (f"/{total}" if total else "") + " items"
             if rate is not None:
                 line += f", {rate:,.0f}/s"
-                if total and rate > 0 and master.running:
-                    line += f", ETA {format_duration((total - done) / rate)}"
+                # No ETA while nothing runs (the last shard waiting out a backoff): the
+                # rate says nothing about when it will be done.
+                eta = eta_s(done, total, rate) if total and master.running else None
+                if eta is not None:
+                    line += f", ETA {format_duration(eta)}"
         return line
 
     def tick(self, master: Master) -> None:
@@ -132,7 +107,7 @@ class LiveView(PlainView):
     """A rich live panel for terminals."""
 
     def __init__(self, verbose: bool = False) -> None:
-        from rich.console import Console
+        from rich.console import Console  # rich only for a terminal: plain lines never load it
 
         super().__init__(tick_s=0.2, verbose=verbose)
         self.console = Console()
@@ -140,7 +115,7 @@ class LiveView(PlainView):
         self._t0 = time.monotonic()
 
     def started(self, master: Master) -> None:
-        from rich.live import Live
+        from rich.live import Live  # rich only for a terminal (see __init__)
 
         self.console.print(
             f"[bold]orch[/] run [cyan]{master.run_id}[/]: {plural(len(master.shards), 'shard')}, "
@@ -159,6 +134,7 @@ class LiveView(PlainView):
             self.console.print(f"[{style}]\\[{shard_id}][/] {ln}", highlight=False, markup=True)
 
     def render(self, master: Master) -> Any:
+        # rich only for a terminal (see __init__)
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
@@ -176,14 +152,14 @@ class LiveView(PlainView):
         tail = ""
         if rate:
             tail = f"  {rate:,.0f}/s"
-            # No ETA while nothing runs (the last shard waiting out a backoff): the
-            # rate says nothing about when it will be done.
-            if total and rate > 0 and master.running:
-                tail += f"  ETA {format_duration((total - done) / rate)}"
+            # No ETA while nothing runs (see status_line).
+            eta = eta_s(done, total, rate) if total and master.running else None
+            if eta is not None:
+                tail += f"  ETA {format_duration(eta)}"
         grid.add_row(ProgressBar(total=max(1, bar_total), completed=bar_done))
         elapsed = format_duration(time.monotonic() - self._t0)
         grid.add_row(f"{what}{tail}  [dim]{elapsed}[/]")
-        grid.add_row(counts_text(counts))
+        grid.add_row(counts_text(counts, lifecycle_order=True))
         for text in self._notable(master):
             grid.add_row(text)
         return grid
@@ -195,7 +171,7 @@ class LiveView(PlainView):
         running: list[tuple[float, int]] = []
         now = master.loop.clock()
         quiet_s = max(5.0, 5 * master.task.heartbeat_interval_s)
-        for i, rt in enumerate(master.rt):
+        for i, rt in enumerate(master.shard_runs):
             state = rt.life.state
             if state is State.BACKOFF:
                 if len(failing) < limit:
@@ -226,3 +202,8 @@ class LiveView(PlainView):
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+def default_view(verbose: bool) -> PlainView:
+    """The rich live panel on a terminal, plain lines otherwise."""
+    return LiveView(verbose=verbose) if sys.stdout.isatty() else PlainView(verbose=verbose)
