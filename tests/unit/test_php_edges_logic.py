@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_master import CP, Harness, make  # noqa: F401  (make: the master harness's fixture)
 
 from orchestrator.config import build_task
-from orchestrator.errors import ConfigError, TemplateError, UnitError, closest
+from orchestrator.errors import RET_FAILED, ConfigError, TemplateError, UnitError, closest
 from orchestrator.lifecycle import Intent
 from orchestrator.liveness import Watch
 from orchestrator.sources import load_shards
@@ -312,3 +313,56 @@ def test_pick_error_prefers_the_line_naming_the_error() -> None:
         "PHP Fatal error: boom"
     )
     assert pick_error(["just words", "last words"]) == "last words"
+
+
+# --- item 8 in the master: fake ports, fake clock, a real SQLite file that fills up ---------
+
+
+def _fill(h: Harness) -> None:
+    pages = h.store._conn.execute("PRAGMA page_count").fetchone()[0]
+    h.store._conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def _free(h: Harness) -> None:
+    h.store._conn.execute("PRAGMA max_page_count = 1000000")
+
+
+def _acks(h: Harness) -> list[tuple[object, ...]]:
+    return [t for t in h.trace if t[0] == "reply"]
+
+
+def test_master_withholds_acks_while_the_disk_refuses_and_retries(make: object) -> None:
+    h: Harness = make(n=1)  # type: ignore[operator]
+    h.open()
+    _fill(h)
+    h.message(CP, "0", 1, seq=7, done=4, checkpoint={"pad": "x" * 50_000}, has_checkpoint=True)
+    h.settle()
+    h.wait(2.0)
+    assert _acks(h) == []  # not saved: not acknowledged
+    assert not [a for a in h.actions() if a[0] == "signal"]
+    _free(h)
+    h.wait(2.5)  # the next retry commits what was staged, then acknowledges it
+    assert _acks(h) == [("reply", "ack", "0", 1, 7)]
+    assert h.row(0)["checkpoint_done"] == 4
+    assert any("writing again" in e for e in h.view.events), h.view.events
+    assert not any("No space left" in e for e in h.view.events)
+    h.exit(0, 0)
+    assert h.close() == 0
+
+
+def test_master_stops_the_run_cleanly_when_the_disk_stays_full(make: object) -> None:
+    h: Harness = make(n=1)  # type: ignore[operator]
+    h.open()
+    _fill(h)
+    h.message(CP, "0", 1, seq=7, done=4, checkpoint={"pad": "x" * 50_000}, has_checkpoint=True)
+    h.settle()
+    h.wait(12.0)
+    lines = [e for e in h.view.events if "No space left on device" in e]
+    assert len(lines) == 1, h.view.events
+    assert lines[0].startswith(h.db) and f"orch resume {h.master.run_id}" in lines[0]
+    assert ("signal", "0", 1, "SIGTERM") in h.actions()
+    h.exit(0, -15)
+    assert h.master.finished
+    assert h.close() == RET_FAILED
+    assert _acks(h) == []
+    assert len([e for e in h.view.events if "No space left on device" in e]) == 1
