@@ -5,10 +5,11 @@ Each test names the item of issue 10 it holds to.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_master import CP, Harness, make  # noqa: F401  (make: the master harness's fixture)
+from test_master import CP, Harness
 
 from orchestrator.config import build_task
 from orchestrator.errors import RET_FAILED, ConfigError, TemplateError, UnitError, closest
@@ -318,6 +319,16 @@ def test_pick_error_prefers_the_line_naming_the_error() -> None:
 # --- item 8 in the master: fake ports, fake clock, a real SQLite file that fills up ---------
 
 
+@pytest.fixture
+def master1(tmp_path: Path) -> Iterator[Harness]:
+    """One shard's master on fake ports (tests/unit/test_master.py's harness)."""
+    h = Harness(tmp_path / "h", n=1)
+    yield h
+    if not h.closed:
+        h.close()
+    h.store.close()
+
+
 def _fill(h: Harness) -> None:
     pages = h.store._conn.execute("PRAGMA page_count").fetchone()[0]
     h.store._conn.execute(f"PRAGMA max_page_count = {pages}")
@@ -331,8 +342,8 @@ def _acks(h: Harness) -> list[tuple[object, ...]]:
     return [t for t in h.trace if t[0] == "reply"]
 
 
-def test_master_withholds_acks_while_the_disk_refuses_and_retries(make: object) -> None:
-    h: Harness = make(n=1)  # type: ignore[operator]
+def test_master_withholds_acks_while_the_disk_refuses_and_retries(master1: Harness) -> None:
+    h = master1
     h.open()
     _fill(h)
     h.message(CP, "0", 1, seq=7, done=4, checkpoint={"pad": "x" * 50_000}, has_checkpoint=True)
@@ -350,8 +361,8 @@ def test_master_withholds_acks_while_the_disk_refuses_and_retries(make: object) 
     assert h.close() == 0
 
 
-def test_master_stops_the_run_cleanly_when_the_disk_stays_full(make: object) -> None:
-    h: Harness = make(n=1)  # type: ignore[operator]
+def test_master_stops_the_run_cleanly_when_the_disk_stays_full(master1: Harness) -> None:
+    h = master1
     h.open()
     _fill(h)
     h.message(CP, "0", 1, seq=7, done=4, checkpoint={"pad": "x" * 50_000}, has_checkpoint=True)
