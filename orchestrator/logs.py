@@ -239,7 +239,7 @@ class StreamLog:
         if not data:
             return b""
         if self._keep_tail:
-            self.tail = (self.tail + data)[-TAIL_BYTES:]
+            self.tail = (self.tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
         body = data.replace(b"\n", b"\n" + ts)
         ends = data[-1] == 0x0A
         view = memoryview(body)[: len(body) - len(ts)] if ends else memoryview(body)
@@ -287,6 +287,11 @@ class StreamLog:
         rest, self._partial = self._partial + b"\n", b""
         return rest
 
+    def note(self, ts: bytes, text: str) -> None:
+        """Write a line of orch's own (``orch: ...``) between the shard's lines (an
+        unfinished line of the shard is ended first: nothing is lost)."""
+        self._write(ts + text.encode("utf-8", "replace") + b"\n")
+
     def mark(self, ts: bytes, text: str, lazy: bool = False) -> None:
         """Write a marker line; ``lazy`` holds it until the next write (the start marker:
         spawning 1,000 shards then opens no log file until one has something to say)."""
@@ -313,14 +318,17 @@ class ShardLogs:
         """``echo``: ``feed`` returns every completed line (for a verbose view), else only
         those that may be protocol lines."""
         stem = os.path.join(directory, log_stem(index, shard_id))
-        self.out = StreamLog(LogFile(stem + ".out", max_bytes, backups, on_error), echo=echo)
         self.err = StreamLog(
             LogFile(stem + ".err", max_bytes, backups, on_error), keep_tail=True, echo=echo
+        )
+        # Kept too: PHP with display_errors on prints its fatal error on stdout.
+        self.out = StreamLog(
+            LogFile(stem + ".out", max_bytes, backups, on_error), keep_tail=True, echo=echo
         )
 
     def begin(self, attempt: int, pid: int | None) -> None:
         ts = stamp()
-        self.err.tail = b""
+        self.err.tail = self.out.tail = b""
         text = f"attempt {attempt} started, pid {pid}"
         self.out.mark(ts, text, lazy=True)
         self.err.mark(ts, text, lazy=True)
@@ -334,8 +342,18 @@ class ShardLogs:
         self.err.mark(ts, text)
 
     def stderr_tail(self, lines: int = 5) -> list[str]:
-        text = self.err.tail.decode("utf-8", "replace")
-        return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+        """The last lines the attempt wrote on stderr; when it wrote none there, its last
+        lines of stdout (protocol lines left out), so a failure always shows its words."""
+        for stream in (self.err, self.out):
+            text = stream.tail.decode("utf-8", "replace")
+            found = [
+                ln
+                for ln in text.splitlines()
+                if ln.strip() and not ln.startswith(STDOUT_PREFIX.decode())
+            ]
+            if found:
+                return found[-lines:]
+        return []
 
     def close(self) -> None:
         self.out.file.close()
@@ -361,6 +379,18 @@ def may_hold_prefix(data: bytes, end: int | None = None) -> bool:
             return data.find(STDOUT_PREFIX, pos + 1, end) >= 0
         pos = find(b"#", pos + 1, end)
     return False
+
+
+_ERROR_WORDS = re.compile(r"error|exception|fatal|panic|traceback|denied|refused", re.IGNORECASE)
+
+
+def pick_error(lines: list[str]) -> str:
+    """The one line of an attempt's last output that best says why it failed: the
+    last that names an error (PHP's "PHP Fatal error: ...", Python's "ValueError:
+    ..."), else the last; shortened to 200 characters."""
+    chosen = next((ln for ln in reversed(lines) if _ERROR_WORDS.search(ln)), lines[-1])
+    chosen = " ".join(chosen.split())
+    return chosen if len(chosen) <= 200 else chosen[:197] + "..."
 
 
 def protocol_lines(block: bytes) -> list[bytes]:

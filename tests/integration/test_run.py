@@ -580,7 +580,7 @@ sys.stdout.write(f"no newline at the end {me}")
     one = env.orch("logs", "mylogs", "--shard", "a")
     assert one.returncode == 0, one.stderr
     body = [ISO_LINE.sub("", ln) for ln in one.stdout.splitlines()]
-    assert body[1:4] == ["out a 1", "out a 2", "out a 3"] and "err a" not in body
+    assert body[1:4] == ["out a 1", "out a 2", "out a 3"] and "[stderr] err a" in body
     assert not any(ln.startswith("[") for ln in one.stdout.splitlines())
 
     err = env.orch("logs", run_id, "--shard", "a", "--stderr")
