@@ -37,6 +37,8 @@ from orchestrator.serve import data
 HISTORY_S = 15 * 60
 #: The sparkline: one point (the rate) per this many seconds.
 SPARK_BUCKET_S = 10
+#: How often the hub looks for new runs between full scans.
+FAST_TICK_S = 0.2
 #: The rate is measured over this window.
 RATE_WINDOW_S = 60.0
 
@@ -52,6 +54,13 @@ class Watched:
     last_progress: dict[str, Any] | None = None
     #: shard index -> (done, when it was first seen at that value): progress staleness
     moved: dict[int, tuple[int | None, float]] = field(default_factory=dict)
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _stamp(run_dir: str) -> tuple[float, ...]:
@@ -106,8 +115,22 @@ class Hub:
                 fut.set_result(None)
 
     async def _scan_forever(self) -> None:
+        """A full scan every ``scan_s``; sooner when a run appears or one is starting.
+
+        Every 0.2 s costs one ``stat`` of the runs directory, so a new run is
+        followed within a fraction of a second, not at the next full scan.
+        """
+        root = os.path.join(self.home, "runs")
+        last_scan = time.monotonic()
+        last_mtime = _mtime(root)
         while not self._closing:
-            await asyncio.sleep(self.scan_s)
+            await asyncio.sleep(FAST_TICK_S)
+            mtime = _mtime(root)
+            starting = any(w.facts.state == "pending" for w in list(self.runs.values()))
+            due = time.monotonic() - last_scan >= self.scan_s
+            if not (due or starting or mtime != last_mtime):
+                continue
+            last_mtime, last_scan = mtime, time.monotonic()
             try:
                 await asyncio.to_thread(self.scan_once)
             except Exception as exc:  # noqa: BLE001 - a bad run dir must not stop the hub
