@@ -255,19 +255,25 @@ def aggregates_light(run_dir: str) -> dict[str, Any]:
     conn = _connect(run_dir)
     try:
         counts = dict(conn.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall())
-        done, total, unknown = conn.execute(
+        done, total, unknown, known, n = conn.execute(
             "SELECT coalesce(sum(done), 0), sum(total),"
             " coalesce(sum(state IN ('pending', 'running', 'stopping', 'backoff')"
-            " AND total IS NULL), 0) FROM shards"
+            " AND total IS NULL), 0), count(total), count(*) FROM shards"
         ).fetchone()
     except sqlite3.Error as exc:
         raise OrchError(f"{run_dir}: cannot read: {exc}") from None
     finally:
         conn.close()
+    items_total = None if unknown or total is None else int(total)
+    estimate = items_total
+    if estimate is None and known:
+        # shards that have not reported yet are taken to be like those that have
+        estimate = round(total + (n - known) * total / known)
     return {
         "counts": counts,
         "items_done": int(done),
-        "items_total": None if unknown or total is None else int(total),
+        "items_total": items_total,
+        "items_total_estimate": estimate,
     }
 
 

@@ -319,18 +319,22 @@ class Hub:
         if agg is None:
             if prev is None:
                 return
-            agg = {k: prev[k] for k in ("counts", "items_done", "items_total")}
+            agg = {
+                k: prev[k] for k in ("counts", "items_done", "items_total", "items_total_estimate")
+            }
         rate = None if final else self.rate(w)
         eta = None
         total, done = agg["items_total"], agg["items_done"]
-        if rate and total is not None:
-            eta = max(0.0, (total - done) / rate)
+        estimate = agg.get("items_total_estimate")
+        if rate and estimate is not None:
+            eta = max(0.0, (estimate - done) / rate)
         ev = {
             "type": "progress",
             "run": w.facts.id,
             "counts": agg["counts"],
             "items_done": done,
             "items_total": total,
+            "items_total_estimate": estimate,
             "rate": rate,
             "eta_s": eta,
             "spark": [] if final else self.spark(w),
@@ -357,7 +361,18 @@ class Hub:
         return min(t for _, t in list(w.moved.values()))
 
     def facts(self) -> list[data.RunFacts]:
-        return [w.facts for w in list(self.runs.values())]
+        """Every run's facts as of now: read again unless its store says it ended."""
+        out = []
+        for run_dir in data.run_dirs(self.home):
+            w = self.runs.get(run_dir)
+            ended = w is not None and w.facts.state in ("done", "failed", "stopped")
+            if w is not None and ended and _stamp(run_dir) == w.stamp:
+                out.append(w.facts)
+                continue
+            facts = data.run_facts(run_dir)
+            if facts is not None:
+                out.append(facts)
+        return out
 
     # --- followers -----------------------------------------------------------------
 

@@ -124,10 +124,7 @@ def _reason_class(reason: str) -> str:
 
 def _chosen(hub: Hub, now: float, recent_s: float) -> dict[str, list[data.RunFacts]]:
     by_job: dict[str, list[data.RunFacts]] = defaultdict(list)
-    for cached in hub.facts():
-        f = cached
-        if cached.state in ("pending", "running", "lost"):  # read now, not at the last scan
-            f = data.run_facts(cached.run_dir) or cached
+    for f in hub.facts():
         by_job[f.job].append(f)
     out: dict[str, list[data.RunFacts]] = {}
     for job, runs in by_job.items():

@@ -28,11 +28,16 @@ T = TypeVar("T")
 WORK = r"""
 import json, os, sys, time
 index, n, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-fail = len(sys.argv) > 4 and sys.argv[4] == "fail"
+mode = sys.argv[4] if len(sys.argv) > 4 else ""
+fail = mode == "fail"
 print(f"shard {index} starting, attempt {os.environ.get('ORCH_ATTEMPT')}", flush=True)
 for k in range(1, n + 1):
     print("##orch " + json.dumps({"done": k, "total": n}), flush=True)
     time.sleep(delay)  # allowed-sleep: simulated work of a shard
+    if mode == "early" and index % 37 == 1 and k == 3 + index % 5:
+        print(f"Traceback (most recent call last):\n  File \"crawl.py\", line 88", file=sys.stderr)
+        print(f"ConnectionError: merchant {index}: HTTP 503 after 3 retries", file=sys.stderr)
+        sys.exit(1)
 if fail and index == 1:
     print("something broke in shard 1", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -71,6 +76,11 @@ command = {q([*cmd, "{index}", "1", "0"])}
 split = 25
 jobs = 25
 
+[tasks.steady]
+command = {q([*cmd, "{index}", "10", "0.3"])}
+split = 12
+jobs = 12
+
 [tasks.slow]
 command = {q([*cmd, "{index}", "600", "0.1"])}
 split = 4
@@ -84,7 +94,7 @@ jobs = 12
 max_restarts = 0
 
 [tasks.hundred]
-command = {q([*cmd, "{index}", "300", "0.1", "fail"])}
+command = {q([*cmd, "{index}", "300", "0.1", "early"])}
 split = 100
 jobs = 60
 max_restarts = 0

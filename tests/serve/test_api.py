@@ -140,7 +140,7 @@ def test_bad_starts(served: Served) -> None:
 def test_tasks_list_the_config_without_env_values(served: Served) -> None:
     tasks = served.get(f"{V1}/tasks").json()
     names = [t["name"] for t in tasks]
-    assert names == ["quick", "pages", "slow", "medium", "hundred", "secret"]
+    assert names == ["quick", "pages", "steady", "slow", "medium", "hundred", "secret"]
     secret = next(t for t in tasks if t["name"] == "secret")
     assert list(secret["env"]) == ["API_KEY"] and SECRET not in json.dumps(tasks)
 

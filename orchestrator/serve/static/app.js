@@ -94,11 +94,14 @@ function throttle(fn, ms) {
 
 // --- event stream ------------------------------------------------------------------
 let source = null;
-function follow(query, onEvent) {
+function follow(query, onEvent, onOpen) {
   if (source) source.close();
   source = new EventSource(API + "/events" + query);
   const conn = $("conn");
-  source.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
+  source.onopen = () => {
+    conn.textContent = "live"; conn.className = "conn live";
+    if (onOpen) onOpen(); // catch up with whatever happened before the stream was open
+  };
   source.onerror = () => { conn.textContent = "reconnecting"; conn.className = "conn down"; };
   source.onmessage = (m) => {
     let ev;
@@ -125,7 +128,7 @@ async function showRuns() {
     } else if (ev.type === "shard" && (ev.state === "failed" || ev.state === "done")) {
       reloadRuns();
     }
-  });
+  }, () => reloadRuns());
 }
 const reloadRuns = throttle(() => loadRuns(), 1000);
 async function loadRuns() {
@@ -179,7 +182,7 @@ async function loadTasks() {
 // --- run page --------------------------------------------------------------------------
 const R = {
   id: null, run: null, cells: "", legend: STATES, stats: null,
-  page: { cursor: "0", history: [], next: null, total: 0, limit: 50 },
+  page: { cursor: "0", history: [], next: null, total: 0, limit: 25 },
   drawer: null,
 };
 
@@ -201,9 +204,11 @@ async function showRun(key) {
   $("state-filter").innerHTML = `<option value="">all states</option>` + STATES.map((s) => `<option>${s}</option>`).join("");
   wireRun();
   renderHead();
-  follow(`?run=${encodeURIComponent(run.id)}`, onRunEvent);
+  follow(`?run=${encodeURIComponent(run.id)}`, onRunEvent, () => { refreshRun(); refreshGrid(); });
   await Promise.all([loadGrid(), loadPage(), loadAttention(), loadStats()]);
   setInterval(() => renderElapsed(), 1000);
+  // a safety net under the event stream: a live run's header is re-read every 10 s
+  setInterval(() => { if (R.run.state === "running") refreshRun(); }, 10000);
 }
 
 function wireRun() {
@@ -265,14 +270,16 @@ function renderHead() {
   $("conc-value").textContent = r.jobs ?? "-";
   $("conc-minus").disabled = !r.jobs || r.jobs <= 1;
   const done = st.items_done ?? r.items_done;
-  const total = st.items_total ?? r.items_total;
+  const exact = st.items_total ?? r.items_total;
+  const total = exact ?? st.items_total_estimate;
+  const approx = exact == null && total != null ? "≈ " : "";
   const counts = st.counts || r.counts || {};
   const p = total ? pct(done, total) : r.shard_count ? (100 * (counts.done || 0)) / r.shard_count : 0;
   const bar = $("run-bar");
   bar.style.width = (state === "done" ? 100 : p) + "%";
   bar.parentElement.className = "progress big" + (state === "done" ? " done" : state === "failed" ? " failed" : "");
-  $("run-items").textContent = total ? `${num(done)} / ${num(total)}` : done ? num(done) : `${num(counts.done || 0)} / ${num(r.shard_count)} shards`;
-  $("run-pct").textContent = p != null ? p.toFixed(1) + "%" : "";
+  $("run-items").textContent = total ? `${num(done)} / ${approx}${num(total)}` : done ? num(done) : `${num(counts.done || 0)} / ${num(r.shard_count)} shards`;
+  $("run-pct").textContent = p != null ? approx + p.toFixed(1) + "%" + (approx ? " (est.)" : "") : "";
   const live = state === "running";
   $("run-rate").textContent = live ? rate(st.rate) : "-";
   $("run-eta").textContent = live ? dur(st.eta_s) : state === "done" ? "done" : "-";
@@ -384,11 +391,11 @@ async function loadGrid() {
   drawGrid();
 }
 function layout(n, width) {
-  for (const size of [16, 12, 10, 8, 6, 5, 4, 3]) {
-    const gap = size >= 8 ? 2 : 1;
+  for (const size of [26, 20, 16, 12, 10, 8, 6, 5, 4, 3]) {
+    const gap = size >= 8 ? 3 : 1;
     const cols = Math.max(1, Math.floor((width + gap) / (size + gap)));
     const rows = Math.ceil(n / cols);
-    if (rows * (size + gap) <= 420 || size === 3) return { size, gap, cols, rows };
+    if (rows * (size + gap) <= (size >= 16 ? 260 : 440) || size === 3) return { size, gap, cols, rows };
   }
   return { size: 3, gap: 1, cols: 1, rows: n };
 }
@@ -415,7 +422,11 @@ function paintCell(i, ctx) {
   const x = (i % G.cols) * (G.size + G.gap), y = Math.floor(i / G.cols) * (G.size + G.gap);
   ctx.fillStyle = COLORS[R.legend[+R.cells[i]]] || "#333";
   ctx.clearRect(x, y, G.size, G.size);
-  ctx.fillRect(x, y, G.size, G.size);
+  if (G.size >= 10 && ctx.roundRect) {
+    ctx.beginPath();
+    ctx.roundRect(x, y, G.size, G.size, 3);
+    ctx.fill();
+  } else ctx.fillRect(x, y, G.size, G.size);
 }
 function cellAt(e) {
   const r = $("grid").getBoundingClientRect();
