@@ -504,3 +504,17 @@ def test_garbage_gets_a_json_4xx(served: Served, method: str, path: str) -> None
     if r.status_code != 404 or path.startswith("/api"):
         assert "error" in r.json()
     assert "Traceback" not in r.text
+
+
+def test_other_commands_never_import_the_web_stack(served: Served) -> None:
+    proc = subprocess.run(
+        [PYTHON, "-X", "importtime", "-m", "orchestrator", "status", "--home", str(served.home)],
+        env=orch_env(served.home),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "orchestrator.cli" in proc.stderr  # the import log is there
+    for module in ("starlette", "uvicorn", "sse_starlette", "orchestrator.serve"):
+        assert f" {module}" not in proc.stderr, module
