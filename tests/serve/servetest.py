@@ -110,7 +110,9 @@ env = {{ API_KEY = "{SECRET}" }}
 class Served:
     """A running ``orch serve`` and the world it serves."""
 
-    def __init__(self, root: Path, *extra: str) -> None:
+    def __init__(
+        self, root: Path, *extra: str, token_flag: bool = True, env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.home = root / "home"
         self.cwd = root / "work"
@@ -132,12 +134,11 @@ class Served:
                 str(self.config),
                 "--home",
                 str(self.home),
-                "--token",
-                TOKEN,
+                *(["--token", TOKEN] if token_flag else []),
                 *extra,
             ],
             cwd=self.cwd,
-            env=orch_env(self.home),
+            env=orch_env(self.home, env),
             stdin=subprocess.DEVNULL,
             stdout=self.out,
             stderr=subprocess.STDOUT,

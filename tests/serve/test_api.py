@@ -92,8 +92,26 @@ def test_no_auth_is_refused_off_loopback(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
-def test_read_only_refuses_every_change(tmp_path: Path, served: Served) -> None:
-    ro = Served(tmp_path, "--read-only")
+def test_bad_flags_are_one_line_errors(tmp_path: Path) -> None:
+    for args, words in (
+        (["--config", str(tmp_path / "missing.toml")], "missing.toml"),
+        (["--port", "70000"], "--port"),
+        (["--host", "no.such.host.invalid"], "no.such.host.invalid"),
+    ):
+        proc = subprocess.run(
+            [PYTHON, "-m", "orchestrator", "serve", *args],
+            env=orch_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+
+
+def test_read_only_refuses_every_change(tmp_path: Path) -> None:
+    # (the token comes from $ORCH_TOKEN here)
+    ro = Served(tmp_path, "--read-only", token_flag=False, env={"ORCH_TOKEN": TOKEN})
     try:
         assert ro.get(f"{V1}/runs").status_code == 200
         for path, body in (
