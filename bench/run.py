@@ -36,6 +36,7 @@ FAMILIES = {
     "shardlist": ("bench.m_startup", "shardlist"),
     "status": ("bench.m_status", "status"),
     "recovery": ("bench.m_recovery", "recovery"),
+    "web": ("bench.m_web", "web"),
 }
 RESULTS = REPO / "bench" / "results" / "latest.json"
 DOC = REPO / "docs" / "performance.md"
