@@ -45,7 +45,7 @@ print(f"shard {index} finished", flush=True)
 """
 
 
-def poll_for(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
+def poll_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05) -> T:
     """The first truthy value of ``predicate()`` within ``timeout`` s, else the last one."""
     deadline = time.monotonic() + timeout
     while True:
@@ -144,7 +144,7 @@ class Served:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        first = poll_for(self._first_line, timeout=20)
+        first = poll_for(self._first_line, timeout=60)
         assert first, f"orch serve printed nothing: {self.output()}"
         self.first_line = first
         self.url = first.split("orch serve: ", 1)[1].strip()
@@ -153,7 +153,7 @@ class Served:
         self.client = httpx.Client(
             base_url=self.base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
         )
-        assert poll_for(self._healthy, timeout=20), self.output()
+        assert poll_for(self._healthy, timeout=60), self.output()
 
     def _first_line(self) -> str | None:
         self.out.flush()
@@ -201,12 +201,12 @@ class Served:
         out: dict[str, Any] = r.json()
         return out
 
-    def wait_state(self, run_id: str, *states: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_state(self, run_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
         run = poll_for(lambda: (r := self.run(run_id))["state"] in states and r, timeout=timeout)
         assert run, f"run {run_id} never reached {states}: {self.run(run_id)['state']}"
         return run
 
-    def wait_running(self, run_id: str, n: int, timeout: float = 20) -> dict[str, Any]:
+    def wait_running(self, run_id: str, n: int, timeout: float = 60) -> dict[str, Any]:
         """Until ``n`` shards of the run are running (and the run too)."""
 
         def ok() -> dict[str, Any] | None:

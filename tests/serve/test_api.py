@@ -244,7 +244,7 @@ def test_steer_a_live_run(served: Served) -> None:
 
     r = served.post(f"{base}/shards/2/restart")
     assert r.status_code == 202, r.text
-    assert poll_for(lambda: served.get(f"{base}/shards/2").json()["attempts"] == 2, timeout=20)
+    assert poll_for(lambda: served.get(f"{base}/shards/2").json()["attempts"] == 2, timeout=40)
 
     assert served.post(f"{base}/shards/3/stop").status_code == 202
     assert poll_for(lambda: served.get(f"{base}/shards/3").json()["state"] == "stopped")
@@ -296,7 +296,7 @@ class _Reader:
         self.ready = threading.Event()
         self._t = threading.Thread(target=self._read, args=(path,), daemon=True)
         self._t.start()
-        assert self.ready.wait(10)
+        assert self.ready.wait(30)
 
     def _read(self, path: str) -> None:
         try:
@@ -343,7 +343,7 @@ def test_sse_state_changes_and_resume(served: Served) -> None:
                 None,
             )
 
-        assert poll_for(done_event, timeout=30), reader.lines[-20:]
+        assert poll_for(done_event, timeout=60), reader.lines[-20:]
         shard_events = [
             (i, e) for i, e in reader.events() if e.get("type") == "shard" and e["run"] == run_id
         ]
@@ -388,7 +388,7 @@ def test_ndjson_events_for_one_run(served: Served) -> None:
             events = [json.loads(ln) for ln in list(reader.lines) if ln.strip()]
             return any(e.get("type") == "run" and e["state"] == "stopped" for e in events)
 
-        assert poll_for(stopped, timeout=20), reader.lines[-10:]
+        assert poll_for(stopped, timeout=40), reader.lines[-10:]
         events = [json.loads(ln) for ln in list(reader.lines) if ln.strip()]
         assert all(e["run"] == run_id and isinstance(e["id"], int) for e in events)
         assert any(e.get("type") == "shard" and e["state"] == "stopped" for e in events)

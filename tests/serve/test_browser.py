@@ -78,7 +78,7 @@ def test_run_page_shows_every_shard_and_goes_done_without_reload(page: Any, serv
     assert ids == [str(i) for i in range(12)]
     assert page.evaluate("R.cells.length") == 12
     page.evaluate("window.__marker = 1")  # gone if the page reloads
-    page.locator("#run-state", has_text="done").wait_for(timeout=30_000)
+    page.locator("#run-state", has_text="done").wait_for(timeout=60_000)
     assert page.evaluate("window.__marker") == 1
     assert served.run(run_id)["state"] == "done"
     assert "12" in page.locator("#run-counts").inner_text()
@@ -93,7 +93,7 @@ def test_stop_run_button_stops_a_live_run(page: Any, served: Served) -> None:
     button.wait_for()
     button.click()
     served.wait_state(run_id, "stopped")
-    page.locator("#run-state", has_text="stopped").wait_for(timeout=10_000)
+    page.locator("#run-state", has_text="stopped").wait_for(timeout=30_000)
     resume = page.get_by_role("button", name="Resume run")
     assert resume.is_visible()
 
@@ -106,11 +106,11 @@ def test_restart_button_starts_a_new_attempt(page: Any, served: Served) -> None:
     row.wait_for()
     try:
         restart = row.get_by_role("button", name="Restart")
-        poll_for(restart.is_enabled, timeout=10)
+        poll_for(restart.is_enabled, timeout=30)
         restart.click()
         assert poll_for(
             lambda: served.get(f"/api/v1/runs/{run_id}/shards/0").json()["attempts"] == 2,
-            timeout=20,
+            timeout=40,
         )
         assert served.get(f"/api/v1/runs/{run_id}/shards/1").json()["attempts"] == 1
     finally:
@@ -126,9 +126,9 @@ def test_screenshot_of_a_100_shard_run(page: Any, served: Served, tmp_path: Path
         page.locator("#shards-table tbody tr").nth(24).wait_for()
         assert page.evaluate("R.cells.length") == 100
         # live figures: a rate, a shard that failed in the attention panel
-        page.locator("#run-rate", has_text="/s").wait_for(timeout=20_000)
-        page.locator("#attention .att").first.wait_for(timeout=20_000)
-        page.locator("#spark path.line").wait_for(timeout=20_000)
+        page.locator("#run-rate", has_text="/s").wait_for(timeout=40_000)
+        page.locator("#attention .att").first.wait_for(timeout=40_000)
+        page.locator("#spark path.line").wait_for(timeout=40_000)
         shot = tmp_path / "web.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 30_000
