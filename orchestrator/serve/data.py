@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from orchestrator import control, procfs, report, runs
 from orchestrator.configfile import load_config
 from orchestrator.errors import MasterUnreachable, OrchError, RunNotFound
@@ -38,29 +40,6 @@ REDACTED = "<redacted>"
 STATES = ("pending", "running", "stopping", "backoff", "done", "failed", "stopped")
 #: States of a shard that has not finished.
 UNFINISHED = ("pending", "running", "stopping", "backoff")
-
-__all__ = [
-    "REDACTED",
-    "STATES",
-    "MasterUnreachable",
-    "NotFound",
-    "OrchError",
-    "RunFacts",
-    "attempts",
-    "follow_events",
-    "home_dir",
-    "list_runs",
-    "log_slice",
-    "resolve",
-    "run_detail",
-    "run_facts",
-    "send",
-    "shard_page",
-    "shard_states",
-    "start_task",
-    "resume_run",
-    "task_list",
-]
 
 
 class NotFound(OrchError):
@@ -376,8 +355,6 @@ def shard_page(
         )
         == "running"
     )
-    import orjson
-
     now = time.time()
     out = []
     for r in rows:
@@ -406,8 +383,6 @@ def shard_id(run_dir: str, key: str) -> str:
 
 def shard_detail(run_dir: str, key: str, live: bool) -> dict[str, Any]:
     """One shard's ``orch status`` record plus its attempts, oldest first."""
-    import orjson
-
     row = dict(_shard_row(run_dir, key))
     row["checkpoint"] = orjson.loads(row["checkpoint"]) if row["checkpoint"] else None
     row.pop("record", None)
