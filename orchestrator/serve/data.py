@@ -161,6 +161,15 @@ class RunFacts:
     started_at: float
     ended_at: float | None
     exit_code: int | None
+    master_pid: int | None = None
+    master_create_time: float | None = None
+
+
+def master_alive(facts: RunFacts) -> bool:
+    """Whether the run's recorded master still lives: a /proc read, no database."""
+    return report.master_alive(
+        {"master_pid": facts.master_pid, "master_create_time": facts.master_create_time}
+    )
 
 
 def _job(run: dict[str, Any]) -> str:
@@ -202,6 +211,8 @@ def run_facts(run_dir: str) -> RunFacts | None:
         started_at=float(run["started_at"]),
         ended_at=run.get("ended_at"),
         exit_code=run.get("exit_code"),
+        master_pid=run.get("master_pid"),
+        master_create_time=run.get("master_create_time"),
     )
 
 

@@ -232,6 +232,8 @@ class Hub:
 
     def _check_master(self, w: Watched) -> None:
         """A master that dies leaves its store untouched: notice it by its pid."""
+        if data.master_alive(w.facts):
+            return
         facts = data.run_facts(w.facts.run_dir)
         if facts is not None and facts.state != w.facts.state:
             w.facts = facts
