@@ -50,7 +50,8 @@ class Watched:
     facts: data.RunFacts
     stamp: tuple[float, ...] = ()
     follower: threading.Thread | None = None
-    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=HISTORY_S))
+    #: (time, items done, shards finished), one a second
+    samples: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=HISTORY_S))
     last_progress: dict[str, Any] | None = None
     #: shard index -> (done, when it was first seen at that value): progress staleness
     moved: dict[int, tuple[int | None, float]] = field(default_factory=dict)
@@ -254,9 +255,9 @@ class Hub:
         return ev
 
     def _sample(self, w: Watched, now: float, changed: bool) -> None:
-        last = w.samples[-1][1] if w.samples else None
+        last = w.samples[-1] if w.samples else None
         if not changed and last is not None:
-            w.samples.append((now, last))
+            w.samples.append((now, last[1], last[2]))
             self._progress(w, now, reread=False)
             return
         try:
@@ -264,7 +265,8 @@ class Hub:
             moving = data.running_progress(w.facts.run_dir)
         except data.OrchError:
             return
-        w.samples.append((now, agg["items_done"]))
+        finished = sum(agg["counts"].get(s, 0) for s in ("done", "failed", "stopped"))
+        w.samples.append((now, agg["items_done"], finished))
         live = set()
         for idx, done, _started in moving:
             live.add(idx)
@@ -275,17 +277,20 @@ class Hub:
             del w.moved[idx]
         self._progress(w, now, agg=agg)
 
-    def rate(self, w: Watched) -> float | None:
+    def rate(self, w: Watched, col: int = 1) -> float | None:
+        """Items (``col`` 1) or finished shards (``col`` 2) a second, over the last minute."""
         s = w.samples
         if len(s) < 2:
             return None
-        t1, d1 = s[-1]
-        t0, d0 = next(((t, d) for t, d in s if t1 - t <= RATE_WINDOW_S), s[0])
+        t1, d1 = s[-1][0], s[-1][col]
+        t0, d0 = next(
+            ((x[0], x[col]) for x in s if t1 - x[0] <= RATE_WINDOW_S), (s[0][0], s[0][col])
+        )
         if t1 <= t0:
             return None
         return max(0.0, (d1 - d0) / (t1 - t0))
 
-    def spark(self, w: Watched) -> list[float]:
+    def spark(self, w: Watched, col: int = 1) -> list[float]:
         """The rate in each 10 s bucket of the last 15 minutes, oldest first."""
         s = list(w.samples)
         if len(s) < 2:
@@ -303,7 +308,7 @@ class Hub:
             while k < len(s) and s[k][0] < hi:
                 k += 1
             if k - j >= 2:
-                (ta, da), (tb, db) = s[j], s[k - 1]
+                ta, da, tb, db = s[j][0], s[j][col], s[k - 1][0], s[k - 1][col]
                 out.append(max(0.0, (db - da) / (tb - ta)) if tb > ta else 0.0)
             elif out:
                 out.append(0.0)
@@ -324,12 +329,17 @@ class Hub:
             agg = {
                 k: prev[k] for k in ("counts", "items_done", "items_total", "items_total_estimate")
             }
-        rate = None if final else self.rate(w)
-        eta = None
         total, done = agg["items_total"], agg["items_done"]
         estimate = agg.get("items_total_estimate")
-        if rate and estimate is not None:
+        # Shards that report no items: progress is counted in finished shards.
+        col, unit = (1, "items") if estimate is not None or done else (2, "shards")
+        rate = None if final else self.rate(w, col)
+        eta = None
+        if rate and unit == "items" and estimate is not None:
             eta = max(0.0, (estimate - done) / rate)
+        elif rate and unit == "shards":
+            finished = sum(agg["counts"].get(s, 0) for s in ("done", "failed", "stopped"))
+            eta = max(0.0, (w.facts.shard_count - finished) / rate)
         ev = {
             "type": "progress",
             "run": w.facts.id,
@@ -338,8 +348,9 @@ class Hub:
             "items_total": total,
             "items_total_estimate": estimate,
             "rate": rate,
+            "unit": unit,
             "eta_s": eta,
-            "spark": [] if final else self.spark(w),
+            "spark": [] if final else self.spark(w, col),
         }
         if (
             prev is not None

@@ -172,11 +172,12 @@ def test_rate_and_sparkline_from_samples() -> None:
     w = Watched(facts=_facts())
     assert hub.rate(w) is None and hub.spark(w) == []
     for s in range(0, 121):  # 10 items a second for two minutes
-        w.samples.append((1000.0 + s, 10 * s))
+        w.samples.append((1000.0 + s, 10 * s, s // 10))
     assert hub.rate(w) == 10.0
+    assert hub.rate(w, 2) == 0.1  # finished shards a second
     spark = hub.spark(w)
     assert spark and all(abs(x - 10.0) < 1e-9 for x in spark)
-    w.samples.append((1121.0, 1200))  # stalled for the last second
+    w.samples.append((1121.0, 1200, 12))  # stalled for the last second
     assert hub.rate(w) is not None and hub.rate(w) < 10.0  # type: ignore[operator]
 
 

@@ -14,12 +14,13 @@ function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 function num(n) { return n == null ? "-" : Number(n).toLocaleString("en-US"); }
-function rate(r) {
+function rate(r, unit) {
   if (r == null) return "-";
-  if (r >= 100) return Math.round(r).toLocaleString("en-US") + "/s";
-  if (r >= 1) return r.toFixed(1) + "/s";
-  if (r > 0) return (r * 60).toFixed(1) + "/min";
-  return "0/s";
+  const u = unit === "shards" ? " shards" : "";
+  if (r >= 100) return Math.round(r).toLocaleString("en-US") + u + "/s";
+  if (r >= 1) return r.toFixed(1) + u + "/s";
+  if (r > 0) return (r * 60).toFixed(1) + u + "/min";
+  return "0" + u + "/s";
 }
 function dur(s) {
   if (s == null || !isFinite(s)) return "-";
@@ -153,7 +154,7 @@ function renderRuns() {
       <td class="mono muted">${esc(r.id)}</td>
       <td>${badge(r.state)}</td>
       <td>${prog}</td>
-      <td class="num">${live ? rate(st.rate) : "-"}</td>
+      <td class="num">${live ? rate(st.rate, st.unit) : "-"}</td>
       <td class="num">${live ? dur(st.eta_s) : "-"}</td>
       <td>${esc(when(r.started_at))}</td>
       <td class="num">${failed ? `<span style="color:var(--failed)">${num(failed)}</span>` : "0"}</td>
@@ -281,7 +282,7 @@ function renderHead() {
   $("run-items").textContent = total ? `${num(done)} / ${approx}${num(total)}` : done ? num(done) : `${num(counts.done || 0)} / ${num(r.shard_count)} shards`;
   $("run-pct").textContent = p != null ? approx + p.toFixed(1) + "%" + (approx ? " (est.)" : "") : "";
   const live = state === "running";
-  $("run-rate").textContent = live ? rate(st.rate) : "-";
+  $("run-rate").textContent = live ? rate(st.rate, st.unit) : "-";
   $("run-eta").textContent = live ? dur(st.eta_s) : state === "done" ? "done" : "-";
   $("run-eta-at").textContent = live && st.eta_s != null ? "at " + new Date(Date.now() + st.eta_s * 1000).toLocaleTimeString([], { hour12: false }) : "";
   $("run-counts").innerHTML = STATES.filter((s) => counts[s]).map((s) =>
