@@ -24,7 +24,6 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from orchestrator import __version__
 from orchestrator.serve import data, metrics
 from orchestrator.serve.hub import Hub
 
@@ -424,7 +423,7 @@ def build_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         return JSON({"ok": True})
 
     async def version(request: Request) -> JSON:
-        return JSON({"version": __version__, "api": "v1"})
+        return JSON({"version": data.VERSION, "api": "v1"})
 
     v1 = "/api/v1"
     routes = [

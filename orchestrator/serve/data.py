@@ -29,11 +29,17 @@ from typing import Any
 
 import orjson
 
-from orchestrator import control, procfs, report, runs
-from orchestrator.configfile import load_config
-from orchestrator.errors import MasterUnreachable, OrchError, RunNotFound
+from orchestrator import __version__, control, procfs, report, runs
+from orchestrator.configfile import CONFIG_NAME, load_config
+from orchestrator.errors import RET_OK, MasterUnreachable, OrchError, RunNotFound, UsageError
 from orchestrator.logs import log_stem
 from orchestrator.show import find_run
+
+#: Re-exported for the rest of serve, which imports nothing else of orch.
+VERSION = __version__
+EXIT_OK = RET_OK
+DEFAULT_CONFIG = CONFIG_NAME
+BadUsage = UsageError
 
 REDACTED = "<redacted>"
 #: Every shard state, in the order the dashboard shows them.
@@ -575,6 +581,11 @@ def task_list(config_path: str) -> list[dict[str, Any]]:
             item["env"] = {k: REDACTED for k in table["env"]}
         out.append(item)
     return out
+
+
+def check_config(config_path: str) -> None:
+    """A missing or broken orch.toml is a one-line error (``OrchError``) now, not at a POST."""
+    load_config(config_path)
 
 
 def task_names(config_path: str) -> list[str]:

@@ -12,7 +12,8 @@ import secrets
 import socket
 import sys
 
-from orchestrator.errors import RET_OK, UsageError
+from orchestrator.serve import data
+from orchestrator.serve.data import BadUsage as UsageError
 
 
 def is_loopback(host: str) -> bool:
@@ -90,20 +91,18 @@ def serve(
     # Heavy imports only here: no other command pays for the web stack.
     import uvicorn
 
-    from orchestrator.configfile import CONFIG_NAME, load_config
-    from orchestrator.serve import data
     from orchestrator.serve.app import Settings, build_app
     from orchestrator.serve.guard import Guard
 
     config_path: str | None
     if config is not None:
         config_path = os.path.abspath(config)
-        load_config(config_path)  # a missing or broken file is a one-line error now
+        data.check_config(config_path)  # a missing or broken file is a one-line error now
     else:
-        default = os.path.abspath(CONFIG_NAME)
+        default = os.path.abspath(data.DEFAULT_CONFIG)
         config_path = default if os.path.isfile(default) else None
         if config_path is not None:
-            load_config(config_path)
+            data.check_config(config_path)
     if no_auth:
         the_token = None
     else:
@@ -136,4 +135,4 @@ def serve(
     finally:
         sock.close()
     sys.stdout.flush()
-    return RET_OK
+    return data.EXIT_OK
