@@ -108,20 +108,20 @@ class Api:
         self.s = settings
         self.hub = hub
 
-    def _run_dir(self, request: Request) -> str:
+    def _run_dir(self, request: Request) -> data.RunDir:
         key = request.path_params["run"]
         try:
             return data.resolve(self.s.home, key)
         except data.OrchError as exc:
             raise ApiError(404, str(exc)) from None
 
-    def _facts(self, run_dir: str) -> data.RunFacts:
+    def _facts(self, run_dir: data.RunDir) -> data.RunFacts:
         facts = data.run_facts(run_dir)
         if facts is None:
-            raise ApiError(404, f"run {os.path.basename(run_dir)} cannot be read")
+            raise ApiError(404, f"run {run_dir.id} cannot be read")
         return facts
 
-    def _live(self, run_dir: str) -> data.RunFacts:
+    def _live(self, run_dir: data.RunDir) -> data.RunFacts:
         f = self._facts(run_dir)
         if f.state == "lost":
             raise ApiError(409, f"run {f.id} lost its master; resume it first")

@@ -29,17 +29,20 @@ from typing import Any
 
 import orjson
 
-from orchestrator import __version__, control, procfs, report, runs
+from orchestrator import __version__, control, procfs, runs
 from orchestrator.configfile import CONFIG_NAME, load_config
 from orchestrator.errors import RET_OK, MasterUnreachable, OrchError, RunNotFound, UsageError
-from orchestrator.logs import log_stem
-from orchestrator.show import find_run
+from orchestrator.runs import RunDir
+from orchestrator.views import report
+from orchestrator.views.figures import eta_s, rate_between
 
 #: Re-exported for the rest of serve, which imports nothing else of orch.
 VERSION = __version__
 EXIT_OK = RET_OK
 DEFAULT_CONFIG = CONFIG_NAME
 BadUsage = UsageError
+#: A run's directory and every path in it; rate and ETA as every view computes them.
+__all__ = ["RunDir", "eta_s", "rate_between"]
 
 REDACTED = "<redacted>"
 #: Every shard state, in the order the dashboard shows them.
@@ -56,19 +59,29 @@ def home_dir(explicit: str | None) -> str:
     return runs.home_dir(explicit)
 
 
-def run_dirs(home: str) -> list[str]:
+def runs_root(home: str) -> str:
+    """The directory holding every run of ``home`` (its mtime moves when a run appears)."""
+    return runs.runs_root(home)
+
+
+def run_dirs(home: str) -> list[RunDir]:
     """Run directories under ``home``, newest first."""
-    return runs.list_run_dirs(home)
+    return runs.list_runs(home)
 
 
-def resolve(home: str, key: str) -> str:
+def resolve(home: str, key: str) -> RunDir:
     """The run directory for a run id, unique id prefix or name (like the CLI)."""
     if not key or "/" in key or key in (".", ".."):
         raise NotFound(f"no run {key!r}")
     try:
-        return find_run(key, home)
+        return runs.find_run(key, home)
     except RunNotFound as exc:
         raise NotFound(str(exc)) from None
+
+
+def db_files(run_dir: RunDir) -> tuple[str, str]:
+    """The run's database and its write-ahead log: what changes when the master writes."""
+    return run_dir.state_db, run_dir.state_db + "-wal"
 
 
 def _redact(obj: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +96,7 @@ def list_runs(home: str) -> list[dict[str, Any]]:
     out = []
     for d in run_dirs(home):
         try:
-            store = report.open_run(d)
+            store = d.read()
         except OrchError:
             continue
         try:
@@ -95,7 +108,7 @@ def list_runs(home: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_detail(run_dir: str, *, shards: bool = True) -> dict[str, Any]:
+def run_detail(run_dir: RunDir, *, shards: bool = True) -> dict[str, Any]:
     """The same object as ``orch status RUN --json`` (env values redacted).
 
     ``shards=False`` leaves the (possibly 10,000-long) shard list out. A live
@@ -103,7 +116,7 @@ def run_detail(run_dir: str, *, shards: bool = True) -> dict[str, Any]:
     at most once a second), so a dashboard polling a 1,000-shard run does not
     read 1,000 /proc files per request.
     """
-    store = report.open_run(run_dir)
+    store = run_dir.read()
     try:
         if shards:
             out = report.run_detail(store, run_dir, sample=False)
@@ -160,7 +173,7 @@ class RunFacts:
     name: str
     job: str
     state: str
-    run_dir: str
+    run_dir: RunDir
     control: str | None
     shard_count: int
     jobs: int | None
@@ -173,7 +186,7 @@ class RunFacts:
 
 def master_alive(facts: RunFacts) -> bool:
     """Whether the run's recorded master still lives: a /proc read, no database."""
-    return report.master_alive(
+    return runs.master_alive(
         {"master_pid": facts.master_pid, "master_create_time": facts.master_create_time}
     )
 
@@ -193,10 +206,10 @@ def _job(run: dict[str, Any]) -> str:
     return str(run["id"])
 
 
-def run_facts(run_dir: str) -> RunFacts | None:
+def run_facts(run_dir: RunDir) -> RunFacts | None:
     """The run row's facts with its state (``lost`` when its master is gone); None if unreadable."""
     try:
-        store = report.open_run(run_dir)
+        store = run_dir.read()
     except OrchError:
         return None
     try:
@@ -209,7 +222,7 @@ def run_facts(run_dir: str) -> RunFacts | None:
         id=run["id"],
         name=run.get("name") or "",
         job=_job(run),
-        state=report.run_state(run),
+        state=runs.run_state(run),
         run_dir=run_dir,
         control=run.get("control"),
         shard_count=int(run.get("shard_count") or 0),
@@ -225,8 +238,8 @@ def run_facts(run_dir: str) -> RunFacts | None:
 # --- direct read-only queries (aggregates and pages the Store has no method for) ----
 
 
-def _connect(run_dir: str) -> sqlite3.Connection:
-    path = os.path.join(run_dir, runs.STATE_DB)
+def _connect(run_dir: RunDir) -> sqlite3.Connection:
+    path = run_dir.state_db
     uri = Path(path).absolute().as_uri() + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
@@ -236,17 +249,17 @@ def _connect(run_dir: str) -> sqlite3.Connection:
     return conn
 
 
-def _query(run_dir: str, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+def _query(run_dir: RunDir, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
     conn = _connect(run_dir)
     try:
         return conn.execute(sql, params).fetchall()
     except sqlite3.Error as exc:
-        raise OrchError(f"{run_dir}: cannot read: {exc}") from None
+        raise OrchError(f"{run_dir.path}: cannot read: {exc}") from None
     finally:
         conn.close()
 
 
-def aggregates(run_dir: str) -> dict[str, Any]:
+def aggregates(run_dir: RunDir) -> dict[str, Any]:
     """Counts, items and timestamps of one run for /metrics and the live progress feed."""
     conn = _connect(run_dir)
     try:
@@ -271,7 +284,7 @@ def aggregates(run_dir: str) -> dict[str, Any]:
             " AND reason != 'restarted by user'))"
         ).fetchone()
     except sqlite3.Error as exc:
-        raise OrchError(f"{run_dir}: cannot read: {exc}") from None
+        raise OrchError(f"{run_dir.path}: cannot read: {exc}") from None
     finally:
         conn.close()
     return {
@@ -284,7 +297,7 @@ def aggregates(run_dir: str) -> dict[str, Any]:
     }
 
 
-def aggregates_light(run_dir: str) -> dict[str, Any]:
+def aggregates_light(run_dir: RunDir) -> dict[str, Any]:
     """Counts and items of one run: what the live progress feed reads once a second."""
     conn = _connect(run_dir)
     try:
@@ -295,7 +308,7 @@ def aggregates_light(run_dir: str) -> dict[str, Any]:
             " AND total IS NULL), 0), count(total), count(*) FROM shards"
         ).fetchone()
     except sqlite3.Error as exc:
-        raise OrchError(f"{run_dir}: cannot read: {exc}") from None
+        raise OrchError(f"{run_dir.path}: cannot read: {exc}") from None
     finally:
         conn.close()
     items_total = None if unknown or total is None else int(total)
@@ -311,18 +324,18 @@ def aggregates_light(run_dir: str) -> dict[str, Any]:
     }
 
 
-def running_progress(run_dir: str) -> list[tuple[int, int | None, float | None]]:
+def running_progress(run_dir: RunDir) -> list[tuple[int, int | None, float | None]]:
     """(index, done, started_at) of each running shard: the hub tracks when ``done`` moves."""
     rows = _query(run_dir, "SELECT idx, done, started_at FROM shards WHERE state = 'running'")
     return [(r[0], r[1], r[2]) for r in rows]
 
 
-def shard_states(run_dir: str) -> list[str]:
+def shard_states(run_dir: RunDir) -> list[str]:
     """The state of every shard, by index: the dashboard's grid (10,000 cells)."""
     return [r[0] for r in _query(run_dir, "SELECT state FROM shards ORDER BY idx")]
 
 
-def shard_metrics(run_dir: str) -> list[sqlite3.Row]:
+def shard_metrics(run_dir: RunDir) -> list[sqlite3.Row]:
     """Per-shard figures for /metrics on small runs."""
     return _query(
         run_dir, "SELECT id, state, attempts, done, total, heartbeat_at FROM shards ORDER BY idx"
@@ -341,7 +354,7 @@ SORTS = {
 
 
 def shard_page(
-    run_dir: str, *, states: list[str], sort: str, desc: bool, offset: int, limit: int
+    run_dir: RunDir, *, states: list[str], sort: str, desc: bool, offset: int, limit: int
 ) -> tuple[list[dict[str, Any]], int]:
     """One page of shard records (``orch status`` objects) and how many match in all."""
     where = ""
@@ -363,11 +376,11 @@ def shard_page(
             "SELECT state, master_pid, master_create_time FROM run"
         ).fetchone()
     except sqlite3.Error as exc:
-        raise OrchError(f"{run_dir}: cannot read: {exc}") from None
+        raise OrchError(f"{run_dir.path}: cannot read: {exc}") from None
     finally:
         conn.close()
     live = (
-        report.run_state(
+        runs.run_state(
             {"state": run_state_raw, "master_pid": master_pid, "master_create_time": create_time}
         )
         == "running"
@@ -384,21 +397,21 @@ def shard_page(
     return out, int(total)
 
 
-def _shard_row(run_dir: str, key: str) -> sqlite3.Row:
+def _shard_row(run_dir: RunDir, key: str) -> sqlite3.Row:
     rows = _query(run_dir, "SELECT * FROM shards WHERE id = ?", (key,))
     if not rows and key.isdigit():
         rows = _query(run_dir, "SELECT * FROM shards WHERE idx = ?", (int(key),))
     if not rows:
-        raise NotFound(f"no shard {key!r} in run {os.path.basename(run_dir)}")
+        raise NotFound(f"no shard {key!r} in run {run_dir.id}")
     return rows[0]
 
 
-def shard_id(run_dir: str, key: str) -> str:
+def shard_id(run_dir: RunDir, key: str) -> str:
     """The shard's id for a shard id or index (like ``orch logs --shard``)."""
     return str(_shard_row(run_dir, key)["id"])
 
 
-def shard_detail(run_dir: str, key: str, live: bool) -> dict[str, Any]:
+def shard_detail(run_dir: RunDir, key: str, live: bool) -> dict[str, Any]:
     """One shard's ``orch status`` record plus its attempts, oldest first."""
     row = dict(_shard_row(run_dir, key))
     row["checkpoint"] = orjson.loads(row["checkpoint"]) if row["checkpoint"] else None
@@ -408,7 +421,7 @@ def shard_detail(run_dir: str, key: str, live: bool) -> dict[str, Any]:
     return rec
 
 
-def attempts(run_dir: str, idx: int) -> list[dict[str, Any]]:
+def attempts(run_dir: RunDir, idx: int) -> list[dict[str, Any]]:
     rows = _query(
         run_dir,
         "SELECT attempt, pid, started_at, ended_at, exit_code, signal, reason FROM attempts"
@@ -429,7 +442,7 @@ def attempts(run_dir: str, idx: int) -> list[dict[str, Any]]:
     ]
 
 
-def attention(run_dir: str, limit: int, tail_bytes: int) -> list[dict[str, Any]]:
+def attention(run_dir: RunDir, limit: int, tail_bytes: int) -> list[dict[str, Any]]:
     """Shards that need a look: failed, backing off after a failure, hung or stalled."""
     rows = _query(
         run_dir,
@@ -460,13 +473,12 @@ def attention(run_dir: str, limit: int, tail_bytes: int) -> list[dict[str, Any]]
 # --- logs ----------------------------------------------------------------------------
 
 
-def log_path(run_dir: str, idx: int, shard: str, stream: str) -> str:
-    ext = ".err" if stream == "stderr" else ".out"
-    return os.path.join(run_dir, runs.LOGS, log_stem(idx, shard) + ext)
+def log_path(run_dir: RunDir, idx: int, shard: str, stream: str) -> str:
+    return run_dir.log_path(idx, shard, ".err" if stream == "stderr" else ".out")
 
 
 def log_slice(
-    run_dir: str, key: str, stream: str, offset: int | None, limit: int
+    run_dir: RunDir, key: str, stream: str, offset: int | None, limit: int
 ) -> dict[str, Any]:
     row = _shard_row(run_dir, key)
     return read_log(log_path(run_dir, row["idx"], row["id"], stream), offset, limit)

@@ -64,11 +64,11 @@ def _mtime(path: str) -> int:
         return 0
 
 
-def _stamp(run_dir: str) -> tuple[float, ...]:
+def _stamp(run_dir: data.RunDir) -> tuple[float, ...]:
     out: list[float] = []
-    for name in ("state.db", "state.db-wal"):
+    for path in data.db_files(run_dir):
         try:
-            st = os.stat(os.path.join(run_dir, name))
+            st = os.stat(path)
         except OSError:
             out += [0.0, 0.0]
             continue
@@ -88,7 +88,7 @@ class Hub:
         self.home = home
         self.scan_s = scan_s
         self.clock = clock
-        self.runs: dict[str, Watched] = {}  # run dir -> watched
+        self.runs: dict[data.RunDir, Watched] = {}
         self.first_id = int(clock() * 1_000_000)
         self._next_id = self.first_id
         self._events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=buffer)
@@ -121,7 +121,7 @@ class Hub:
         Every 0.2 s costs one ``stat`` of the runs directory, so a new run is
         followed within a fraction of a second, not at the next full scan.
         """
-        root = os.path.join(self.home, "runs")
+        root = data.runs_root(self.home)
         last_scan = time.monotonic()
         last_mtime = _mtime(root)
         while not self._closing:
@@ -282,13 +282,11 @@ class Hub:
         s = w.samples
         if len(s) < 2:
             return None
-        t1, d1 = s[-1][0], s[-1][col]
+        t1, d1 = s[-1][0], int(s[-1][col])
         t0, d0 = next(
             ((x[0], x[col]) for x in s if t1 - x[0] <= RATE_WINDOW_S), (s[0][0], s[0][col])
         )
-        if t1 <= t0:
-            return None
-        return max(0.0, (d1 - d0) / (t1 - t0))
+        return data.rate_between(d1, t0, t1, int(d0))
 
     def spark(self, w: Watched, col: int = 1) -> list[float]:
         """The rate in each 10 s bucket of the last 15 minutes, oldest first."""
@@ -309,7 +307,7 @@ class Hub:
                 k += 1
             if k - j >= 2:
                 ta, da, tb, db = s[j][0], s[j][col], s[k - 1][0], s[k - 1][col]
-                out.append(max(0.0, (db - da) / (tb - ta)) if tb > ta else 0.0)
+                out.append(data.rate_between(int(db), ta, tb, int(da)) or 0.0)
             elif out:
                 out.append(0.0)
         return out
@@ -334,12 +332,11 @@ class Hub:
         # Shards that report no items: progress is counted in finished shards.
         col, unit = (1, "items") if estimate is not None or done else (2, "shards")
         rate = None if final else self.rate(w, col)
-        eta = None
-        if rate and unit == "items" and estimate is not None:
-            eta = max(0.0, (estimate - done) / rate)
-        elif rate and unit == "shards":
+        if unit == "items":
+            eta = data.eta_s(done, estimate, rate)
+        else:
             finished = sum(agg["counts"].get(s, 0) for s in ("done", "failed", "stopped"))
-            eta = max(0.0, (w.facts.shard_count - finished) / rate)
+            eta = data.eta_s(finished, w.facts.shard_count, rate)
         ev = {
             "type": "progress",
             "run": w.facts.id,
@@ -367,7 +364,7 @@ class Hub:
                 return w.last_progress
         return None
 
-    def progress_oldest(self, run_dir: str) -> float | None:
+    def progress_oldest(self, run_dir: data.RunDir) -> float | None:
         w = self.runs.get(run_dir)
         if w is None or not w.moved:
             return None

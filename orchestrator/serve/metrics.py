@@ -142,11 +142,7 @@ def _last_change(f: data.RunFacts) -> float:
     if f.ended_at is not None:
         return float(f.ended_at)
     try:
-        return max(
-            os.stat(os.path.join(f.run_dir, n)).st_mtime
-            for n in ("state.db", "state.db-wal")
-            if os.path.exists(os.path.join(f.run_dir, n))
-        )
+        return max(os.stat(p).st_mtime for p in data.db_files(f.run_dir) if os.path.exists(p))
     except (OSError, ValueError):
         return f.started_at
 
