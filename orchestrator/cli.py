@@ -263,6 +263,43 @@ def _permission_problem(exc: PermissionError) -> str:
     return line
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=int, default=9001, show_default=True, help="Port (0 picks a free one)."
+)
+@click.option("--config", "config_path", metavar="FILE", help="Tasks a front end may start.")
+@click.option(
+    "--token", metavar="TOKEN", help="The access token (default $ORCH_TOKEN, else random)."
+)
+@click.option("--read-only", is_flag=True, help="Refuse every change (403).")
+@click.option("--no-auth", is_flag=True, help="No token (loopback hosts only).")
+@_home_option
+def serve(
+    host: str,
+    port: int,
+    config_path: str | None,
+    token: str | None,
+    read_only: bool,
+    no_auth: bool,
+    home: str | None,
+) -> None:
+    """Serve the web dashboard, JSON API, events and /metrics for every run."""
+    from orchestrator.serve import main as serve_main
+
+    sys.exit(
+        serve_main.serve(
+            host=host,
+            port=port,
+            config=config_path,
+            home=home,
+            token=token,
+            read_only=read_only,
+            no_auth=no_auth,
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, named exit codes, never a traceback for a user mistake."""
     for name in ("stdout", "stderr"):
