@@ -200,6 +200,42 @@ def events(run_key: str, home: str | None) -> None:
     sys.exit(steer.events(run_key, home))
 
 
+@cli.command("import")
+@click.argument("file", metavar="FILE")
+def import_(file: str) -> None:
+    """Print an orch.toml equivalent to a supervisord.conf or pm2 ecosystem file."""
+    from orchestrator.migrate import import_file
+
+    click.echo(import_file(file), nl=False)
+
+
+@cli.command()
+@click.option("--keep", type=int, metavar="N", help="Keep the N newest finished runs.")
+@click.option("--older-than", metavar="DUR", help="Only runs that ended more than DUR ago.")
+@click.option("-n", "--dry-run", is_flag=True, help="Only show what would be removed.")
+@_home_option
+def gc(keep: int | None, older_than: str | None, dry_run: bool, home: str | None) -> None:
+    """Delete finished runs (never a live one) and print what that freed."""
+    from orchestrator.prune import gc_command
+
+    sys.exit(gc_command(home, keep, older_than, dry_run))
+
+
+@cli.group()
+def notify() -> None:
+    """Notification channels ([notify.NAME] in orch.toml)."""
+
+
+@notify.command("test")
+@click.argument("channel", metavar="CHANNEL")
+@click.option("--config", "config_path", metavar="FILE", help="Task file (default ./orch.toml).")
+def notify_test(channel: str, config_path: str | None) -> None:
+    """Send a test message to CHANNEL and print the receiver's answer."""
+    from orchestrator.notify.command import notify_test
+
+    sys.exit(notify_test(channel, config_path))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, named exit codes, never a traceback for a user mistake."""
     for name in ("stdout", "stderr"):

@@ -96,7 +96,7 @@ _HEADLINES = {
     "hung": "run {name} ({run}): shard {shard} is hung (no heartbeat), replacing it",
     "stalled": "run {name} ({run}): shard {shard} is stalled (no progress), replacing it",
     "digest": "run {name} ({run}) is {state}",
-    "test": "orch test message for channel {channel}",
+    "test": "orch test message (run {run})",
 }
 
 
@@ -108,7 +108,6 @@ def _text(body: Mapping[str, Any]) -> str:
         state=body["state"],
         shard=shard.get("id"),
         event=body["event"],
-        channel=body.get("channel"),
     )
     parts = [line]
     if shard.get("reason"):
