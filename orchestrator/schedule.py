@@ -16,7 +16,9 @@ each decision's ``due`` as the task's new last fire, and sleeps until
 * A due fire older than ``ON_TIME_S`` was missed (serve was down or busy):
   with ``catch_up = "once"`` (default) the latest missed fire runs once if it
   is within ``starting_deadline`` (default 1 h), else it is skipped; with
-  ``"none"`` missed fires are skipped. Several missed fires are one decision.
+  ``"none"`` missed fires are skipped. Several missed fires are one decision
+  about the latest of them (found by iterating the cron backwards from now, so
+  a long outage costs nothing).
 * While a run of the task is live: ``overlap = "skip"`` (default) skips the
   fire, ``"queue"`` records one queued fire that runs when the live run ends
   (several queued fires are one), ``"replace"`` stops the live run and starts
@@ -97,17 +99,13 @@ class ScheduleSpec:
     starting_deadline_s: float = DEFAULT_STARTING_DEADLINE_S
     on_incomplete: OnIncomplete = OnIncomplete.START
 
-    def fires(self, after: float, until: float, tz: tzinfo) -> list[float]:
-        """Fire times in ``(after, until]`` (every interval anchored at ``after``)."""
-        out: list[float] = []
-        if self.every_s is not None:
-            count = math.floor((until - after) / self.every_s)
-            return [after + k * self.every_s for k in range(1, count + 1)]
-        for t in self._cron_iter(after, tz):
-            if t > until:
-                break
-            out.append(t)
-        return out
+    def latest_until(self, until: float, tz: tzinfo) -> float:
+        """The latest cron fire time at or before ``until`` (cron schedules only)."""
+        from cronsim import CronSim
+
+        assert self.cron is not None
+        moment = datetime.fromtimestamp(until + 0.001, tz)  # reverse iteration is exclusive
+        return next(CronSim(self.cron, moment, reverse=True)).timestamp()
 
     def next_after(self, after: float, tz: tzinfo) -> float:
         """The first fire time strictly after ``after``."""
@@ -204,14 +202,8 @@ class Scheduler:
         if spec.every_s is not None:
             k = math.floor((now - anchor) / spec.every_s)
             return anchor + k * spec.every_s if k >= 1 else None
-        # Look back no further than the deadline: a year-long outage is not a year of fires.
-        start = max(anchor, now - max(spec.starting_deadline_s, ON_TIME_S) - 1.0)
-        fires = spec.fires(start, now, self.tz)
-        if fires:
-            return fires[-1]
-        if start > anchor and spec.next_after(anchor, self.tz) <= start:
-            return start  # fires older than the window: one missed decision, recorded at start
-        return None
+        latest = spec.latest_until(now, self.tz)
+        return latest if latest > anchor else None
 
     def _fire(self, spec: ScheduleSpec, job: JobFacts, due: float, why: str) -> Decision:
         if job.live_run is not None:
