@@ -49,6 +49,7 @@ _NOTES = {
     "source_map_support": "a node option; add it to the command if needed",
     "instance_var": "orch gives each shard its index as {index} (used for NODE_APP_INSTANCE)",
     "vizion": "no version metadata in orch",
+    "post_update": "orch has no deploy hooks",
     "autostart": "`orch serve` starting tasks at its start is not in this orch yet",
     "force": "orch never starts a second live run of a task by accident",
     "namespace": "orch has no namespaces; task names are unique per orch.toml",
