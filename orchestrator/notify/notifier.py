@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from orchestrator.notify.config import Channel
 from orchestrator.notify.payload import FailedShard, RunFacts, facts_body
 
-__all__ = ["Notifier", "OutboxWriter", "store_facts"]
+__all__ = ["Notifier", "OutboxWriter", "for_run", "store_facts"]
 
 _SHARD_EVENTS = {"hung": "hung", "stalled": "stalled"}
 _RUN_EVENTS = ("done", "failed", "stopped")
@@ -159,4 +159,41 @@ def store_facts(store: Any) -> RunFacts:
         eta_s=eta,
         failed=failed,
         counts=store.counts(),
+    )
+
+
+def for_run(
+    store: Any,
+    run_dir: str,
+    channels: Sequence[Channel],
+    *,
+    environ: Mapping[str, str] | None = None,
+    wall: Callable[[], float] = time.time,
+) -> Notifier:
+    """The notifier of a run as the master is to build it (one call at master start).
+
+    Records the channels for the deliverer (``notify.json``; raises
+    ``ConfigError`` for an unset ``secret_env``), and when rows from before a
+    restart are still pending, starts a deliverer for them.
+    """
+    import os
+
+    from orchestrator.notify.deliver import launch_deliverer, write_channels
+    from orchestrator.notify.outbox import Outbox
+
+    if channels:
+        write_channels(run_dir, tuple(channels), environ)
+    box = Outbox(os.path.join(run_dir, "state.db"))
+    try:
+        pending = box.pending()
+    finally:
+        box.close()
+    if pending:
+        launch_deliverer(run_dir)
+    return Notifier(
+        store,
+        channels,
+        lambda: store_facts(store),
+        wall=wall,
+        launch=lambda: launch_deliverer(run_dir),
     )

@@ -53,7 +53,11 @@ class Outbox:
             uri, uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000
         )
         self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        self._conn.execute(OUTBOX_DDL)  # a run whose master never opened it as a writer yet
+        exists = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
+        ).fetchone()
+        if not exists:  # a run whose master has not opened it as a writer since orch had outboxes
+            self._conn.execute(OUTBOX_DDL)
         self.path = path
 
     def close(self) -> None:

@@ -338,3 +338,42 @@ def test_orch_notify_test_prints_the_answer(receiver: Receiver, tmp_path: Path) 
     )
     assert unset.returncode == 2 and "DING_SECRET is not set" in unset.stderr
     assert SECRET not in unset.stderr + done.stdout
+
+
+MASTER = """
+import sys, time
+from orchestrator.notify.config import Channel, Kind
+from orchestrator.notify.notifier import for_run
+from orchestrator.store import Store
+
+run_dir, url = sys.argv[1], sys.argv[2]
+store = Store.open(run_dir + "/state.db")
+notifier = for_run(store, run_dir, [Channel("hook", Kind.WEBHOOK, url)])
+store.set_shard(1, state="failed", reason="exit 4", last_error="404 forever")
+notifier.on_shard_state("1", "failed", reason="exit 4", stderr_tail="404 forever")
+store.set_run(state="failed", ended_at=time.time(), exit_code=1)
+notifier.on_run_state("failed")
+store.commit()
+notifier.after_commit()
+"""
+
+
+def test_a_master_that_exits_at_once_still_notifies(receiver: Receiver, run_dir: Path) -> None:
+    """The foreground command returns right after the run ends; the messages still go out."""
+    subprocess.run(
+        [sys.executable, "-c", MASTER, str(run_dir), receiver.url("/hook")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    try:
+        assert poll_for(lambda: len(receiver.got()) == 2, timeout=20)
+        gave_up, failed = (r.body for r in receiver.got())
+        assert gave_up["event"] == "gave_up" and gave_up["shard"]["id"] == "1"
+        assert failed["event"] == "failed" and failed["state"] == "failed"
+        assert failed["failed"] == [{"id": "1", "reason": "exit 4", "stderr_tail": "404 forever"}]
+        assert poll_for(lambda: states(run_dir) == ["delivered"] * 2, timeout=10)
+    finally:
+        for pid in _deliverer_pids(run_dir):
+            os.kill(pid, signal.SIGKILL)
