@@ -2,7 +2,8 @@
 
 A run is removed only when it is certainly not live: its state is final
 (done, failed, stopped) or it is lost (recorded as running or pending but its
-master is gone), and the run's master lock can be taken. The lock is held
+master is gone), the run's master lock can be taken, and no deliverer is
+still sending its notifications (``notify.lock``). The lock is held
 while the directory is removed, so an ``orch resume`` of that run in the same
 instant is refused instead of starting on a half-deleted directory.
 
@@ -162,6 +163,10 @@ def remove(run: Removable) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
+        from orchestrator.notify.deliver import deliverer_running
+
+        if deliverer_running(run.run_dir):
+            return None  # its last notifications are still being sent: next time
         size = dir_bytes(run.run_dir)
         shutil.rmtree(run.run_dir)
         return size

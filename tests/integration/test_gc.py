@@ -130,6 +130,19 @@ def test_a_run_whose_lock_is_held_is_not_removed(home: Path) -> None:
         os.close(fd)
 
 
+def test_a_run_still_delivering_notifications_is_kept(home: Path) -> None:
+    run = home / "runs" / "20261102-100000-bbbb"
+    fd = os.open(run / "notify.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a deliverer holds it
+    try:
+        removed, _ = collect(str(home), keep=0, older_than_s=None)
+        assert "bbbb" not in [r.run_id[-4:] for r, _ in removed] and run.exists()
+    finally:
+        os.close(fd)
+    removed, _ = collect(str(home), keep=0, older_than_s=None)
+    assert "bbbb" in [r.run_id[-4:] for r, _ in removed] and not run.exists()
+
+
 def test_bad_flags_are_one_line(home: Path) -> None:
     done = gc(home, "--older-than", "a week")
     assert done.returncode == 2
