@@ -3,7 +3,9 @@
 A run is removed only when it is certainly not live: its state is final
 (done, failed, stopped) or it is lost (recorded as running or pending but its
 master is gone), the run's master lock can be taken, and no deliverer is
-still sending its notifications (``notify.lock``). The lock is held
+still sending its notifications (``notify.lock``). A run whose master is not
+recorded yet is being created (``orch run`` locks it just after creating its
+database) and is left alone for ``STARTING_S``. The lock is held
 while the directory is removed, so an ``orch resume`` of that run in the same
 instant is refused instead of starting on a half-deleted directory.
 
@@ -30,6 +32,8 @@ from orchestrator.units import format_bytes, parse_duration
 __all__ = ["DEFAULT_KEEP", "GcConfig", "Removable", "collect", "gc_command", "parse_gc", "plan"]
 
 DEFAULT_KEEP = 20
+#: A run with no master recorded yet is taken as starting, not lost, for this long.
+STARTING_S = 600.0
 _FINAL = ("done", "failed", "stopped")
 _STATE_DB = "state.db"
 _LOCK = "master.lock"
@@ -97,6 +101,8 @@ def _run_facts(run_dir: str, alive: Callable[[dict[str, Any]], bool]) -> Removab
     if state not in _FINAL:
         if alive(run):
             return None
+        if not run.get("master_pid") and time.time() - float(run["started_at"]) < STARTING_S:
+            return None  # being created: its master is not recorded (or locked) yet
         state = "lost"
     ended = run.get("ended_at")
     if ended is None:

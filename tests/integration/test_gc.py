@@ -38,7 +38,7 @@ def make_run(
     (d / "logs" / "0-0.out").write_bytes(b"x" * log_bytes)
     store = Store.create(
         str(d / "state.db"),
-        RunRow(run_id, run_id[-4:], {}, "split", 1, 1.7e9, None),
+        RunRow(run_id, run_id[-4:], {}, "split", 1, time.time(), None),
         [("0", {}, 0)],
     )
     now = time.time()
@@ -70,6 +70,7 @@ def home(tmp_path: Path, dead_pid: int) -> Iterator[Path]:
     make_run(h, "20261104-100000-dddd", "running", pid=os.getpid())  # live: this process
     make_run(h, "20261105-100000-eeee", "stopped", ended_ago_s=1 * DAY)
     make_run(h, "20261106-100000-ffff", "done", ended_ago_s=60)
+    make_run(h, "20261107-100000-gggg", "pending")  # being created: no master recorded yet
     yield h
 
 
@@ -96,7 +97,7 @@ def test_keep_and_older_than_select_finished_runs(home: Path) -> None:
         "cccc",
         "bbbb",
         "aaaa",
-    ]  # never dddd, the live one
+    ]  # never dddd, the live one, nor gggg, the one being created
     assert ids(plan(str(home), keep=2, older_than_s=None, now=now)) == ["cccc", "bbbb", "aaaa"]
     assert ids(plan(str(home), keep=None, older_than_s=7 * DAY, now=now)) == ["bbbb", "aaaa"]
     assert ids(plan(str(home), keep=4, older_than_s=7 * DAY, now=now)) == ["aaaa"]
@@ -106,11 +107,11 @@ def test_keep_and_older_than_select_finished_runs(home: Path) -> None:
 def test_orch_gc_removes_and_prints_what_it_freed(home: Path) -> None:
     done = gc(home, "--older-than", "7d", "--dry-run")
     assert done.returncode == 0, done.stderr
-    assert remaining(home) == ["aaaa", "bbbb", "cccc", "dddd", "eeee", "ffff"]
+    assert remaining(home) == ["aaaa", "bbbb", "cccc", "dddd", "eeee", "ffff", "gggg"]
     assert "would remove 2 runs" in done.stdout
     done = gc(home, "--keep", "1")
     assert done.returncode == 0, done.stderr
-    assert remaining(home) == ["dddd", "ffff"]
+    assert remaining(home) == ["dddd", "ffff", "gggg"]
     lines = done.stdout.strip().splitlines()
     assert lines[-1].startswith("removed 4 runs, freed ")
     assert "removed 20261103-100000-cccc (cccc): lost" in done.stdout
