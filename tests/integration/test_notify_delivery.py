@@ -377,3 +377,27 @@ def test_a_master_that_exits_at_once_still_notifies(receiver: Receiver, run_dir:
     finally:
         for pid in _deliverer_pids(run_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_receiver_that_never_answers_is_a_retryable_timeout() -> None:
+    import socket
+
+    from orchestrator.notify.send import post
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # the kernel completes the connection; nobody ever reads or answers
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        body = facts_body("done", facts(), at=0.0)
+        answer = post(Kind.WEBHOOK, url, body, secret=None, now_ms=0, timeout_s=0.3)
+        assert not answer.ok and answer.retry
+        assert (
+            answer.reason is not None
+            and "0.3s" in answer.reason
+            or "timed out" in str(answer.reason)
+        )
+        refused = post(Kind.WEBHOOK, "http://127.0.0.1:9/x", body, secret=None, now_ms=0)
+        assert not refused.ok and refused.retry and "cannot connect" in str(refused.reason)
+    finally:
+        silent.close()
