@@ -124,6 +124,7 @@ class Deliverer:
         self.log = log
         self.owner = owner or f"{os.getpid()}-{os.urandom(4).hex()}"
         self.policy = policy or DeliveryPolicy()
+        self.handled = 0
         self._limits = {
             name: RateLimit(*RATE_LIMITS[c.kind])
             for name, c in self.channels.items()
@@ -131,9 +132,14 @@ class Deliverer:
         }
 
     def step(self) -> float | None:
-        """Try every due row once; seconds until the next row is due, None when none is pending."""
-        for row in self.outbox.claim(self.owner, self.clock(), self.policy.lease_s):
+        """Try every due row once; seconds until the next row is due, None when none is pending.
+
+        ``handled`` tells how many rows this step tried.
+        """
+        rows = self.outbox.claim(self.owner, self.clock(), self.policy.lease_s)
+        for row in rows:
             self._one(row)
+        self.handled = len(rows)
         due = self.outbox.next_due()
         if due is None:
             return None
@@ -283,9 +289,11 @@ def deliver_run(
         idle_since: float | None = None
         while True:
             wait = deliverer.step()
-            if wait is not None:
+            if wait is not None or deliverer.handled:
                 idle_since = None
-                sleep(min(max(wait, policy.poll_s), 1.0))  # new rows are seen within 1 s
+            if wait is not None:
+                if wait > 0 or not deliverer.handled:  # more due now: go on at once
+                    sleep(min(max(wait, policy.poll_s), 1.0))  # new rows are seen within 1 s
                 continue
             now = clock()
             idle_since = now if idle_since is None else idle_since

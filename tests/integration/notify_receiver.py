@@ -74,8 +74,8 @@ class Receiver:
         self.server.server_close()
 
     def url(self, path: str = "/hook", query: str = "") -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}{path}" + (f"?{query}" if query else "")
+        port = self.server.server_address[1]
+        return f"http://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
 
     def script(self, path: str, answers: list[tuple[int, str]]) -> None:
         with self._lock:

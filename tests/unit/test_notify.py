@@ -271,3 +271,60 @@ def test_store_facts_reads_progress_and_failures(store: Store) -> None:
     assert (facts.items_done, facts.items_total) == (13, 20)
     assert facts.failed == (FailedShard("b", "exit 4", "boom"),)
     assert facts.name == "tags" and facts.run == "run-1"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_deliverer_loop_drains_lingers_and_catches_a_late_row(tmp_path: Path) -> None:
+    """deliver_run with a fake clock and sleep: a row committed while the deliverer is
+    leaving is still sent, and it exits once the outbox stays empty."""
+    from orchestrator.notify.deliver import DeliveryPolicy, deliver_run, write_channels
+    from orchestrator.notify.send import Answer
+
+    store = Store.create(
+        str(tmp_path / "state.db"), RunRow("r", "n", {}, "split", 1, 0.0, None), [("a", {}, 0)]
+    )
+    write_channels(str(tmp_path), (Channel("hook", Kind.WEBHOOK, "http://127.0.0.1:9/"),))
+    body = facts_body("done", RunFacts(run="r", name="n", state="done"), at=0.0)
+    store.add_notification("hook", "done", body, 0.0)
+    store.commit()
+    clock = FakeClock()
+    sent: list[str] = []
+    sleeps: list[float] = []
+
+    def send(channel: Channel, b: object, now_ms: int) -> Answer:
+        sent.append(channel.name)
+        return Answer(True, status=200, text="ok")
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.t += seconds
+        if len(sleeps) == 20:  # idle 2 s of the 3 s linger: the master commits another row
+            store.add_notification("hook", "failed", body, clock.t)
+            store.commit()
+
+    policy = DeliveryPolicy(idle_exit_s=3.0, poll_s=0.1)
+    assert deliver_run(str(tmp_path), clock=clock, sleep=sleep, send=send, policy=policy) == 0
+    assert sent == ["hook", "hook"]
+    assert 5.0 < sum(sleeps) < 7.0  # linger, the late row, linger again, then exit
+    store.close()
+
+
+def test_a_second_deliverer_leaves_at_once(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from orchestrator.notify.deliver import deliver_run
+
+    Store.create(
+        str(tmp_path / "state.db"), RunRow("r", "n", {}, "split", 1, 0.0, None), [("a", {}, 0)]
+    ).close()
+    fd = os.open(tmp_path / "notify.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        calls: list[float] = []
+        assert deliver_run(str(tmp_path), sleep=calls.append) == 0
+        assert calls == []  # it did not even wait
+    finally:
+        os.close(fd)

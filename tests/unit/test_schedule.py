@@ -27,8 +27,8 @@ from orchestrator.schedule import (
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def at(*args: int) -> float:
-    return datetime(*args, tzinfo=BERLIN).timestamp()
+def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=BERLIN).timestamp()
 
 
 def one(s: Scheduler, now: float, **facts: object) -> tuple[Action, float, str | None] | None:
