@@ -361,7 +361,7 @@ notifier.after_commit()
 def test_a_master_that_exits_at_once_still_notifies(receiver: Receiver, run_dir: Path) -> None:
     """The foreground command returns right after the run ends; the messages still go out."""
     subprocess.run(
-        [sys.executable, "-c", MASTER, str(run_dir), receiver.url("/hook")],
+        [sys.executable, "-c", MASTER, str(run_dir), receiver.url("/hook", "token=TOKEN42")],
         capture_output=True,
         text=True,
         timeout=30,
@@ -374,6 +374,11 @@ def test_a_master_that_exits_at_once_still_notifies(receiver: Receiver, run_dir:
         assert failed["event"] == "failed" and failed["state"] == "failed"
         assert failed["failed"] == [{"id": "1", "reason": "exit 4", "stderr_tail": "404 forever"}]
         assert poll_for(lambda: states(run_dir) == ["delivered"] * 2, timeout=10)
+        # the URL's token is only in the private notify.json, never in the store or a log
+        for name in os.listdir(run_dir):
+            if name != "notify.json":
+                assert b"TOKEN42" not in (run_dir / name).read_bytes(), name
+        assert b"TOKEN42" in (run_dir / "notify.json").read_bytes()
     finally:
         for pid in _deliverer_pids(run_dir):
             os.kill(pid, signal.SIGKILL)
