@@ -26,8 +26,6 @@ _UNMAPPED = {
     "redirect_stderr": "orch always keeps stdout and stderr apart, per shard",
     "stdout_logfile": "orch writes each shard's stdout to <run>/logs/<index>-<id>.out",
     "stderr_logfile": "orch writes each shard's stderr to <run>/logs/<index>-<id>.err",
-    "stdout_logfile_maxbytes": "mapped to log_max_size",
-    "stdout_logfile_backups": "mapped to log_backups",
     "stderr_logfile_maxbytes": "orch uses one log_max_size for both streams",
     "stderr_logfile_backups": "orch uses one log_backups for both streams",
     "stdout_capture_maxbytes": "no capture mode in orch",
@@ -158,12 +156,12 @@ def _program(
     if "directory" in opts:
         task.keys["cwd"] = expand(opts.pop("directory"))
     if "stdout_logfile_maxbytes" in opts:
-        size = opts["stdout_logfile_maxbytes"].strip()
+        size = opts.pop("stdout_logfile_maxbytes").strip()
         if size not in ("0", "0B", "0MB"):
             task.keys["log_max_size"] = size
     if "stdout_logfile_backups" in opts:
         task.keys["log_backups"] = _int(
-            opts["stdout_logfile_backups"], "stdout_logfile_backups", program
+            opts.pop("stdout_logfile_backups"), "stdout_logfile_backups", program
         )
     autostart = opts.pop("autostart", "true").strip().lower()
     if autostart in ("true", "yes", "1", "on"):
@@ -176,8 +174,6 @@ def _program(
             task.env[key] = expand(value)
     for key, value in opts.items():
         why = _UNMAPPED.get(key)
-        if why == "mapped to log_max_size" or why == "mapped to log_backups":
-            continue
         if why is None:
             task.note(f"{key} = {value}: no orch equivalent")
         elif key.endswith("logfile") and value.strip().upper() in ("NONE", "AUTO", ""):
