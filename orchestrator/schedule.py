@@ -160,6 +160,24 @@ class Scheduler:
         spec = self._by_task[task]
         return spec.next_after(self._anchor(spec, last_fire), self.tz)
 
+    def listing(self, facts: Mapping[str, JobFacts]) -> list[dict[str, Any]]:
+        """One JSON-ready row per scheduled task, for ``orch schedules`` and the API:
+        ``task``, ``schedule`` (the cron text or ``every Ns``), ``last_fire`` and
+        ``next_fire`` (Unix seconds; ``last_fire`` null when it never fired), ``overlap``."""
+        rows = []
+        for spec in self.specs:
+            last = facts.get(spec.task, JobFacts()).last_fire
+            rows.append(
+                {
+                    "task": spec.task,
+                    "schedule": spec.cron if spec.cron is not None else f"every {spec.every_s:g}s",
+                    "last_fire": last,
+                    "next_fire": self.next_fire(spec.task, last),
+                    "overlap": str(spec.overlap),
+                }
+            )
+        return rows
+
     def _anchor(self, spec: ScheduleSpec, last_fire: float | None) -> float:
         return self.started_at if last_fire is None else last_fire
 

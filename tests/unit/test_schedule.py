@@ -150,6 +150,31 @@ def test_on_incomplete_resume() -> None:
     )
 
 
+def test_listing_for_orch_schedules() -> None:
+    s = Scheduler(
+        [ScheduleSpec("a", cron="0 * * * *"), ScheduleSpec("b", every_s=30.0)],
+        BERLIN,
+        started_at=at(2026, 6, 1, 10, 10),
+    )
+    rows = s.listing({"b": JobFacts(last_fire=at(2026, 6, 1, 10, 20))})
+    assert rows == [
+        {
+            "task": "a",
+            "schedule": "0 * * * *",
+            "last_fire": None,
+            "next_fire": at(2026, 6, 1, 11, 0),
+            "overlap": "skip",
+        },
+        {
+            "task": "b",
+            "schedule": "every 30s",
+            "last_fire": at(2026, 6, 1, 10, 20),
+            "next_fire": at(2026, 6, 1, 10, 20) + 30,
+            "overlap": "skip",
+        },
+    ]
+
+
 def test_local_zone_follows_tz() -> None:
     assert str(local_zone({"TZ": "Europe/Berlin"})) == "Europe/Berlin"
     assert local_zone({"TZ": "Not/AZone"}) is not None
