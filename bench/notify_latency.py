@@ -19,8 +19,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from orchestrator.notify.config import Channel, Kind
 from orchestrator.notify.notifier import for_run
+from orchestrator.notifyconfig import Channel, Kind
 from orchestrator.store import RunRow, Store
 
 TARGET_S = 1.0

@@ -22,13 +22,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
 from orchestrator.config import build_task
-from orchestrator.runs import TASK_JSON, lock_run
+from orchestrator.runs import OpenedRun, private
 from orchestrator.sources import load_shards
-
-PICKLE = "task.pkl"
 
 
 def run(
@@ -47,17 +43,16 @@ def run(
 
     Raises ``OrchError`` for bad input, before anything starts.
     """
+    # The pickler and the master's stack are loaded only when a run is started from Python.
     from multiprocess.reduction import ForkingPickler
 
-    from orchestrator.daemon import detach as start_detached
-    from orchestrator.start import create_run, supervise
+    from orchestrator import launch
 
     if not callable(fn):
         raise TypeError(f"orchestrator.run needs a callable, not {type(fn).__name__}")
     buf = io.BytesIO()
     # recurse: also carry the globals the callable uses (a helper defined in the script).
     ForkingPickler(buf, recurse=True).dump(fn)
-    payload = buf.getvalue()
     overrides = {
         "shards": shards,
         "split": split,
@@ -75,25 +70,8 @@ def run(
     if task.cwd is None:
         task = dataclasses.replace(task, cwd=os.getcwd())
     shard_list = load_shards(task.shards, split=task.split, range_=task.range, fmt=task.format)
-    run_id, run_dir, store = create_run(task, shard_list, home=home, name=name)
-    path = os.path.join(run_dir, PICKLE)
-    with open(path, "wb") as f:
-        f.write(payload)
-    task = dataclasses.replace(task, call="@" + path)
-    store.set_run(task_json=task.to_json())
-    with open(os.path.join(run_dir, TASK_JSON), "wb") as f:
-        f.write(
-            orjson.dumps(
-                {"task": task.to_json(), "source": shard_list.source}, option=orjson.OPT_INDENT_2
-            )
-        )
-    store.commit()
-    lock_fd = lock_run(run_dir)
-    assert lock_fd is not None
-    if detach:
-        store.close()
-        return start_detached(run_id, run_dir, lock_fd)
-    try:
-        return supervise(run_id, run_dir, task, shard_list, store, verbose=verbose)
-    finally:
-        os.close(lock_fd)
+    opened = OpenedRun.create(task, shard_list, home=home, name=name)
+    with open(opened.dir.task_pickle, "wb", opener=private) as f:
+        f.write(buf.getvalue())
+    opened.set_task(dataclasses.replace(task, call="@" + opened.dir.task_pickle))
+    return launch.start(opened, detach=detach, verbose=verbose)

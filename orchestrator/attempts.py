@@ -1,42 +1,37 @@
-"""Starting attempts and hearing from them: the master's process-facing half.
+"""Starting attempts and hearing them end: the master's ``Attempts``.
 
-``_spawn`` renders the shard's argv and environment (the ORCH_* protocol
-variables, the checkpoint) and starts the attempt through the backend; the
-backend reports output (stamped into the shard's logs, with ``##orch``
-lines fed to progress tracking) and, once the whole process group is gone,
-the exit, which becomes the lifecycle's ``Exited`` event.
+``start`` renders the shard's argv and environment (the ORCH_* protocol
+variables, the checkpoint) and starts the attempt through the backend;
+the backend reports output (stamped into the shard's logs, with ``##orch``
+lines handed to the tracker) and, once the whole process group is gone,
+the exit, which becomes the lifecycle's ``Exited`` event. An attempt's
+start and its end are each recorded in one place, with one wall-clock
+read, in the attempts table and the shard's row alike.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
 
 import orjson
 
 from orchestrator import lifecycle as lc
-from orchestrator import procfs
-from orchestrator.backends import AttemptHandle, AttemptSpec, Stream
+from orchestrator.backends import AttemptHandle, AttemptSpec, Backend, Stream
+from orchestrator.config import TaskConfig
 from orchestrator.errors import SpawnError, TemplateError
 from orchestrator.lifecycle import State
 from orchestrator.liveness import Watch
 from orchestrator.logs import ShardLogs, protocol_lines, stamp
+from orchestrator.loop import Loop
+from orchestrator.ports import Guard, HeartbeatChannel, Reporter
+from orchestrator.progress import Apply, Tracker
 from orchestrator.runs import LOGS
-from orchestrator.template import shard_values
+from orchestrator.shard import ShardRun
+from orchestrator.sources import ShardList
+from orchestrator.store import Store
+from orchestrator.template import CommandTemplate, shard_values
 from shards import protocol as proto
-
-if TYPE_CHECKING:
-    from orchestrator.backends import Backend
-    from orchestrator.channel import Channel
-    from orchestrator.config import TaskConfig
-    from orchestrator.guardian import Guardian
-    from orchestrator.loop import Loop
-    from orchestrator.progress import Runtime
-    from orchestrator.sources import ShardList
-    from orchestrator.store import Store
-    from orchestrator.template import CommandTemplate
 
 #: The environment that only an attempt's own master may give it.
 PROTOCOL_ENV = frozenset(
@@ -57,199 +52,204 @@ PROTOCOL_ENV = frozenset(
 )
 
 
+def base_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment every attempt inherits: the master's, minus an outer orch's
+    protocol variables (``orch run`` from inside a shard): a stale ORCH_CHECKPOINT would
+    make a first attempt skip work, ORCH_SDK_PID would keep its SDK from connecting."""
+    return {k: v for k, v in environ.items() if k not in PROTOCOL_ENV}
+
+
 class Attempts:
-    """Mixed into ``Master``: spawning attempts, their output and their exits."""
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        run_dir: str,
+        task: TaskConfig,
+        template: CommandTemplate,
+        shards: ShardList,
+        loop: Loop,
+        store: Store,
+        backend: Backend,
+        channel: HeartbeatChannel,
+        guardian: Guard,
+        view: Reporter,
+        wall: Callable[[], float],
+        tracker: Tracker,
+        apply: Apply,
+        interrupted: Callable[[], bool],
+    ) -> None:
+        self._run_id = run_id
+        self._logs_dir = os.path.join(run_dir, LOGS)
+        self._task = task
+        self._template = template
+        self._shards = shards
+        self._loop = loop
+        self._store = store
+        self._backend = backend
+        self._channel = channel
+        self._guardian = guardian
+        self._view = view
+        self._wall = wall
+        self._tracker = tracker
+        self._apply = apply
+        self._interrupted = interrupted
+        self._base_env = base_env(os.environ)
+        self._master_pid = str(os.getpid())
 
-    def _stamp(self) -> None:
-        """Record the start time of the processes spawned this iteration (pid reuse guard)."""
-        handles, self._unstamped = self._unstamped, []
-        for handle in handles:
-            assert handle.pid is not None
-            created = procfs.start_time(handle.pid)
-            if created is None:
-                continue  # already gone: its exit is on its way
-            handle.create_time = created
-            self.store.attempt_identity(handle.spec.index, handle.spec.attempt, created)
+    # --- starting -------------------------------------------------------------------
 
-    rt: list[Runtime]
-    loop: Loop
-    store: Store
-    shards: ShardList
-    task: TaskConfig
-    view: Any
-    backend: Backend
-    channel: Channel | None
-    guardian: Guardian
-    template: CommandTemplate
-    run_id: str
-    run_dir: str
-    interrupted: int | None
-    _base_env: dict[str, str]
-    _unstamped: list[AttemptHandle]
-    apply: Callable[[int, lc.Event], None]
-    _arm_watch: Callable[[int], None]
-    _flush_one: Callable[[int], None]
-    _stdout_report: Callable[[int, AttemptHandle, bytes], None]
-
-    def _spawn(self, idx: int, attempt: int) -> None:
-        rt = self.rt[idx]
-        shard = self.shards[idx]
+    def start(self, run: ShardRun, attempt: int) -> None:
+        """Start attempt number ``attempt``; a failure to start becomes ``SpawnFailed``."""
         try:
-            spec = self._spec(idx, attempt)
-            handle = self.backend.start(spec)
+            handle = self._backend.start(self.spec(run, attempt))
         except (SpawnError, TemplateError) as exc:
-            transient = getattr(exc, "transient", False)
-            self.store.attempt_started(
-                idx, attempt, pid=None, pgid=None, create_time=None, started_at=time.time()
-            )
-            self.store.attempt_ended(
-                idx,
-                attempt,
-                ended_at=time.time(),
-                exit_code=None,
-                signal=None,
-                reason=f"cannot start: {exc}",
-            )
-            self.store.set_shard(idx, attempts=attempt, pid=None)
-            self.apply(idx, lc.SpawnFailed(str(exc), transient))
+            at = self._wall()
+            self._record_start(run, attempt, None, at)
+            self._record_end(run, attempt, None, f"cannot start: {exc}", at)
+            self._apply(run, lc.SpawnFailed(str(exc), getattr(exc, "transient", False)))
             return
-        now_wall = time.time()
-        rt.handle = handle
+        task = self._task
         if handle.pgid is not None:
-            self.guardian.watch(handle.pgid)
-        if handle.create_time is None and handle.pid is not None:
-            self._unstamped.append(handle)
-        rt.attempt_started = self.loop.clock()
-        rt.notes = []
-        if rt.logs is None:
-            rt.logs = ShardLogs(
-                os.path.join(self.run_dir, LOGS),
-                idx,
-                shard.id,
-                self.task.log_max_bytes,
-                self.task.log_backups,
-                self.view.event,
+            self._guardian.watch(handle.pgid)
+        now = self._loop.clock()
+        run.begin(
+            handle,
+            now,
+            Watch(
+                started_at=now,
+                heartbeat_timeout_s=task.heartbeat_timeout_s,
+                stall_timeout_s=task.stall_timeout_s,
+                require_heartbeat=task.require_heartbeat,
+            ),
+        )
+        if run.logs is None:
+            run.logs = ShardLogs(
+                self._logs_dir,
+                run.index,
+                run.id,
+                task.log_max_bytes,
+                task.log_backups,
+                self._view.event,
             )
-        rt.logs.begin(attempt, handle.pid)
-        rt.watch = Watch(
-            started_at=rt.attempt_started,
-            heartbeat_timeout_s=self.task.heartbeat_timeout_s,
-            stall_timeout_s=self.task.stall_timeout_s,
-            require_heartbeat=self.task.require_heartbeat,
+        run.logs.begin(attempt, handle.pid)
+        self._tracker.arm_watch(run)
+        self._record_start(run, attempt, handle, self._wall())
+
+    def _record_start(
+        self, run: ShardRun, attempt: int, handle: AttemptHandle | None, at: float
+    ) -> None:
+        pid = handle.pid if handle is not None else None
+        pgid = handle.pgid if handle is not None else None
+        create_time = handle.create_time if handle is not None else None
+        self._store.attempt_started(
+            run.index, attempt, pid=pid, pgid=pgid, create_time=create_time, started_at=at
         )
-        rt.done = rt.checkpoint_done
-        self._arm_watch(idx)
-        self.store.attempt_started(
-            idx,
-            attempt,
-            pid=handle.pid,
-            pgid=handle.pgid,
-            create_time=handle.create_time,
-            started_at=now_wall,
-        )
-        self.store.set_shard(
-            idx,
+        if handle is None:
+            self._store.set_shard(run.index, attempts=attempt, pid=None)
+            return
+        self._store.set_shard(
+            run.index,
             attempts=attempt,
-            pid=handle.pid,
-            pgid=handle.pgid,
-            pid_create_time=handle.create_time,
-            started_at=now_wall,
+            pid=pid,
+            pgid=pgid,
+            pid_create_time=create_time,
+            started_at=at,
             ended_at=None,
             exit_code=None,
             signal=None,
-            done=rt.done,
-            start_done=rt.done,
+            done=run.done,
+            start_done=run.done,
             rss_bytes=None,
         )
 
-    def _spec(self, idx: int, attempt: int) -> AttemptSpec:
-        rt = self.rt[idx]
-        shard = self.shards[idx]
-        cp_text = orjson.dumps(rt.checkpoint).decode() if rt.has_checkpoint else ""
-        values = shard_values(shard, len(self.shards), cp_text)
+    def spec(self, run: ShardRun, attempt: int) -> AttemptSpec:
+        """The attempt's argv and environment, fully rendered."""
+        shard = self._shards[run.index]
+        count = len(self._shards)
+        cp_text = run.checkpoint_text()
+        values = shard_values(shard, count, cp_text)
         env = self._base_env.copy()
-        env.update(self.template.render_env(values))
+        env.update(self._template.render_env(values))
         env.update(
             {
-                proto.ENV_RUN_ID: self.run_id,
+                proto.ENV_RUN_ID: self._run_id,
                 proto.ENV_SHARD_ID: shard.id,
-                proto.ENV_SHARD_INDEX: str(idx),
-                proto.ENV_SHARD_COUNT: str(len(self.shards)),
+                proto.ENV_SHARD_INDEX: str(run.index),
+                proto.ENV_SHARD_COUNT: str(count),
                 proto.ENV_ATTEMPT: str(attempt),
                 proto.ENV_SHARD: orjson.dumps(dict(shard.record)).decode(),
-                proto.ENV_HEARTBEAT_INTERVAL: f"{self.task.heartbeat_interval_s:g}",
-                proto.ENV_MASTER_PID: str(os.getpid()),
+                proto.ENV_HEARTBEAT_INTERVAL: f"{self._task.heartbeat_interval_s:g}",
+                proto.ENV_MASTER_PID: self._master_pid,
+                proto.ENV_ENDPOINT: self._channel.endpoint,
             }
         )
-        if self.channel is not None:
-            env[proto.ENV_ENDPOINT] = self.channel.endpoint
-        if rt.has_checkpoint:
+        if run.has_checkpoint:
             env[proto.ENV_CHECKPOINT] = cp_text
-        if rt.checkpoint_done is not None:
-            env[proto.ENV_CHECKPOINT_DONE] = str(rt.checkpoint_done)
+        if run.checkpoint_done is not None:
+            env[proto.ENV_CHECKPOINT_DONE] = str(run.checkpoint_done)
         return AttemptSpec(
-            index=idx,
+            index=run.index,
             shard_id=shard.id,
             attempt=attempt,
-            argv=self.template.render_argv(values),
+            argv=self._template.render_argv(values),
             env=env,
-            cwd=self.task.cwd,
+            cwd=self._task.cwd,
         )
 
-    def on_output(self, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
-        idx = handle.spec.index
-        rt = self.rt[idx]
-        if rt.logs is None:
+    # --- output and exit ------------------------------------------------------------
+
+    def output(self, run: ShardRun, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
+        logs = run.logs
+        if logs is None:
             return
         ts = stamp()
         if stream is Stream.STDOUT:
-            block = rt.logs.out.feed(data, ts)
+            block = logs.out.feed(data, ts)
             for line in protocol_lines(block):
-                self._stdout_report(idx, handle, line)
+                self._tracker.stdout_line(run, handle, line)
         else:
-            block = rt.logs.err.feed(data, ts)
-        if block and self.view.verbose:
-            self.view.line(handle.spec.shard_id, stream, block)
+            block = logs.err.feed(data, ts)
+        if block and self._view.verbose:
+            self._view.line(handle.spec.shard_id, stream, block)
 
-    def on_exit(self, handle: AttemptHandle, code: int) -> None:
-        idx = handle.spec.index
-        rt = self.rt[idx]
-        if rt.handle is not handle:
+    def exited(self, run: ShardRun, handle: AttemptHandle, code: int) -> None:
+        """The attempt's whole process group is gone: record it, then step the lifecycle."""
+        if run.handle is not handle:
             return
         what = lc.describe_exit(code)
-        duration = self.loop.clock() - rt.attempt_started
-        if rt.logs is not None:
+        logs = run.logs
+        if logs is not None:
             # A last protocol line without a newline (PHP's echo adds none) still counts.
-            for line in protocol_lines(rt.logs.out.flush(stamp())):
-                self._stdout_report(idx, handle, line)
-            rt.logs.end(handle.spec.attempt, what, duration)
+            for line in protocol_lines(logs.out.flush(stamp())):
+                self._tracker.stdout_line(run, handle, line)
+            logs.end(handle.spec.attempt, what, self._loop.clock() - run.attempt_started)
             if code != 0:
-                rt.notes = rt.logs.stderr_tail()
-        rt.handle = None
-        rt.watch = None
+                run.notes = logs.stderr_tail()
+        run.end()
         if handle.pgid is not None:
-            self.guardian.forget(handle.pgid)
-        self.loop.timers.cancel((idx, "watch"))
-        self._flush_one(idx)
-        reason = rt.life.reason if rt.life.state is State.STOPPING else what
-        self.store.attempt_ended(
-            idx,
-            handle.spec.attempt,
-            ended_at=time.time(),
-            exit_code=code if code >= 0 else None,
-            signal=-code if code < 0 else None,
-            reason=reason,
-        )
-        self.store.set_shard(
-            idx,
-            pid=None,
-            ended_at=time.time(),
-            exit_code=code if code >= 0 else None,
-            signal=-code if code < 0 else None,
-        )
+            self._guardian.forget(handle.pgid)
+        self._tracker.disarm_watch(run)
+        self._tracker.flush_one(run)
+        reason = run.life.reason if run.life.state is State.STOPPING else what
+        self._record_end(run, handle.spec.attempt, code, reason, self._wall())
         if code != 0:
             # The tail of stderr, or at least how it ended: a failed shard always says why.
-            self.store.set_shard(idx, last_error="\n".join(rt.notes) if rt.notes else what)
-        if code != 0 and rt.life.state is State.RUNNING and self.interrupted is None:
-            self.view.event(f"shard {handle.spec.shard_id} attempt {handle.spec.attempt}: {what}")
-        self.apply(idx, lc.Exited(code))
+            self._store.set_shard(run.index, last_error="\n".join(run.notes) if run.notes else what)
+            if run.life.state is State.RUNNING and not self._interrupted():
+                self._view.event(f"shard {run.id} attempt {handle.spec.attempt}: {what}")
+        self._apply(run, lc.Exited(code))
+
+    def _record_end(
+        self, run: ShardRun, attempt: int, code: int | None, reason: str | None, at: float
+    ) -> None:
+        """One attempt's end (``code`` None: it never started), in both tables at once."""
+        exit_code = code if code is not None and code >= 0 else None
+        signum = -code if code is not None and code < 0 else None
+        self._store.attempt_ended(
+            run.index, attempt, ended_at=at, exit_code=exit_code, signal=signum, reason=reason
+        )
+        if code is not None:
+            self._store.set_shard(
+                run.index, pid=None, ended_at=at, exit_code=exit_code, signal=signum
+            )

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import zmq
 
 from orchestrator.loop import Loop
-from shards.protocol import MAX_FRAME_BYTES, Kind, Message, ProtocolError, decode, encode
+from shards.protocol import MAX_FRAME_BYTES, Message, ProtocolError, decode, encode
 
 BATCH = 4096
 # Plain ints: pyzmq's enum flags cost an enum operation per use on the hot path.
@@ -53,17 +53,17 @@ def bind_ipc(kind: int, path: str, options: dict[int, int]) -> zmq.Socket[bytes]
     return sock
 
 
+def _unbound(identity: bytes, msg: Message) -> None:
+    raise RuntimeError("a message arrived before the channel was bound to the master")
+
+
 class Channel:
-    def __init__(
-        self,
-        loop: Loop,
-        path: str,
-        run_id: str,
-        on_message: Callable[[bytes, Message], None],
-    ) -> None:
+    """The local ``HeartbeatChannel`` (see orchestrator.ports)."""
+
+    def __init__(self, loop: Loop, path: str, run_id: str) -> None:
         self._loop = loop
         self._run_id = run_id
-        self._on_message = on_message
+        self._on_message: Callable[[bytes, Message], None] = _unbound
         self.path = path
         self.endpoint = "ipc://" + path
         self.received = 0
@@ -84,6 +84,9 @@ class Channel:
         self._last_drain = float("-inf")
         loop.add_reader(self._fd, self._wake)
         loop.call_when_idle(self.drain)
+
+    def bind(self, on_message: Callable[[bytes, Message], None]) -> None:
+        self._on_message = on_message
 
     def _wake(self) -> None:
         """The fd fired: drain now if the socket was quiet, else a moment later.
@@ -157,20 +160,6 @@ class Channel:
         if not self._scheduled and int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
             self._scheduled = True
             self._loop.call_when_idle(self.drain)
-
-    def ack(self, identity: bytes, msg: Message, ok: bool = True, why: str | None = None) -> None:
-        kind = Kind.ACK if ok else Kind.NACK
-        self.reply(
-            identity,
-            Message(
-                kind=kind,
-                run=msg.run,
-                shard=msg.shard,
-                attempt=msg.attempt,
-                seq=msg.seq,
-                message=why,
-            ),
-        )
 
     def close(self) -> None:
         if self._watching:

@@ -5,12 +5,15 @@ orch.toml > defaults), reads and validates the shard list and the command
 template, and only then creates a run. Every user mistake surfaces as an
 ``OrchError`` printed as ``orch: <one line>`` with exit code 2; nothing has
 been started when that happens.
+
+Each command imports the module that carries it out inside its function:
+``orch status`` must not pay for the master's stack, nor ``orch run`` for
+the status tables (start-up time is a measured figure).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Any
 
@@ -18,8 +21,6 @@ import click
 
 from orchestrator import __version__
 from orchestrator.errors import RET_USAGE, OrchError, UsageError
-
-CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 class _RunCommand(click.Command):
@@ -84,7 +85,7 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
     """Run a task once per shard: orch run [TASK] [OPTIONS] [-- COMMAND...]"""
-    from orchestrator import start
+    from orchestrator import launch  # lazy: start-up time (see above)
 
     after = ctx.meta.get("after_dashdash")
     head: tuple[str, ...]
@@ -98,7 +99,7 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
             f"unexpected arguments {' '.join(head[1:])!r}: put the command after '--' "
             "(orch run --split 4 -- ./job.sh {index})"
         )
-    sys.exit(start.run_command(head[0] if head else None, command, opts))
+    sys.exit(launch.run_command(head[0] if head else None, command, opts))
 
 
 @cli.command()
@@ -110,7 +111,7 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
 @_home_option
 def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None) -> None:
     """List runs, newest first, or show one RUN shard by shard."""
-    from orchestrator import show
+    from orchestrator.views import status as show  # lazy: start-up time (see above)
 
     sys.exit(show.status(run_key, as_json=as_json, show_all=show_all, home=home))
 
@@ -126,7 +127,7 @@ def logs(
     run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool, home: str | None
 ) -> None:
     """Show a run's output: one shard, or all shards interleaved with a prefix."""
-    from orchestrator import show
+    from orchestrator.views import logs as show  # lazy: start-up time (see above)
 
     sys.exit(show.logs(run_key, shard=shard, stderr=stderr, tail=tail, follow=follow, home=home))
 
@@ -137,7 +138,7 @@ def logs(
 @_home_option
 def stop(run_key: str, shard: str | None, home: str | None) -> None:
     """Stop a live run (SIGTERM, grace, SIGKILL), or one of its shards."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.stop(run_key, shard, home))
 
@@ -148,7 +149,7 @@ def stop(run_key: str, shard: str | None, home: str | None) -> None:
 @_home_option
 def restart(run_key: str, shard: str, home: str | None) -> None:
     """Start a new attempt of one shard now, with its backoff reset."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.restart(run_key, shard, home))
 
@@ -159,7 +160,7 @@ def restart(run_key: str, shard: str, home: str | None) -> None:
 @_home_option
 def scale(run_key: str, jobs: int, home: str | None) -> None:
     """Change how many shards of a live run may run at once."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.scale(run_key, jobs, home))
 
@@ -170,7 +171,7 @@ def scale(run_key: str, jobs: int, home: str | None) -> None:
 @_home_option
 def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
     """Block until RUN ends; exit with its exit code."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.wait(run_key, home, timeout_s))
 
@@ -185,7 +186,7 @@ def resume(
     run_key: str, detach_: bool, verbose: bool, retry_failed: bool, home: str | None
 ) -> None:
     """Finish a stopped or lost run: unfinished shards restart from their checkpoints."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed))
 
@@ -195,7 +196,7 @@ def resume(
 @_home_option
 def events(run_key: str, home: str | None) -> None:
     """Print a live run's shard state changes as JSON lines until it ends."""
-    from orchestrator import steer
+    from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.events(run_key, home))
 

@@ -11,7 +11,6 @@ command-line flag the value came from; nothing is started on a bad config.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import re
 import shlex
@@ -21,30 +20,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.configfile import (
-    _DURATIONS,
-    _NAME_RE,
     CONFIG_NAME,
-    KEYS,
+    NAME_RE,
     ConfigFile,
-    _did_you_mean,
-    _display,
-    _kind,
+    did_you_mean,
+    display,
     find_config,
+    kind_of,
     load_config,
 )
 from orchestrator.errors import ConfigError, OrchError
+from orchestrator.settings import BY_KEY, KEYS, Kind, Restart, Zero, default
 from orchestrator.sources import parse_range
 from orchestrator.units import format_duration, parse_duration, parse_size
 
 __all__ = ["ConfigFile", "Restart", "TaskConfig", "build_task", "find_config", "load_config"]
-
-
-class Restart(enum.StrEnum):
-    """When a shard whose process ended is started again."""
-
-    ON_FAILURE = "on-failure"
-    ALWAYS = "always"
-    NEVER = "never"
 
 
 class FrozenEnv(Mapping[str, str]):
@@ -73,34 +63,37 @@ class FrozenEnv(Mapping[str, str]):
 
 @dataclass(frozen=True, slots=True)
 class TaskConfig:
-    """Everything a run needs to know about its task; units are in the names."""
+    """Everything a run needs to know about its task; units are in the names.
+
+    Each field's default comes from its declaration in ``settings.SETTINGS``.
+    """
 
     name: str = "run"
-    command: tuple[str, ...] = ()
-    call: str | None = None
-    shell: bool = False
-    shards: str | None = None
-    format: str | None = None
-    split: int | None = None
-    range: str | None = None
+    command: tuple[str, ...] = default("command")
+    call: str | None = default("call")
+    shell: bool = default("shell")
+    shards: str | None = default("shards")
+    format: str | None = default("format")
+    split: int | None = default("split")
+    range: str | None = default("range")
     env: Mapping[str, str] = field(default_factory=FrozenEnv)
-    cwd: str | None = None
-    jobs: int | None = None
-    restart: Restart = Restart.ON_FAILURE
-    max_restarts: int = 5
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    backoff_factor: float = 2.0
-    backoff_jitter: float = 0.2
-    backoff_reset_s: float = 60.0
-    stop_timeout_s: float = 10.0
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 10.0
-    stall_timeout_s: float | None = None
-    require_heartbeat: bool = False
-    max_memory_bytes: int | None = None
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 3
+    cwd: str | None = default("cwd")
+    jobs: int | None = default("jobs")
+    restart: Restart = default("restart")
+    max_restarts: int = default("max_restarts")
+    backoff_initial_s: float = default("backoff_initial_s")
+    backoff_max_s: float = default("backoff_max_s")
+    backoff_factor: float = default("backoff_factor")
+    backoff_jitter: float = default("backoff_jitter")
+    backoff_reset_s: float = default("backoff_reset_s")
+    stop_timeout_s: float = default("stop_timeout_s")
+    heartbeat_interval_s: float = default("heartbeat_interval_s")
+    heartbeat_timeout_s: float = default("heartbeat_timeout_s")
+    stall_timeout_s: float | None = default("stall_timeout_s")
+    require_heartbeat: bool = default("require_heartbeat")
+    max_memory_bytes: int | None = default("max_memory_bytes")
+    log_max_bytes: int = default("log_max_bytes")
+    log_backups: int = default("log_backups")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
@@ -135,8 +128,8 @@ class TaskConfig:
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(TaskConfig) if "float" in str(f.type)}
 
-_FORMATS = ("csv", "tsv", "jsonl", "text")
-_CALL_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+#: ``package.module:function``: dotted names on both sides, no empty part (``a.:b`` is not one).
+CALLABLE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 # ----------------------------------------------------------------------------- the task
@@ -171,14 +164,14 @@ def build_task(
         if key not in KEYS:
             raise ValueError(f"build_task: unknown override {key!r}")
     file = dict(file_task or {})
-    shown = _display(file_path) if file_path else CONFIG_NAME
+    shown = display(file_path) if file_path else CONFIG_NAME
     for key in file:
         if key not in KEYS:
             raise ConfigError(
                 f"{shown}: unknown key {key!r} in [tasks.{name}]"
-                f"{_did_you_mean(key, list(KEYS), sep=' (', end=')')}"
+                f"{did_you_mean(key, list(KEYS), sep=' (', end=')')}"
             )
-    if not _NAME_RE.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.'")
     file_base = os.path.dirname(os.path.abspath(file_path)) if file_path else cwd
     origins = (
@@ -267,63 +260,59 @@ def _check_relations(
 
 # ----------------------------------------------------------------------------- converters
 
-_BOOLS = {"shell", "require_heartbeat"}
-_INTS = {"split": 1, "jobs": 1, "max_restarts": 0, "log_backups": 0}
 #: Largest integer setting: what the run database (SQLite) can store.
 _MAX_INT = 2**63 - 1
-_NUMBERS = {"backoff_factor": (1.0, None), "backoff_jitter": (0.0, 1.0)}
-_SIZES = {"max_memory", "log_max_size"}
-_ZERO_IS_NONE = {"stall_timeout", "max_memory"}  # 0 switches the check off
-_POSITIVE = {"heartbeat_interval", "heartbeat_timeout", "log_max_size"}
-_CHOICES = {"format": _FORMATS, "restart": tuple(r.value for r in Restart)}
 
 
 def _convert(key: str, value: Any, origin: _Origin) -> Any:
     """Check the type of one orch.toml/CLI value and convert it to its TaskConfig form."""
     where = origin.where
-    if key in _BOOLS:
+    setting = BY_KEY[key]
+    kind = setting.kind
+    if kind is Kind.BOOL:
         if not isinstance(value, bool):
             raise _expected(origin, "true or false", value)
         return value
-    if key in _INTS:
+    if kind is Kind.INT:
+        least = int(setting.minimum or 0)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _expected(origin, f"an integer >= {_INTS[key]}", value)
-        if value < _INTS[key]:
-            raise ConfigError(f"{where}: must be at least {_INTS[key]}, got {value}")
+            raise _expected(origin, f"an integer >= {least}", value)
+        if value < least:
+            raise ConfigError(f"{where}: must be at least {least}, got {value}")
         if value > _MAX_INT:
             raise ConfigError(f"{where}: must be at most {_MAX_INT}, got {value}")
         return value
-    if key in _NUMBERS:
-        low, high = _NUMBERS[key]
+    if kind is Kind.NUMBER:
+        low, high = setting.minimum or 0.0, setting.maximum
         what = f"a number from {low:g} to {high:g}" if high is not None else f"a number >= {low:g}"
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _expected(origin, what, value)
         if not low <= value <= (high if high is not None else float("inf")):
             raise ConfigError(f"{where}: must be {what}, got {value!r}")
         return float(value)
-    if key in _DURATIONS or key in _SIZES:
+    if kind is Kind.DURATION or kind is Kind.SIZE:
         try:
-            amount = (parse_duration if key in _DURATIONS else parse_size)(value, where=where)
+            amount = (parse_duration if kind is Kind.DURATION else parse_size)(value, where=where)
         except OrchError as exc:
             raise ConfigError(str(exc)) from None
         if amount > _MAX_INT:
             raise ConfigError(f"{where}: {value!r} is too large")
-        if amount == 0 and key in _ZERO_IS_NONE:
+        if amount == 0 and setting.zero is Zero.OFF:
             return None
-        if amount == 0 and key in _POSITIVE:
+        if amount == 0 and setting.zero is Zero.INVALID:
             raise ConfigError(f"{where}: must be more than 0, got {value!r}")
         return amount
-    if key in _CHOICES:
-        choices = _CHOICES[key]
+    if kind is Kind.CHOICE:
+        choices = setting.choices
         if not isinstance(value, str):
             raise _expected(origin, "one of " + ", ".join(choices), value)
         if value not in choices:
             raise ConfigError(
                 f"{where}: {value!r} is not one of {', '.join(choices)}"
-                f"{_did_you_mean(value, list(choices), sep='; ')}"
+                f"{did_you_mean(value, list(choices), sep='; ')}"
             )
         return value
-    if key == "range":
+    if kind is Kind.RANGE:
         try:
             first, last = parse_range(value, where=where)
         except OrchError as exc:
@@ -331,8 +320,8 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
         return f"{first}..{last}"
     if not isinstance(value, str) or not value.strip():
         raise _expected(origin, "a non-empty string", value)
-    if key == "call":
-        if not _CALL_RE.fullmatch(value.strip()):
+    if kind is Kind.CALL:
+        if not CALLABLE.fullmatch(value.strip()):
             raise _expected(origin, "'package.module:function'", value)
         return value.strip()
     path = os.path.normpath(os.path.join(origin.base, os.path.expanduser(value)))
@@ -342,7 +331,7 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
 
 
 def _expected(origin: _Origin, what: str, value: object) -> ConfigError:
-    return ConfigError(f"{origin.where}: expected {what}, got {_kind(value)}")
+    return ConfigError(f"{origin.where}: expected {what}, got {kind_of(value)}")
 
 
 def _command(value: object, origin: _Origin, shell: bool) -> tuple[str, ...]:
@@ -356,7 +345,7 @@ def _command(value: object, origin: _Origin, shell: bool) -> tuple[str, ...]:
         argv = list(value)
         for i, arg in enumerate(argv):
             if not isinstance(arg, str):
-                raise ConfigError(f"{origin.where}[{i}]: expected a string, got {_kind(arg)}")
+                raise ConfigError(f"{origin.where}[{i}]: expected a string, got {kind_of(arg)}")
     else:
         raise _expected(origin, "an array of strings or a string", value)
     if not argv or not argv[0].strip():
@@ -377,7 +366,7 @@ def _env(value: object, origin: _Origin) -> dict[str, str]:
             raise ConfigError(f"{origin.where}: invalid environment variable name {key!r}")
         if not isinstance(item, str):
             raise ConfigError(
-                f"{origin.where}.{key}: expected a string, got {_kind(item)} "
+                f"{origin.where}.{key}: expected a string, got {kind_of(item)} "
                 f'(quote it: {key} = "...")'
             )
     return dict(value)

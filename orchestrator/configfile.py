@@ -12,49 +12,18 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError
+from orchestrator.settings import KEYS
+
+if TYPE_CHECKING:
+    from orchestrator.opsconfig import OpsConfig
 
 CONFIG_NAME = "orch.toml"
 
-_DURATIONS = (
-    "backoff_initial",
-    "backoff_max",
-    "backoff_reset",
-    "stop_timeout",
-    "heartbeat_interval",
-    "heartbeat_timeout",
-    "stall_timeout",
-)
-#: orch.toml key -> TaskConfig field (durations get "_s", sizes "_bytes").
-KEYS: dict[str, str] = {
-    **{
-        key: key
-        for key in (
-            "command",
-            "call",
-            "shell",
-            "shards",
-            "format",
-            "split",
-            "range",
-            "env",
-            "cwd",
-            "jobs",
-            "restart",
-            "max_restarts",
-        )
-    },
-    **{key: key + "_s" for key in _DURATIONS},
-    "backoff_factor": "backoff_factor",
-    "backoff_jitter": "backoff_jitter",
-    "require_heartbeat": "require_heartbeat",
-    "max_memory": "max_memory_bytes",
-    "log_max_size": "log_max_bytes",
-    "log_backups": "log_backups",
-}
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: A task name: letters, digits, "_", "-", ".".
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 #: Top-level tables besides [tasks.NAME]: [notify.NAME] channels, [gc] pruning.
 TABLES = ("tasks", "notify", "gc")
 #: Task keys read by their own modules (notifications, schedules), not by ``build_task``;
@@ -82,6 +51,8 @@ class ConfigFile:
     #: Per task, its ``TASK_EXTRAS`` keys; and the top-level tables other than ``tasks``.
     extras: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     tables: Mapping[str, Any] = field(default_factory=dict)
+    #: Notify channels, schedules and ``[gc]``, parsed and validated when the file was read.
+    ops: OpsConfig | None = None
 
     def task(self, name: str) -> Mapping[str, Any]:
         """The raw table of task ``name``; an unknown name fails with a did-you-mean."""
@@ -89,8 +60,8 @@ class ConfigFile:
             return self.tasks[name]
         known = ", ".join(self.tasks) or "none defined"
         raise ConfigError(
-            f"unknown task {name!r} in {_display(self.path)} (known: {known}"
-            f"{_did_you_mean(name, list(self.tasks), sep='; ')})"
+            f"unknown task {name!r} in {display(self.path)} (known: {known}"
+            f"{did_you_mean(name, list(self.tasks), sep='; ')})"
         )
 
 
@@ -107,7 +78,7 @@ def load_config(path: str) -> ConfigFile:
 
     Values are type-checked later, by ``build_task``, for the task being run.
     """
-    shown = _display(path)
+    shown = display(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -130,7 +101,7 @@ def load_config(path: str) -> ConfigFile:
         if key not in TABLES:
             raise ConfigError(
                 f"{shown}{_line_of(text, key, None)}: unknown top-level key {key!r} (orch.toml "
-                f"holds [tasks.NAME] tables{_did_you_mean(key, list(TABLES), sep='; ')})"
+                f"holds [tasks.NAME] tables{did_you_mean(key, list(TABLES), sep='; ')})"
             )
     tasks = doc.get("tasks", {})
     if not isinstance(tasks, dict):
@@ -138,22 +109,24 @@ def load_config(path: str) -> ConfigFile:
     for name, table in tasks.items():
         where = f"{shown}{_section_line(text, name)}"
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: [tasks.{name}] must be a table, got {_kind(table)}")
-        if not _NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: [tasks.{name}] must be a table, got {kind_of(table)}")
+        if not NAME_RE.fullmatch(name):
             raise ConfigError(f"{where}: task name {name!r}: use letters, digits, '_', '-', '.'")
         for key in table:
             if key not in KEYS and key not in TASK_EXTRAS:
                 raise ConfigError(
                     f"{shown}{_line_of(text, key, name)}: unknown key {key!r} in [tasks.{name}]"
-                    f"{_did_you_mean(key, [*KEYS, *TASK_EXTRAS], sep=' (', end=')')}"
+                    f"{did_you_mean(key, [*KEYS, *TASK_EXTRAS], sep=' (', end=')')}"
                 )
     from orchestrator.opsconfig import check_ops  # notify, schedules, gc: validated on every read
 
     extras = {n: {k: v for k, v in t.items() if k in TASK_EXTRAS} for n, t in tasks.items()}
     tables = {key: value for key, value in doc.items() if key != "tasks"}
-    check_ops(tables, extras, shown)
+    ops = check_ops(tables, extras, shown)
     tasks = {n: {k: v for k, v in t.items() if k not in TASK_EXTRAS} for n, t in tasks.items()}
-    return ConfigFile(path=os.path.abspath(path), tasks=tasks, extras=extras, tables=tables)
+    return ConfigFile(
+        path=os.path.abspath(path), tasks=tasks, extras=extras, tables=tables, ops=ops
+    )
 
 
 def _toml_error(shown: str, message: str) -> str:
@@ -199,7 +172,7 @@ def _line_of(text: str, key: str, section: str | None) -> str:
     return ""
 
 
-def _display(path: str) -> str:
+def display(path: str) -> str:
     """The path relative to the working directory when it lies below it, else absolute."""
     try:
         absolute = os.path.abspath(path)
@@ -209,12 +182,12 @@ def _display(path: str) -> str:
     return absolute if relative.startswith("..") else relative
 
 
-def _did_you_mean(word: str, candidates: list[str], *, sep: str, end: str = "") -> str:
+def did_you_mean(word: str, candidates: list[str], *, sep: str, end: str = "") -> str:
     close = difflib.get_close_matches(word, candidates, n=1)
     return f"{sep}did you mean {close[0]!r}?{end}" if close else ""
 
 
-def _kind(value: object) -> str:
+def kind_of(value: object) -> str:
     kinds = {
         bool: "a boolean",
         int: "an integer",

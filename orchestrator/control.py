@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import zmq
@@ -33,9 +33,7 @@ import zmq
 from orchestrator.channel import bind_ipc
 from orchestrator.errors import MasterUnreachable
 from orchestrator.loop import Loop
-
-if TYPE_CHECKING:
-    from orchestrator.master import Master
+from orchestrator.ports import Steerable
 
 CONTROL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
@@ -44,9 +42,13 @@ MAX_JOBS = 2**63 - 1
 
 
 class ControlServer:
-    def __init__(self, loop: Loop, path: str, master: Master) -> None:
+    """The local ``ControlPort`` (see orchestrator.ports); ``events`` is the endpoint that
+    ``subscribe`` hands out."""
+
+    def __init__(self, loop: Loop, path: str, events: str) -> None:
         self._loop = loop
-        self._master = master
+        self._master: Steerable | None = None
+        self._events = events
         self.path = path
         self.endpoint = "ipc://" + path
         self.garbage = 0
@@ -63,6 +65,14 @@ class ControlServer:
             "scale": self.op_scale,
             "subscribe": self.op_subscribe,
         }
+
+    def bind(self, master: Steerable) -> None:
+        self._master = master
+
+    @property
+    def master(self) -> Steerable:
+        assert self._master is not None, "bind() the control server to the master first"
+        return self._master
 
     def drain(self) -> None:
         while True:
@@ -116,42 +126,30 @@ class ControlServer:
             return None
         if not isinstance(shard, str):
             raise _BadRequest("'shard' must be a string id")
-        idx = self._master.shard_index(shard)
+        idx = self.master.shard_index(shard)
         if idx is None:
             raise _BadRequest(f"no shard {shard!r} in this run")
         return idx
 
     def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"pid": os.getpid(), "run": self._master.run_id}
+        return {"pid": os.getpid(), "run": self.master.run_id}
 
     def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
-        m = self._master
-        done, total = m.items()
-        received = m.channel.received if m.channel is not None else 0
-        return {
-            "run": m.run_id,
-            "counts": m.counts(),
-            "jobs": m.jobs,
-            "running": m.running,
-            "items_done": done,
-            "items_total": total,
-            "received": received,
-            "dropped": {"garbage": m.garbage_messages(), "stale": m.stale_messages},
-        }
+        return self.master.status()
 
     def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         idx = self._shard(req)
         if idx is None:
-            self._master.stop_all()
+            self.master.stop_all()
         else:
-            self._master.stop_shard(idx)
+            self.master.stop_shard(idx)
         return {}
 
     def op_restart(self, req: dict[str, Any]) -> dict[str, Any]:
         idx = self._shard(req)
         if idx is None:
             raise _BadRequest("restart needs 'shard'")
-        self._master.restart_shard(idx)
+        self.master.restart_shard(idx)
         return {}
 
     def op_scale(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -159,11 +157,11 @@ class ControlServer:
         if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
             # Bounded: a larger number would overflow the store and take the master down.
             raise _BadRequest(f"'jobs' must be an integer from 1 to {MAX_JOBS}")
-        self._master.scale(jobs)
+        self.master.scale(jobs)
         return {"jobs": jobs}
 
     def op_subscribe(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"events": self._master.events.endpoint}
+        return {"events": self._events}
 
     def close(self) -> None:
         self._loop.remove_reader(self._fd)
@@ -175,7 +173,8 @@ class ControlServer:
 
 
 class Events:
-    """The run's event feed: a PUB socket; with no subscriber a publish costs little."""
+    """The run's event feed, an ``EventSink``: a PUB socket; with no subscriber a publish
+    costs little."""
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -56,10 +56,6 @@ class MasterUnreachable(OrchError):
     exit_code = RET_UNREACHABLE
 
 
-class ProtocolError(Exception):
-    """Raised when a message on the wire cannot be decoded; the master drops and counts it."""
-
-
 class SpawnError(Exception):
     """Raised when an attempt cannot be started (executable not found, permission denied).
 

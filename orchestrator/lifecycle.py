@@ -28,7 +28,8 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
-from orchestrator.config import Restart, TaskConfig
+from orchestrator.config import TaskConfig
+from orchestrator.settings import Restart, default
 
 
 class State(enum.StrEnum):
@@ -68,16 +69,16 @@ _FAILURE_INTENTS = frozenset({Intent.HUNG, Intent.STALLED, Intent.MEMORY})
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The task settings the lifecycle needs, in seconds."""
+    """The task settings the lifecycle needs, in seconds (defaults: ``settings.SETTINGS``)."""
 
-    restart: Restart = Restart.ON_FAILURE
-    max_restarts: int = 5
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    backoff_factor: float = 2.0
-    backoff_jitter: float = 0.2
-    backoff_reset_s: float = 60.0
-    stop_timeout_s: float = 10.0
+    restart: Restart = default("restart")
+    max_restarts: int = default("max_restarts")
+    backoff_initial_s: float = default("backoff_initial_s")
+    backoff_max_s: float = default("backoff_max_s")
+    backoff_factor: float = default("backoff_factor")
+    backoff_jitter: float = default("backoff_jitter")
+    backoff_reset_s: float = default("backoff_reset_s")
+    stop_timeout_s: float = default("stop_timeout_s")
 
     @classmethod
     def from_task(cls, task: TaskConfig) -> Policy:

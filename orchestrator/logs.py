@@ -111,7 +111,6 @@ class StreamLog:
         self._pending = b""
         self._keep_tail = keep_tail
         self.tail = b""
-        self.lines_in = 0
         self._header = b""  # a start marker waiting for the attempt's first output
 
     def _write(self, data: bytes) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import resource
 import selectors
 import signal
 import socket
@@ -46,6 +47,11 @@ class Timers:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._live
 
+    def at(self, key: Hashable) -> float | None:
+        """When the timer under ``key`` fires, or None when there is none."""
+        entry = self._live.get(key)
+        return entry[0] if entry is not None else None
+
     def next_at(self) -> float | None:
         heap, live = self._heap, self._live
         while heap:
@@ -75,20 +81,26 @@ class Timers:
 class Loop:
     """A selector loop with timers, a signal queue and an injected monotonic clock."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Clock = time.monotonic,
+        *,
+        selector: selectors.BaseSelector | None = None,
+        os_signals: bool = True,
+    ) -> None:
+        """``selector`` and ``os_signals=False`` are the seams of a test that drives the loop
+        with a fake clock: its selector returns at once (advancing the clock to the timeout),
+        and signals arrive only through ``post_signal``."""
         self.clock = clock
         self.timers = Timers()
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        self._os_signals = os_signals
+        self._wake: tuple[socket.socket, socket.socket] | None = None
         self._signals: list[int] = []
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._old_handlers: dict[int, Any] = {}
         self._old_wakeup_fd: int | None = None
         self._idle: dict[Callback, None] = {}
-        self.stopped = False
 
     # --- file descriptors -------------------------------------------------
 
@@ -112,13 +124,24 @@ class Loop:
 
     def handle_signals(self, handlers: dict[int, Callable[[int], None]]) -> None:
         """Route each signal to its handler, run in the loop, never inside the signal handler."""
-        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum, handler in handlers.items():
-            self._signal_handlers[signum] = handler
+        self._signal_handlers.update(handlers)
+        if not self._os_signals:
+            return
+        if self._wake is None:
+            wake_r, wake_w = self._wake = socket.socketpair()
+            wake_r.setblocking(False)
+            wake_w.setblocking(False)
+            self._selector.register(wake_r, selectors.EVENT_READ, self._drain_wakeups)
+            self._old_wakeup_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in handlers:
             self._old_handlers[signum] = signal.signal(signum, self._record_signal)
 
     def _record_signal(self, signum: int, frame: object) -> None:
         # NO work here: just queue the signal for the loop.
+        self._signals.append(signum)
+
+    def post_signal(self, signum: int) -> None:
+        """Queue ``signum`` as if the OS had delivered it (what the signal handler does)."""
         self._signals.append(signum)
 
     def restore_signals(self) -> None:
@@ -130,17 +153,11 @@ class Loop:
             self._old_wakeup_fd = None
 
     def _drain_wakeups(self) -> None:
+        assert self._wake is not None
         try:
-            while self._wake_r.recv(4096):
+            while self._wake[0].recv(4096):
                 pass
         except (BlockingIOError, InterruptedError):
-            pass
-
-    def wake(self) -> None:
-        """Wake ``select`` from another thread."""
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
             pass
 
     # --- running ----------------------------------------------------------
@@ -174,14 +191,14 @@ class Loop:
     def close(self) -> None:
         self.restore_signals()
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        if self._wake is not None:
+            for sock in self._wake:
+                sock.close()
+            self._wake = None
 
 
 def raise_fd_limit() -> int:
     """Lift the soft open-files limit to the hard one: each attempt needs two pipes."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = max(soft, 1 << 20)

@@ -7,41 +7,49 @@ out the actions it returns: spawn through the backend, signal a process
 group, set or cancel a timer. Every state change is staged in the store and
 committed at the end of the loop iteration (group commit), before any reply
 that depends on it (checkpoint acks) goes out.
+
+The master owns the loop, the ready queue, dispatch, the group commit and
+the signals. Each shard is a ``ShardRun``; starting attempts and hearing
+them end is ``Attempts``, what they report is ``Tracker``. Everything it
+reaches the world through arrives in ``Ports`` (see orchestrator.assemble).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
-import time
 from collections import Counter, deque
-from collections.abc import Callable
 from typing import Any
 
 from orchestrator import lifecycle as lc
 from orchestrator import procfs
-from orchestrator.attempts import PROTOCOL_ENV, Attempts
-from orchestrator.backends import AttemptHandle, Backend, Stream
-from orchestrator.backends.local import LocalBackend
-from orchestrator.channel import Channel
+from orchestrator.attempts import Attempts
+from orchestrator.backends import AttemptHandle, Stream
 from orchestrator.config import TaskConfig
-from orchestrator.control import ControlServer, Events
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK
-from orchestrator.guardian import Guardian
 from orchestrator.lifecycle import Intent, State
-from orchestrator.loop import Loop, raise_fd_limit
-from orchestrator.progress import Runtime, Tracking
-from orchestrator.runs import ipc_path
+from orchestrator.loop import raise_fd_limit
+from orchestrator.ports import Ports
+from orchestrator.progress import MEMORY_CHECK_S, Tracker
+from orchestrator.shard import ShardRun
 from orchestrator.sources import ShardList
-from orchestrator.start import compile_command
 from orchestrator.store import Store
-from shards import protocol as proto
+from orchestrator.template import compile_command
+
+__all__ = ["DEFAULT_MAX_JOBS", "FDS_PER_ATTEMPT", "Master", "View", "default_jobs"]
 
 #: Default ceiling on children alive at once when --jobs is not given.
 DEFAULT_MAX_JOBS = 1000
 #: File descriptors one live attempt costs the master: two pipes, two log files.
 FDS_PER_ATTEMPT = 4
+
+
+def default_jobs(count: int, requested: int | None) -> int:
+    """--jobs, or one per shard within what the open-files limit allows (raised first)."""
+    if requested is not None:
+        return requested
+    fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
+    return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
 
 
 class View:
@@ -57,14 +65,7 @@ class View:
     tick_s = 1.0
 
 
-def default_jobs(count: int, requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
-    return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
-
-
-class Master(Attempts, Tracking):
+class Master:
     def __init__(
         self,
         *,
@@ -73,105 +74,88 @@ class Master(Attempts, Tracking):
         task: TaskConfig,
         shards: ShardList,
         store: Store,
+        ports: Ports,
+        jobs: int,
         view: View | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        rand: Callable[[], float] = random.random,
-        backend: Callable[[Loop, Master], Backend] | None = None,
         retry_failed: bool = False,
     ) -> None:
         self.run_id = run_id
         self.run_dir = run_dir
-        self.retry_failed = retry_failed
         self.task = task
         self.shards = shards
         self.store = store
+        self.ports = ports
+        self.loop = ports.loop
+        self.backend = ports.backend
+        self.channel = ports.channel
+        self.events = ports.events
         self.view = view or View()
+        self.jobs = jobs
+        self.retry_failed = retry_failed
         self.policy = lc.Policy.from_task(task)
-        self.rand = rand
-        self.loop = Loop(clock)
-        self.jobs = default_jobs(len(shards), task.jobs)
-        self.template = compile_command(task)
-        self.rt: list[Runtime] = []
-        self.ready: deque[int] = deque()
-        self.running = 0
-        self.started_wall = time.time()
-        self.started_mono = clock()
-        self.interrupted: int | None = None
-        self.stale_messages = 0
-        self.unknown_messages = 0
-        self._counted: dict[str, int] = {}
-        self._progress_dirty: set[int] = set()
-        self._ids: dict[str, int] = {}
-        self._acks: list[tuple[bytes, proto.Message]] = []
+        self.shard_runs: list[ShardRun] = []  # by index, like the store and the shard list
+        self._by_id: dict[str, ShardRun] = {}
+        self.ready: deque[ShardRun] = deque()
+        #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
+        self._restarted: set[ShardRun] = set()
+        self.running = 0  # shards holding a slot (running or stopping)
         self._unfinished = 0
         self._counts: Counter[str] = Counter()
-        #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
-        self._restarted: set[int] = set()
-        self._unstamped: list[AttemptHandle] = []
-        make_backend = backend or (
-            lambda loop, m: LocalBackend(
-                loop, m, stop_timeout_s=task.stop_timeout_s, jobs=self.jobs
-            )
+        self.interrupted: int | None = None
+        self.tracker = Tracker(
+            loop=self.loop,
+            store=store,
+            by_id=self._by_id,
+            backend=self.backend,
+            channel=self.channel,
+            view=self.view,
+            wall=ports.wall,
+            apply=self.apply,
+            commit=self._commit,
+            max_memory_bytes=task.max_memory_bytes,
         )
-        self.backend = make_backend(self.loop, self)
-        self.channel: Channel | None = None
-        self.control: ControlServer
-        self.events: Events
-        self.guardian: Guardian
-        # Never inherit an outer orch's protocol variables (orch run from inside a shard):
-        # a stale ORCH_CHECKPOINT would make a first attempt skip work, ORCH_SDK_PID would
-        # keep its SDK from connecting.
-        self._base_env = {k: v for k, v in os.environ.items() if k not in PROTOCOL_ENV}
+        self.attempts = Attempts(
+            run_id=run_id,
+            run_dir=run_dir,
+            task=task,
+            template=compile_command(task),
+            shards=shards,
+            loop=self.loop,
+            store=store,
+            backend=self.backend,
+            channel=self.channel,
+            guardian=ports.guardian,
+            view=self.view,
+            wall=ports.wall,
+            tracker=self.tracker,
+            apply=self.apply,
+            interrupted=lambda: self.interrupted is not None,
+        )
+        self.backend.bind(self)
+        self.channel.bind(self.tracker.on_message)
+        ports.control.bind(self)
 
-    # --- setup --------------------------------------------------------------
-
-    def _load_runtime(self) -> None:
-        """Build each shard's runtime from the store: fresh runs and resumed ones alike."""
-        pending = State.PENDING.value
-        for (
-            idx,
-            shard_id,
-            state_text,
-            attempts,
-            reason,
-            done,
-            total,
-            cp,
-            cp_done,
-            has_cp,
-        ) in self.store.resume_rows():
-            state = State(state_text)
-            if (
-                not state.terminal
-                or state is State.STOPPED
-                or (self.retry_failed and state is State.FAILED)
-            ):
-                # A resumed run restarts whatever was not finished, stopped shards too
-                # (a SIGTERM at reboot stops them all): done shards stay done, and
-                # failed ones too unless asked (`orch resume --retry-failed`).
-                state = State.PENDING
-            rt = Runtime(
-                life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
-                done=cp_done,
-                total=total,
-            )
-            if has_cp or cp_done is not None:
-                rt.checkpoint, rt.has_checkpoint, rt.checkpoint_done = cp, has_cp, cp_done
-            if state.terminal:
-                rt.done = done
-            else:
-                self._unfinished += 1
-                self.ready.append(idx)
-                if state_text != pending:
-                    self.store.set_shard(idx, state=pending, pid=None)
-            self.rt.append(rt)
-            self._counts[state.value] += 1
-            self._ids[shard_id] = idx
+    # --- running ------------------------------------------------------------------
 
     def run(self) -> int:
         """Supervise until every shard is terminal; return the run's exit code."""
-        self._load_runtime()
-        loop = self.loop
+        self.open()
+        try:
+            while not self.finished:
+                self.loop.run_once()
+        finally:
+            code = self.close()
+        self.view.finished(self)
+        return code
+
+    @property
+    def finished(self) -> bool:
+        return self._unfinished == 0 and self.running == 0
+
+    def open(self) -> None:
+        """Take the shards over from the store, record the run as running, start dispatch."""
+        self._load()
+        loop, ports = self.loop, self.ports
         loop.handle_signals(
             {
                 signal.SIGCHLD: self.handle_sigchld,
@@ -180,22 +164,12 @@ class Master(Attempts, Tracking):
                 signal.SIGHUP: self.handle_sigterm,
             }
         )
-        if self.task.cwd:
-            os.chdir(self.task.cwd)
-        # Fork the guardian before any thread exists (the ZeroMQ context starts some).
-        self.guardian = Guardian(self.task.stop_timeout_s, self.run_id)
-        path = ipc_path(self.run_dir, self.run_id, "hb.sock")
-        self.channel = Channel(loop, path, self.run_id, self.on_message)
-        self.events = Events(ipc_path(self.run_dir, self.run_id, "events.sock"))
-        self.control = ControlServer(
-            loop, ipc_path(self.run_dir, self.run_id, "control.sock"), self
-        )
         self.store.set_run(
             state="running",
             master_pid=os.getpid(),
             master_create_time=procfs.start_time(os.getpid()),
-            endpoint=self.channel.endpoint,
-            control=self.control.endpoint,
+            endpoint=ports.channel.endpoint,
+            control=ports.control.endpoint,
             jobs=self.jobs,
             exit_code=None,
             ended_at=None,
@@ -204,33 +178,52 @@ class Master(Attempts, Tracking):
         self.view.started(self)
         loop.timers.set("tick", loop.clock() + self.view.tick_s, self._tick)
         if self.task.max_memory_bytes is not None:
-            loop.timers.set("memory", loop.clock() + 1.0, self._check_memory)
+            loop.timers.set("memory", loop.clock() + MEMORY_CHECK_S, self._check_memory)
         self._schedule()
-        try:
-            while self._unfinished > 0 or self.running > 0:
-                loop.run_once()
-        finally:
-            self._flush_progress()
-            code = self.exit_code()
-            self.store.set_run(state=self.run_state(), exit_code=code, ended_at=time.time())
-            self.flush_counters()
-            self.store.commit()
-            self.events.publish({"run": self.run_state(), "exit_code": code})
-            self.control.close()
-            self.events.close()
-            self.channel.close()
-            self.backend.close()
-            self.guardian.close(clean=not self.backend.live())
-            loop.close()
-        self.view.finished(self)
+
+    def _load(self) -> None:
+        """One ``ShardRun`` per stored shard: fresh runs and resumed ones alike."""
+        pending = State.PENDING.value
+        for row in self.store.resume_rows():
+            run = ShardRun.from_row(row, self.retry_failed)
+            self.shard_runs.append(run)
+            self._by_id[run.id] = run
+            self._counts[run.life.state.value] += 1
+            if not run.life.state.terminal:
+                self._unfinished += 1
+                self.ready.append(run)
+                if row[2] != pending:
+                    self.store.set_shard(run.index, state=pending, pid=None)
+
+    def close(self) -> int:
+        """Record how the run ended, close every port; return the run's exit code."""
+        ports = self.ports
+        self.tracker.flush_progress()
+        code = self.exit_code()
+        self.store.set_run(state=self.run_state(), exit_code=code, ended_at=ports.wall())
+        self.tracker.flush_counters()
+        self.store.commit()
+        self.events.publish({"run": self.run_state(), "exit_code": code})
+        ports.control.close()
+        self.events.close()
+        self.channel.close()
+        self.backend.close()
+        ports.guardian.close(clean=not self.backend.live())
+        self.loop.close()
         return code
 
-    # --- signals --------------------------------------------------------------
+    # --- what the backend reports (the channel's messages go to the tracker) ---------------
+
+    def on_output(self, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
+        self.attempts.output(self.shard_runs[handle.spec.index], handle, stream, data)
+
+    def on_exit(self, handle: AttemptHandle, code: int) -> None:
+        self.attempts.exited(self.shard_runs[handle.spec.index], handle, code)
+
+    # --- signals ------------------------------------------------------------------
 
     def handle_sigchld(self, signum: int) -> None:
-        reap = getattr(self.backend, "reap", None)
-        if reap is not None:
-            reap()
+        self.backend.reap()
 
     def handle_sigint(self, signum: int) -> None:
         self._interrupt(signum)
@@ -241,9 +234,7 @@ class Master(Attempts, Tracking):
     def _interrupt(self, signum: int) -> None:
         if self.interrupted is not None:
             self.view.event("second interrupt: killing every shard now")
-            kill_all = getattr(self.backend, "kill_all", None)
-            if kill_all is not None:
-                kill_all()
+            self.backend.kill_all()
             return
         self.interrupted = signum
         self.view.event(
@@ -252,20 +243,26 @@ class Master(Attempts, Tracking):
         )
         self.stop_all(Intent.SHUTDOWN)
 
-    # --- control (also used by the control socket) ------------------------------
+    # --- steering (the control port) ------------------------------------------------
+
+    def shard_index(self, shard_id: str) -> int | None:
+        run = self._by_id.get(shard_id)
+        return run.index if run is not None else None
 
     def stop_all(self, intent: Intent = Intent.STOP) -> None:
         self.ready.clear()
-        for idx in range(len(self.rt)):
-            self.apply(idx, lc.StopRequested(intent))
+        for run in self.shard_runs:
+            self.apply(run, lc.StopRequested(intent))
 
     def stop_shard(self, idx: int) -> None:
-        self._restarted.discard(idx)
-        self.apply(idx, lc.StopRequested(Intent.STOP))
+        run = self.shard_runs[idx]
+        self._restarted.discard(run)
+        self.apply(run, lc.StopRequested(Intent.STOP))
 
     def restart_shard(self, idx: int) -> None:
-        self._restarted.add(idx)
-        self.apply(idx, lc.RestartRequested())
+        run = self.shard_runs[idx]
+        self._restarted.add(run)
+        self.apply(run, lc.RestartRequested())
 
     def scale(self, jobs: int) -> None:
         self.jobs = jobs
@@ -273,37 +270,51 @@ class Master(Attempts, Tracking):
         self.loop.call_when_idle(self._commit)
         self._schedule()
 
-    # --- the lifecycle ----------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The live figures ``orch status`` asks the control port for."""
+        done, total = self.items()
+        return {
+            "run": self.run_id,
+            "counts": self.counts(),
+            "jobs": self.jobs,
+            "running": self.running,
+            "items_done": done,
+            "items_total": total,
+            "received": self.channel.received,
+            "dropped": {
+                "garbage": self.tracker.garbage_messages(),
+                "stale": self.tracker.stale_messages,
+            },
+        }
 
-    def apply(self, idx: int, event: lc.Event) -> None:
-        rt = self.rt[idx]
-        old = rt.life
-        now = self.loop.clock()
-        new, actions = lc.step(old, event, now, self.policy, self.rand)
-        rt.life = new
+    # --- the lifecycle --------------------------------------------------------------
+
+    def apply(self, run: ShardRun, event: lc.Event) -> None:
+        old = run.life
+        new, actions = lc.step(old, event, self.loop.clock(), self.policy, self.ports.rand)
+        run.life = new
         # Record the change before acting: an action (a spawn that fails) may step again.
         if new.state is not old.state:
-            self._changed(idx, old, new)
+            self._changed(run, old, new)
         for action in actions:
-            self._act(idx, action)
+            self._act(run, action)
 
-    def _act(self, idx: int, action: lc.Action) -> None:
+    def _act(self, run: ShardRun, action: lc.Action) -> None:
         match action:
             case lc.Spawn(attempt=attempt):
-                self._spawn(idx, attempt)
+                self.attempts.start(run, attempt)
             case lc.Signal(signum=signum):
-                handle = self.rt[idx].handle
-                if handle is not None:
-                    self.backend.signal(handle, signum)
+                if run.handle is not None:
+                    self.backend.signal(run.handle, signum)
             case lc.SetTimer(kind=kind, at=at):
                 event: lc.Event = (
                     lc.BackoffElapsed() if kind is lc.TimerKind.BACKOFF else lc.GraceElapsed()
                 )
-                self.loop.timers.set((idx, kind), at, lambda: self.apply(idx, event))
+                self.loop.timers.set((run.index, kind), at, lambda: self.apply(run, event))
             case lc.CancelTimer(kind=kind):
-                self.loop.timers.cancel((idx, kind))
+                self.loop.timers.cancel((run.index, kind))
 
-    def _changed(self, idx: int, old: lc.Shard, new: lc.Shard) -> None:
+    def _changed(self, run: ShardRun, old: lc.Shard, new: lc.Shard) -> None:
         self._counts[old.state.value] -= 1
         self._counts[new.state.value] += 1
         if new.state.holds_slot and not old.state.holds_slot:
@@ -312,34 +323,30 @@ class Master(Attempts, Tracking):
             self.running -= 1
         if new.state.terminal and not old.state.terminal:
             self._unfinished -= 1
-            rt = self.rt[idx]
-            if rt.logs is not None:
-                rt.logs.close()
-                rt.logs = None
+            run.close_logs()
         elif old.state.terminal and not new.state.terminal:
             self._unfinished += 1
         fields: dict[str, Any] = {
             "state": new.state.value,
             "reason": new.reason,
-            "updated_at": time.time(),
+            "updated_at": self.ports.wall(),
         }
         if new.state is State.PENDING:
-            if idx in self._restarted:
-                self._restarted.discard(idx)
-                self.ready.appendleft(idx)
+            if run in self._restarted:
+                self._restarted.discard(run)
+                self.ready.appendleft(run)
             else:
-                self.ready.append(idx)
+                self.ready.append(run)
         if new.state is State.FAILED:
-            rt = self.rt[idx]
-            self.view.event(f"shard {self.shards[idx].id} failed: {new.reason}")
-            if rt.notes:
-                fields["last_error"] = "\n".join(rt.notes)
-        self.store.set_shard(idx, **fields)
+            self.view.event(f"shard {run.id} failed: {new.reason}")
+            if run.notes:
+                fields["last_error"] = "\n".join(run.notes)
+        self.store.set_shard(run.index, **fields)
         self.events.publish(
             {
                 "t": fields["updated_at"],
-                "shard": self.shards[idx].id,
-                "index": idx,
+                "shard": run.id,
+                "index": run.index,
                 "from": old.state.value,
                 "state": new.state.value,
                 "attempt": new.attempt,
@@ -349,66 +356,59 @@ class Master(Attempts, Tracking):
         self.loop.call_when_idle(self._schedule)
         self.loop.call_when_idle(self._commit)
 
+    # --- dispatch and the group commit -------------------------------------------------
+
     def _schedule(self) -> None:
         ready = self.ready
         while ready and self.running < self.jobs and self.interrupted is None:
-            idx = ready.popleft()
-            if self.rt[idx].life.state is State.PENDING:
-                self.apply(idx, lc.Start())
+            run = ready.popleft()
+            if run.life.state is State.PENDING:
+                self.apply(run, lc.Start())
 
     def _commit(self) -> None:
-        self.guardian.flush()  # announce this iteration's new process groups first
-        if self._unstamped:
-            self._stamp()
+        """Announce new process groups, record start times, commit, then send the acks that
+        depend on what was just committed."""
+        self.ports.guardian.flush()
+        for handle in self.backend.stamp():
+            assert handle.create_time is not None
+            self.store.attempt_identity(handle.spec.index, handle.spec.attempt, handle.create_time)
         if self.store.dirty:
             self.store.commit()
-        if self._acks:
-            acks, self._acks = self._acks, []
-            assert self.channel is not None
-            for identity, msg in acks:
-                self.channel.ack(identity, msg)
+        if self.tracker.acks:
+            self.tracker.acks.send()
 
-    # --- reporting -----------------------------------------------------------------
+    # --- timers ---------------------------------------------------------------------
 
     def _tick(self) -> None:
         self.view.tick(self)
-        self.flush_counters()  # garbage can arrive while no shard reports progress
+        self.tracker.flush_counters()  # garbage can arrive while no shard reports progress
         if self.store.dirty:
             self.loop.call_when_idle(self._commit)
         self.loop.timers.set("tick", self.loop.clock() + self.view.tick_s, self._tick)
 
-    def shard_index(self, shard_id: str) -> int | None:
-        return self._ids.get(shard_id)
+    def _check_memory(self) -> None:
+        self.tracker.check_memory(self.shard_runs)
+        self.loop.timers.set("memory", self.loop.clock() + MEMORY_CHECK_S, self._check_memory)
+
+    # --- the run's figures ----------------------------------------------------------------
 
     def items(self) -> tuple[int, int | None]:
+        """(items done, items in all) over every shard; None while a total is unknown."""
         done, total, known = 0, 0, True
-        for rt in self.rt:
-            done += rt.done or 0
-            if rt.total is None:
-                known = known and rt.life.state.terminal
+        for run in self.shard_runs:
+            done += run.done or 0
+            if run.total is None:
+                known = known and run.life.state.terminal
             else:
-                total += rt.total
+                total += run.total
         return done, (total if known and total else None)
-
-    def flush_counters(self) -> None:
-        """Write the dropped-message counters' growth since the last flush to the store."""
-        now = {"dropped_garbage": self.garbage_messages(), "dropped_stale": self.stale_messages}
-        for name, value in now.items():
-            delta = value - self._counted.get(name, 0)
-            if delta:
-                self.store.add_counter(name, delta)
-                self._counted[name] = value
-
-    def garbage_messages(self) -> int:
-        garbage = self.channel.garbage if self.channel is not None else 0
-        return garbage + self.unknown_messages
 
     def counts(self) -> dict[str, int]:
         """Shards by state (states with none left out), kept up to date by ``_changed``."""
         return {state: n for state, n in self._counts.items() if n}
 
     def run_state(self) -> str:
-        if self._unfinished > 0 or self.running > 0:
+        if not self.finished:
             return "running"
         counts = self.counts()
         if self.interrupted is not None:

@@ -13,13 +13,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.errors import ConfigError, OrchError
+from orchestrator.notifyconfig import NotifyConfig, parse_notify
+from orchestrator.schedule import ScheduleSpec, parse_schedules
+from orchestrator.units import parse_duration
+
 if TYPE_CHECKING:
     from orchestrator.configfile import ConfigFile
-    from orchestrator.notify.config import NotifyConfig
-    from orchestrator.prune import GcConfig
-    from orchestrator.schedule import ScheduleSpec
 
-__all__ = ["OpsConfig", "check_ops", "ops_config"]
+__all__ = ["GcConfig", "OpsConfig", "check_ops", "ops_config", "parse_gc"]
+
+
+@dataclass(frozen=True, slots=True)
+class GcConfig:
+    """``[gc]``: what ``orch serve`` prunes daily (nothing when the table is absent)."""
+
+    keep_runs: int | None = None
+    older_than_s: float | None = None
+
+
+def parse_gc(tables: Mapping[str, Any], *, where: str) -> GcConfig | None:
+    """The ``[gc]`` table, or None when there is none; one-line ConfigErrors."""
+    if "gc" not in tables:
+        return None
+    table = tables["gc"]
+    here = f"{where}: [gc]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{here} must be a table")
+    for key in table:
+        if key not in ("keep_runs", "older_than"):
+            raise ConfigError(f"{here}: unknown key {key!r} (keys: keep_runs, older_than)")
+    keep = table.get("keep_runs")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        raise ConfigError(f"{here} keep_runs: expected an integer >= 0, got {keep!r}")
+    older: float | None = None
+    if "older_than" in table:
+        try:
+            older = parse_duration(table["older_than"], where=f"{here} older_than")
+        except OrchError as exc:
+            raise ConfigError(str(exc)) from None
+    if keep is None and older is None:
+        raise ConfigError(f"{here}: set keep_runs, older_than or both")
+    return GcConfig(keep_runs=keep, older_than_s=older)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +70,6 @@ def check_ops(
     tables: Mapping[str, Any], extras: Mapping[str, Mapping[str, Any]], where: str
 ) -> OpsConfig:
     """Parse and validate; raises a one-line ``ConfigError`` naming the file, table and key."""
-    from orchestrator.notify.config import parse_notify
-    from orchestrator.prune import parse_gc
-    from orchestrator.schedule import parse_schedules
-
     return OpsConfig(
         notify=parse_notify(tables, extras, where=where),
         schedules=parse_schedules(extras, where=where),
@@ -47,7 +78,7 @@ def check_ops(
 
 
 def ops_config(cfg: ConfigFile) -> OpsConfig:
-    """The operating config of a loaded orch.toml (already validated by ``load_config``)."""
-    from orchestrator.configfile import _display
-
-    return check_ops(cfg.tables, cfg.extras, _display(cfg.path))
+    """The operating config of a loaded orch.toml (validated when ``load_config`` read it)."""
+    if cfg.ops is not None:
+        return cfg.ops
+    return check_ops(cfg.tables, cfg.extras, cfg.path)

@@ -1,234 +1,242 @@
-"""Heartbeats, progress, checkpoints and hang detection: the master's tracking half.
+"""What running attempts report about themselves: the master's ``Tracker``.
 
 Messages from the heartbeat channel and ``##orch`` lines from stdout both
-land here. Each counts as a heartbeat for the attempt's ``Watch``; progress
-is kept in memory and flushed to the store at most every
-``PROGRESS_FLUSH_S`` (so a thousand shards reporting several times a second
-cost a few hundred row updates a second); a checkpoint is committed before
-it is acknowledged, in the same loop iteration. Messages from an attempt
-that is not the shard's current one are ignored and counted.
+land here, already matched to their ``ShardRun``. Each counts as a
+heartbeat for the attempt's ``Watch``; progress is kept in memory and
+flushed to the store at most every ``PROGRESS_FLUSH_S`` (so a thousand
+shards reporting several times a second cost a few hundred row updates a
+second). A checkpoint is staged in the store and its ack in ``Acks``; the
+master's group commit writes the one, then sends the other, in the same
+loop iteration. The tracker also fires the liveness watch (hung, stalled)
+and the memory check, each as a lifecycle ``Kill``.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import orjson
 
 from orchestrator import lifecycle as lc
-from orchestrator import procfs
-from orchestrator.backends import AttemptHandle
-from orchestrator.lifecycle import Intent, State
-from orchestrator.liveness import Watch
-from orchestrator.logs import ShardLogs
+from orchestrator.backends import AttemptHandle, Backend
+from orchestrator.lifecycle import State
+from orchestrator.loop import Loop
+from orchestrator.ports import HeartbeatChannel, Reporter
+from orchestrator.shard import ShardRun
+from orchestrator.store import Store
 from orchestrator.units import format_bytes
 from shards import protocol as proto
-
-if TYPE_CHECKING:
-    from orchestrator.channel import Channel
-    from orchestrator.config import TaskConfig
-    from orchestrator.loop import Loop
-    from orchestrator.sources import ShardList
-    from orchestrator.store import Store
 
 PROGRESS_FLUSH_S = 0.5
 #: How often attempts are measured against ``max_memory``.
 MEMORY_CHECK_S = 1.0
 
-
-@dataclass(slots=True)
-class Runtime:
-    """The master's view of one shard beyond its lifecycle state."""
-
-    life: lc.Shard
-    handle: AttemptHandle | None = None
-    logs: ShardLogs | None = None
-    watch: Watch | None = None
-    done: int | None = None
-    total: int | None = None
-    checkpoint: Any = None
-    has_checkpoint: bool = False
-    checkpoint_done: int | None = None
-    heartbeat_at: float | None = None  # wall clock
-    rss: int | None = None
-    attempt_started: float = 0.0
-    notes: list[str] = field(default_factory=list)
+Apply = Callable[[ShardRun, lc.Event], None]
 
 
-def group_rss() -> dict[int, int]:
-    """Process group id -> summed RSS in bytes of its live processes, from /proc/*/stat."""
-    out: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        fields = procfs.stat_fields(int(name))
-        try:
-            pgrp, rss = int(fields[2]), int(fields[21]) * procfs.PAGE  # type: ignore[index]
-        except (TypeError, ValueError, IndexError):
-            continue
-        out[pgrp] = out.get(pgrp, 0) + rss
-    return out
+class Acks:
+    """Checkpoint and end acks: staged with the store writes they confirm, built and sent
+    by ``send`` right after the master's commit; a refusal (stale attempt) goes at once."""
+
+    def __init__(self, channel: HeartbeatChannel) -> None:
+        self._channel = channel
+        self._staged: list[tuple[bytes, proto.Message]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._staged)
+
+    def stage(self, identity: bytes, msg: proto.Message) -> None:
+        self._staged.append((identity, msg))
+
+    def refuse(self, identity: bytes, msg: proto.Message, why: str) -> None:
+        self._channel.reply(identity, _reply(proto.Kind.NACK, msg, why))
+
+    def send(self) -> None:
+        """Acknowledge what was staged: call only once the store has committed it."""
+        staged, self._staged = self._staged, []
+        for identity, msg in staged:
+            self._channel.reply(identity, _reply(proto.Kind.ACK, msg, None))
 
 
-class Tracking:
-    """Mixed into ``Master``: everything a running attempt reports about itself."""
+def _reply(kind: proto.Kind, msg: proto.Message, why: str | None) -> proto.Message:
+    return proto.Message(
+        kind=kind, run=msg.run, shard=msg.shard, attempt=msg.attempt, seq=msg.seq, message=why
+    )
 
-    rt: list[Runtime]
-    loop: Loop
-    store: Store
-    shards: ShardList
-    task: TaskConfig
-    channel: Channel | None
-    stale_messages: int
-    unknown_messages: int
-    _progress_dirty: set[int]
-    _ids: dict[str, int]
-    _acks: list[tuple[bytes, proto.Message]]
-    view: Any
-    apply: Callable[[int, lc.Event], None]
-    _commit: Callable[[], None]
-    flush_counters: Callable[[], None]
 
-    def _check_memory(self) -> None:
-        """Restart attempts over ``max_memory`` (pm2's max_memory_restart), reason ``memory``.
+class Tracker:
+    def __init__(
+        self,
+        *,
+        loop: Loop,
+        store: Store,
+        by_id: Mapping[str, ShardRun],
+        backend: Backend,
+        channel: HeartbeatChannel,
+        view: Reporter,
+        wall: Callable[[], float],
+        apply: Apply,
+        commit: Callable[[], None],
+        max_memory_bytes: int | None,
+    ) -> None:
+        self._loop = loop
+        self._store = store
+        self._by_id = by_id
+        self._backend = backend
+        self._channel = channel
+        self._view = view
+        self._wall = wall
+        self._apply = apply
+        self._commit = commit
+        self._max_memory_bytes = max_memory_bytes
+        self.acks = Acks(channel)
+        self.stale_messages = 0
+        self.unknown_messages = 0
+        self._counted: dict[str, int] = {}
+        self._dirty: dict[ShardRun, None] = {}  # ordered: flushed in the order they reported
 
-        An attempt's memory is the RSS of its whole process group (a shell
-        script's children count), summed in one pass over /proc per check.
-        """
-        limit = self.task.max_memory_bytes
-        if limit is None:
-            return
-        by_group = group_rss()
-        for idx, rt in enumerate(self.rt):
-            if rt.handle is None or rt.life.state is not State.RUNNING or rt.handle.pgid is None:
-                continue
-            rss = by_group.get(rt.handle.pgid)
-            if rss is None:
-                continue
-            rt.rss = rss
-            if rss > limit:
-                reason = f"memory: rss {format_bytes(rss)} over max_memory {format_bytes(limit)}"
-                self.view.event(f"shard {self.shards[idx].id}: {reason}")
-                self.apply(idx, lc.Kill(Intent.MEMORY, reason))
-        self.loop.timers.set("memory", self.loop.clock() + MEMORY_CHECK_S, self._check_memory)
+    # --- heartbeats and progress -------------------------------------------------
 
-    def _arm_watch(self, idx: int) -> None:
-        watch = self.rt[idx].watch
-        if watch is None or (idx, "watch") in self.loop.timers:
+    def beat(self, run: ShardRun, done: int | None, total: int | None) -> None:
+        loop = self._loop
+        run.report(done, total, loop.clock(), self._wall())
+        if run.watch is not None:
+            self.arm_watch(run)
+        if not self._dirty:
+            loop.timers.set("progress", loop.clock() + PROGRESS_FLUSH_S, self.flush_progress)
+        self._dirty[run] = None
+
+    def flush_one(self, run: ShardRun) -> None:
+        self._store.set_progress_many([run.progress_row()])
+        self._dirty.pop(run, None)
+
+    def flush_progress(self) -> None:
+        """Write every shard that reported since the last flush: one statement."""
+        self._store.set_progress_many(run.progress_row() for run in self._dirty)
+        self._dirty.clear()
+        self.flush_counters()
+        self._loop.call_when_idle(self._commit)
+
+    # --- the liveness watch -------------------------------------------------------
+
+    def arm_watch(self, run: ShardRun) -> None:
+        watch = run.watch
+        key = (run.index, "watch")
+        if watch is None or key in self._loop.timers:
             return
         deadline = watch.next_deadline()
         if deadline is not None:
-            self.loop.timers.set((idx, "watch"), deadline, lambda: self._check_watch(idx))
+            self._loop.timers.set(key, deadline, lambda: self._check_watch(run))
 
-    def _check_watch(self, idx: int) -> None:
-        rt = self.rt[idx]
-        if rt.watch is None or rt.life.state is not State.RUNNING:
+    def disarm_watch(self, run: ShardRun) -> None:
+        self._loop.timers.cancel((run.index, "watch"))
+
+    def _check_watch(self, run: ShardRun) -> None:
+        if run.watch is None or run.life.state is not State.RUNNING:
             return
-        verdict = rt.watch.verdict(self.loop.clock())
+        verdict = run.watch.verdict(self._loop.clock())
         if verdict is None:
-            self._arm_watch(idx)
+            self.arm_watch(run)
             return
         intent, reason = verdict
-        self.view.event(f"shard {self.shards[idx].id}: {reason}; killing attempt {rt.life.attempt}")
-        self.apply(idx, lc.Kill(intent, reason))
+        self._view.event(f"shard {run.id}: {reason}; killing attempt {run.life.attempt}")
+        self._apply(run, lc.Kill(intent, reason))
 
-    def _beat(self, idx: int, done: int | None, total: int | None) -> None:
-        rt = self.rt[idx]
-        if done is not None:
-            rt.done = done if rt.checkpoint_done is None else max(done, rt.checkpoint_done)
-        if total is not None:
-            rt.total = total
-        rt.heartbeat_at = time.time()
-        if rt.watch is not None:
-            rt.watch.beat(self.loop.clock(), rt.done, rt.total)
-            self._arm_watch(idx)
-        if not self._progress_dirty:
-            self.loop.timers.set(
-                "progress", self.loop.clock() + PROGRESS_FLUSH_S, self._flush_progress
-            )
-        self._progress_dirty.add(idx)
+    # --- memory -------------------------------------------------------------------
 
-    def _flush_one(self, idx: int) -> None:
-        rt = self.rt[idx]
-        self.store.set_progress_many([(rt.done, rt.total, rt.heartbeat_at, rt.rss, idx)])
-        self._progress_dirty.discard(idx)
+    def check_memory(self, runs: list[ShardRun]) -> None:
+        """Restart attempts over ``max_memory`` (pm2's max_memory_restart), reason ``memory``.
 
-    def _flush_progress(self) -> None:
-        rt = self.rt
-        self.store.set_progress_many(
-            (r.done, r.total, r.heartbeat_at, r.rss, idx)
-            for idx in self._progress_dirty
-            for r in (rt[idx],)
-        )
-        self._progress_dirty.clear()
-        self.flush_counters()
-        self.loop.call_when_idle(self._commit)
+        An attempt's memory is what the backend measures for it (locally: the
+        RSS of its whole process group, a shell script's children included).
+        """
+        limit = self._max_memory_bytes
+        if limit is None:
+            return
+        live = [r for r in runs if r.handle is not None and r.life.state is State.RUNNING]
+        handles = [r.handle for r in live if r.handle is not None]
+        for run, rss in zip(live, self._backend.rss(handles), strict=True):
+            if rss is None:
+                continue
+            run.rss = rss
+            if rss > limit:
+                reason = f"memory: rss {format_bytes(rss)} over max_memory {format_bytes(limit)}"
+                self._view.event(f"shard {run.id}: {reason}")
+                self._apply(run, lc.Kill(lc.Intent.MEMORY, reason))
 
-    def _current(self, shard_id: str, attempt: int) -> int | None:
-        """The shard index when ``attempt`` is the shard's current one, else None (stale)."""
-        idx = self._ids.get(shard_id)
-        if idx is None:
-            self.unknown_messages += 1  # a shard id this run does not have: forged or misrouted
-            return None
-        if self.rt[idx].life.attempt != attempt:
-            self.stale_messages += 1
-            return None
-        return idx
+    # --- messages -----------------------------------------------------------------
 
     def on_message(self, identity: bytes, msg: proto.Message) -> None:
-        idx = self._current(msg.shard, msg.attempt)
-        if idx is None:
-            if msg.kind in (proto.Kind.CHECKPOINT, proto.Kind.END) and self.channel is not None:
-                self.channel.ack(identity, msg, ok=False, why="stale attempt: a newer one runs")
+        """A message from the heartbeat channel (the hot path: 100,000 a second).
+
+        One from an attempt that is not its shard's current one, or from no shard of
+        this run (forged or misrouted), is counted, and a checkpoint or end refused.
+        """
+        run = self._by_id.get(msg.shard)
+        if run is None or run.life.attempt != msg.attempt:
+            if run is None:
+                self.unknown_messages += 1
+            else:
+                self.stale_messages += 1
+            if msg.kind in (proto.Kind.CHECKPOINT, proto.Kind.END):
+                self.acks.refuse(identity, msg, "stale attempt: a newer one runs")
             return
-        self._beat(idx, msg.done, msg.total)
+        self.beat(run, msg.done, msg.total)
         if msg.kind is proto.Kind.CHECKPOINT:
-            self._store_checkpoint(idx, msg.checkpoint, msg.done)
-            self._acks.append((identity, msg))
-            self.loop.call_when_idle(self._commit)
+            self._checkpoint(run, msg.checkpoint, msg.done)
+            self.acks.stage(identity, msg)
+            self._loop.call_when_idle(self._commit)
         elif msg.kind is proto.Kind.END:
-            self._flush_one(idx)
-            self._acks.append((identity, msg))
-            self.loop.call_when_idle(self._commit)
+            self.flush_one(run)
+            self.acks.stage(identity, msg)
+            self._loop.call_when_idle(self._commit)
         if msg.rss is not None:
-            self.rt[idx].rss = msg.rss
+            run.rss = msg.rss
 
-    def _store_checkpoint(self, idx: int, checkpoint: Any, done: int | None) -> None:
-        rt = self.rt[idx]
-        rt.checkpoint = checkpoint
-        rt.has_checkpoint = True
-        rt.checkpoint_done = done if done is not None else rt.done
-        self.store.set_shard(
-            idx,
-            # Encoded here so that a JSON null is stored as "null", not as no checkpoint.
-            checkpoint=orjson.dumps(checkpoint),
-            checkpoint_done=rt.checkpoint_done,
-            checkpoint_at=time.time(),
-        )
-        self._flush_one(idx)
-
-    def _stdout_report(self, idx: int, handle: AttemptHandle, line: bytes) -> None:
-        rt = self.rt[idx]
-        if rt.handle is not handle:
+    def stdout_line(self, run: ShardRun, handle: AttemptHandle, line: bytes) -> None:
+        """One ``##orch`` line the attempt printed (shards that are not Python)."""
+        if run.handle is not handle:
             return
         try:
             report = proto.parse_line(line)
         except proto.ProtocolError:
-            self.store.add_counter("bad_stdout_lines", 1)
+            self._store.add_counter("bad_stdout_lines", 1)
             return
         if report is None:
             return
         done = report.done
         if report.advance is not None:
             # Saturate: a sum past 2**63-1 would overflow the store (and the master with it).
-            done = min((rt.done or 0) + report.advance, proto.MAX_INT)
-        self._beat(idx, done, report.total)
+            done = min((run.done or 0) + report.advance, proto.MAX_INT)
+        self.beat(run, done, report.total)
         if report.message is not None:
-            self.store.set_shard(idx, message=report.message[:1000])
+            self._store.set_shard(run.index, message=report.message[:1000])
         if report.has_checkpoint:
-            self._store_checkpoint(idx, report.checkpoint, rt.done)
-            self.loop.call_when_idle(self._commit)
+            self._checkpoint(run, report.checkpoint, run.done)
+            self._loop.call_when_idle(self._commit)
+
+    def _checkpoint(self, run: ShardRun, checkpoint: Any, done: int | None) -> None:
+        run.keep_checkpoint(checkpoint, done)
+        self._store.set_shard(
+            run.index,
+            # Encoded here so that a JSON null is stored as "null", not as no checkpoint.
+            checkpoint=orjson.dumps(checkpoint),
+            checkpoint_done=run.checkpoint_done,
+            checkpoint_at=self._wall(),
+        )
+        self.flush_one(run)
+
+    # --- dropped-message counters -----------------------------------------------------
+
+    def garbage_messages(self) -> int:
+        return self._channel.garbage + self.unknown_messages
+
+    def flush_counters(self) -> None:
+        """Write the dropped-message counters' growth since the last flush to the store."""
+        now = {"dropped_garbage": self.garbage_messages(), "dropped_stale": self.stale_messages}
+        for name, value in now.items():
+            delta = value - self._counted.get(name, 0)
+            if delta:
+                self._store.add_counter(name, delta)
+                self._counted[name] = value

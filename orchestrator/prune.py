@@ -22,14 +22,14 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import ConfigError, OrchError
+from orchestrator.errors import OrchError
 from orchestrator.units import format_bytes, parse_duration
 
-__all__ = ["DEFAULT_KEEP", "GcConfig", "Removable", "collect", "gc_command", "parse_gc", "plan"]
+__all__ = ["DEFAULT_KEEP", "Removable", "collect", "gc_command", "plan"]
 
 DEFAULT_KEEP = 20
 #: A run with no master recorded yet is taken as starting, not lost, for this long.
@@ -37,39 +37,6 @@ STARTING_S = 600.0
 _FINAL = ("done", "failed", "stopped")
 _STATE_DB = "state.db"
 _LOCK = "master.lock"
-
-
-@dataclass(frozen=True, slots=True)
-class GcConfig:
-    """``[gc]``: what ``orch serve`` prunes daily (nothing when the table is absent)."""
-
-    keep_runs: int | None = None
-    older_than_s: float | None = None
-
-
-def parse_gc(tables: Mapping[str, Any], *, where: str) -> GcConfig | None:
-    """The ``[gc]`` table, or None when there is none; one-line ConfigErrors."""
-    if "gc" not in tables:
-        return None
-    table = tables["gc"]
-    here = f"{where}: [gc]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{here} must be a table")
-    for key in table:
-        if key not in ("keep_runs", "older_than"):
-            raise ConfigError(f"{here}: unknown key {key!r} (keys: keep_runs, older_than)")
-    keep = table.get("keep_runs")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
-        raise ConfigError(f"{here} keep_runs: expected an integer >= 0, got {keep!r}")
-    older: float | None = None
-    if "older_than" in table:
-        try:
-            older = parse_duration(table["older_than"], where=f"{here} older_than")
-        except OrchError as exc:
-            raise ConfigError(str(exc)) from None
-    if keep is None and older is None:
-        raise ConfigError(f"{here}: set keep_runs, older_than or both")
-    return GcConfig(keep_runs=keep, older_than_s=older)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,16 +96,16 @@ def plan(
     alive: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[Removable]:
     """The runs ``orch gc`` would remove, newest first."""
-    from orchestrator.runs import list_run_dirs
+    from orchestrator.runs import list_runs, master_alive
 
-    if alive is None:
-        from orchestrator.report import master_alive
-
-        alive = master_alive
-    check = alive
+    check = master_alive if alive is None else alive
     if keep is None and older_than_s is None:
         keep = DEFAULT_KEEP
-    candidates = [r for r in (_run_facts(d, check) for d in list_run_dirs(home)) if r is not None]
+    candidates = [
+        r
+        for r in (_run_facts(d, check) for d in (r.path for r in list_runs(home)))
+        if r is not None
+    ]
     if keep is not None:
         candidates = candidates[keep:]
     if older_than_s is not None:

@@ -1,31 +1,52 @@
-"""Orch's home, run ids and run directories.
+"""Orch's home, run ids, and the opened run.
 
 Layout::
 
     $ORCH_HOME (or $XDG_STATE_HOME/orch, or ~/.local/state/orch)
       runs/<run-id>/            mode 0700
         state.db                SQLite (WAL): run, shards, attempts, checkpoints
-        task.json               the task the run started with
+        task.json               the task the run started with (0600)
+        task.pkl                the pickled callable of an ``orchestrator.run`` run
         logs/<index>-<id>.out   per-shard stdout, timestamped, rotated
         logs/<index>-<id>.err   per-shard stderr
         master.log              the master's own log (detached runs)
         master.pid
+        master.lock             flocked by whoever supervises the run
         hb.sock, control.sock   ZeroMQ ipc endpoints while the master lives
+
+A ``RunDir`` names every one of those paths (readers need nothing more); an
+``OpenedRun`` is a run a master can supervise: its directory, task, shard
+list, writable store and lock. Both are made here and nowhere else:
+``OpenedRun.create`` for a new run, ``OpenedRun.load`` for the detached
+master and ``orch resume``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import OrchError, RunNotFound
+import orjson
+
+from orchestrator import procfs
+from orchestrator.errors import ConfigError, OrchError, RunNotFound
+from orchestrator.logs import log_stem
+from orchestrator.store import RunRow, Store
+
+if TYPE_CHECKING:
+    from orchestrator.config import TaskConfig
+    from orchestrator.sources import ShardList
 
 STATE_DB = "state.db"
 LOCK = "master.lock"
 TASK_JSON = "task.json"
+TASK_PICKLE = "task.pkl"
 LOGS = "logs"
 MASTER_LOG = "master.log"
 MASTER_PID = "master.pid"
@@ -54,78 +75,265 @@ def new_run_id(now: float | None = None) -> str:
     return time.strftime("%Y%m%d-%H%M%S", t) + "-" + os.urandom(2).hex()
 
 
-def create_run_dir(home: str, run_id: str) -> str:
-    root = runs_root(home)
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    path = os.path.join(root, run_id)
-    os.mkdir(path, 0o700)
-    os.mkdir(os.path.join(path, LOGS), 0o700)
-    return path
+def private(path: str, flags: int) -> int:
+    """``open(..., opener=private)``: a new file readable by its owner only (0600)."""
+    return os.open(path, flags, 0o600)
 
 
-def list_run_dirs(home: str) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class RunDir:
+    """A run directory and every path inside it; opens nothing by itself."""
+
+    path: str
+
+    @property
+    def id(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def state_db(self) -> str:
+        return os.path.join(self.path, STATE_DB)
+
+    @property
+    def task_json(self) -> str:
+        return os.path.join(self.path, TASK_JSON)
+
+    @property
+    def task_pickle(self) -> str:
+        return os.path.join(self.path, TASK_PICKLE)
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.path, LOGS)
+
+    @property
+    def master_log(self) -> str:
+        return os.path.join(self.path, MASTER_LOG)
+
+    @property
+    def master_pid(self) -> str:
+        return os.path.join(self.path, MASTER_PID)
+
+    @property
+    def lock_file(self) -> str:
+        return os.path.join(self.path, LOCK)
+
+    def log_path(self, index: int, shard_id: str, ext: str) -> str:
+        """A shard's log: ``ext`` is ``.out`` (stdout) or ``.err`` (stderr)."""
+        return os.path.join(self.path, LOGS, log_stem(index, shard_id) + ext)
+
+    def ipc(self, name: str) -> str:
+        """A socket path for ``name`` (``hb.sock``): see ``ipc_path``."""
+        return ipc_path(self.path, self.id, name)
+
+    def read(self) -> Store:
+        """The run's database, read-only (never blocks the master)."""
+        return Store.open(self.state_db, readonly=True)
+
+    def lock(self) -> int | None:
+        """Take the run's master lock; return its fd, or None when a live master holds it.
+
+        An exclusive ``flock`` on ``master.lock``: held by whoever supervises the
+        run (the foreground ``orch run``, or the detached master it hands the fd
+        to), released by the kernel when that process dies, however it dies. So
+        two ``orch resume`` of one run can never both start a master.
+        """
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.lock_file, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+
+@dataclass(slots=True)
+class OpenedRun:
+    """A run ready for a master: its directory, task, shard list, store and (maybe) lock."""
+
+    dir: RunDir
+    task: TaskConfig
+    shards: ShardList
+    store: Store
+    #: The flocked ``master.lock``; None once handed to a detached master or released.
+    lock_fd: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.dir.id
+
+    @classmethod
+    def create(
+        cls, task: TaskConfig, shards: ShardList, *, home: str | None, name: str | None
+    ) -> OpenedRun:
+        """Make the run directory, the task snapshot and the database; take the lock."""
+        root = home_dir(home)
+        run_id = new_run_id()
+        try:
+            os.makedirs(runs_root(root), mode=0o700, exist_ok=True)
+            path = os.path.join(runs_root(root), run_id)
+            os.mkdir(path, 0o700)
+            os.mkdir(os.path.join(path, LOGS), 0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot create a run in {root}: {exc.strerror}") from None
+        run_dir = RunDir(path)
+        _write_task_json(run_dir, task, shards.source)
+        row = RunRow(
+            id=run_id,
+            name=name or task.name,
+            task_json=task.to_json(),
+            source=shards.source,
+            shard_count=len(shards),
+            started_at=time.time(),
+            jobs=task.jobs,
+        )
+        store = Store.create(run_dir.state_db, row, ((s.id, s.record, s.line) for s in shards))
+        lock_fd = run_dir.lock()
+        assert lock_fd is not None  # a new run directory: nobody else can hold it
+        return cls(run_dir, task, shards, store, lock_fd)
+
+    @classmethod
+    def load(cls, run_dir: RunDir, *, lock_fd: int | None = None) -> OpenedRun:
+        """Open an existing run for its master: the task snapshot and shards from the database."""
+        # Only a master loads a run: `orch status` imports this module and stays lean without.
+        from orchestrator.config import TaskConfig
+        from orchestrator.sources import ShardList
+
+        store = Store.open(run_dir.state_db)
+        run = store.run()
+        task = TaskConfig.from_json(run["task_json"])
+        shards = ShardList.from_records(
+            [(r["id"], r["record"] or {}, r["line"] or 0) for r in store.shards()],
+            source=run.get("source") or "",
+            format="stored",
+        )
+        return cls(run_dir, task, shards, store, lock_fd)
+
+    def set_task(self, task: TaskConfig) -> None:
+        """Replace the task of a run not yet started: snapshot file and database alike."""
+        self.task = task
+        self.store.set_run(task_json=task.to_json())
+        _write_task_json(self.dir, task, self.shards.source)
+        self.store.commit()
+
+    def hand_over_lock(self) -> int:
+        """The lock fd, for a detached master to inherit; this object holds it no more."""
+        fd = self.lock_fd
+        assert fd is not None
+        self.lock_fd = None
+        return fd
+
+    def close(self) -> None:
+        """Close the store and release the lock (if still held here)."""
+        self.store.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def _write_task_json(run_dir: RunDir, task: TaskConfig, source: str) -> None:
+    # 0600 like everything in the run directory: the task may hold secrets (--env TOKEN=...).
+    payload: dict[str, Any] = {"task": task.to_json(), "source": source}
+    fd = os.open(run_dir.task_json, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+
+
+# ----------------------------------------------------------------------------- finding runs
+
+
+def master_alive(run: Mapping[str, Any]) -> bool:
+    """Whether the master recorded in ``run`` still lives (pid plus its start time).
+
+    A zombie is dead: a killed detached master whose parent (init in a
+    container whose PID 1 does not reap) never collects it must still show
+    as lost and be resumable.
+    """
+    pid = run.get("master_pid")
+    if not pid:
+        return False
+    started = procfs.live_start_time(pid)
+    if started is None:
+        return False
+    recorded = run.get("master_create_time")
+    return recorded is None or started == float(recorded)
+
+
+def run_state(run: Mapping[str, Any]) -> str:
+    """The stored state, or ``lost`` when it says running but its master is gone."""
+    state = str(run.get("state") or "running")
+    if state == "running" and not master_alive(run):
+        return "lost"
+    return state
+
+
+def list_runs(home: str) -> list[RunDir]:
     """Run directories, newest first (run ids sort by start time)."""
     root = runs_root(home)
     try:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
-    dirs = [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, STATE_DB))]
-    return sorted(dirs, key=_started_key, reverse=True)
+    dirs = [RunDir(os.path.join(root, n)) for n in names]
+    return sorted((d for d in dirs if os.path.exists(d.state_db)), key=_started_key, reverse=True)
 
 
-def _started_key(run_dir: str) -> tuple[str, int, str]:
+def _started_key(run_dir: RunDir) -> tuple[str, int, str]:
     """Start order: the id's second, then (runs started within one second, whose
     random tails do not sort) when task.json was written, once, at creation."""
-    name = os.path.basename(run_dir)
+    name = run_dir.id
     try:
-        written = os.stat(os.path.join(run_dir, TASK_JSON)).st_mtime_ns
+        written = os.stat(run_dir.task_json).st_mtime_ns
     except OSError:
         written = 0
     return name.rsplit("-", 1)[0], written, name
 
 
-def resolve_run(home: str, key: str, names: Mapping[str, str] | None = None) -> str:
-    """The run directory for ``key``: a run id, a unique id prefix, or a ``--name``.
+def resolve_run(home: str, key: str, names: Mapping[str, str] | None = None) -> RunDir:
+    """The run for ``key``: a run id, a unique id prefix, or a ``--name``.
 
-    ``names`` maps run directory -> name (read by the caller from the
-    databases); a name given to several runs means the newest of them.
+    ``names`` maps run directory path -> name (read from the databases); a
+    name given to several runs means the newest of them.
     """
-    root = runs_root(home)
-    exact = os.path.join(root, key)
-    if key and "/" not in key and os.path.exists(os.path.join(exact, STATE_DB)):
+    exact = RunDir(os.path.join(runs_root(home), key))
+    if key and "/" not in key and os.path.exists(exact.state_db):
         return exact
-    dirs = list_run_dirs(home)
+    dirs = list_runs(home)
     if names:
         for d in dirs:  # newest first
-            if names.get(d) == key:
+            if names.get(d.path) == key:
                 return d
-    prefixed = [d for d in dirs if os.path.basename(d).startswith(key)] if key else []
+    prefixed = [d for d in dirs if d.id.startswith(key)] if key else []
     if len(prefixed) == 1:
         return prefixed[0]
     if len(prefixed) > 1:
-        few = ", ".join(os.path.basename(d) for d in prefixed[:5])
+        few = ", ".join(d.id for d in prefixed[:5])
         raise RunNotFound(f"run {key!r} is ambiguous in {home} (matches {few})")
     raise RunNotFound(f"no run {key!r} in {home} ('orch status' lists runs)")
 
 
-def lock_run(run_dir: str) -> int | None:
-    """Take the run's master lock; return its fd, or None when a live master holds it.
-
-    An exclusive ``flock`` on ``master.lock``: held by whoever supervises the
-    run (the foreground ``orch run``, or the detached master it hands the fd
-    to), released by the kernel when that process dies, however it dies. So
-    two ``orch resume`` of one run can never both start a master.
-    """
-    import fcntl
-
-    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def find_run(key: str, home: str | None) -> RunDir:
+    """``resolve_run`` in the home given by ``--home``; names are read only when needed."""
+    root = home_dir(home)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+        return resolve_run(root, key)
+    except RunNotFound:
+        return resolve_run(root, key, _names(root))
+
+
+def _names(home: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for d in list_runs(home):
+        try:
+            store = d.read()
+        except OrchError:
+            continue
+        try:
+            out[d.path] = store.run().get("name") or ""
+        finally:
+            store.close()
+    return out
 
 
 def ipc_path(run_dir: str, run_id: str, name: str) -> str:

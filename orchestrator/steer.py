@@ -7,18 +7,19 @@ forward), never a hang: every request has a short timeout.
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from typing import Any
 
-from orchestrator.control import request
+import orjson
+
+from orchestrator.control import follow_events, request
 from orchestrator.errors import RET_OK, MasterUnreachable, OrchError
-from orchestrator.report import open_run, run_state
-from orchestrator.show import find_run
+from orchestrator.runs import RunDir, find_run, run_state
 
 
-def _live_endpoint(run_dir: str) -> tuple[str, str]:
-    store = open_run(run_dir)
+def _live_endpoint(run_dir: RunDir) -> tuple[str, str]:
+    store = run_dir.read()
     try:
         run = store.run()
     finally:
@@ -33,7 +34,7 @@ def _live_endpoint(run_dir: str) -> tuple[str, str]:
     return run["id"], run["control"]
 
 
-def _call(run_dir: str, op: str, **fields: Any) -> dict[str, Any]:
+def _call(run_dir: RunDir, op: str, **fields: Any) -> dict[str, Any]:
     run_id, endpoint = _live_endpoint(run_dir)
     reply = request(endpoint, op, **fields)
     if not reply.get("ok"):
@@ -45,21 +46,21 @@ def stop(run_key: str, shard: str | None, home: str | None) -> int:
     run_dir = find_run(run_key, home)
     _call(run_dir, "stop", **({"shard": shard} if shard else {}))
     what = f"shard {shard}" if shard else "every shard"
-    print(f"orch: stopping {what} of {os.path.basename(run_dir)}")
+    print(f"orch: stopping {what} of {run_dir.id}")
     return RET_OK
 
 
 def restart(run_key: str, shard: str, home: str | None) -> int:
     run_dir = find_run(run_key, home)
     _call(run_dir, "restart", shard=shard)
-    print(f"orch: restarting shard {shard} of {os.path.basename(run_dir)}")
+    print(f"orch: restarting shard {shard} of {run_dir.id}")
     return RET_OK
 
 
 def scale(run_key: str, jobs: int, home: str | None) -> int:
     run_dir = find_run(run_key, home)
     _call(run_dir, "scale", jobs=jobs)
-    print(f"orch: {os.path.basename(run_dir)} now runs at most {jobs} shards at once")
+    print(f"orch: {run_dir.id} now runs at most {jobs} shards at once")
     return RET_OK
 
 
@@ -67,7 +68,7 @@ def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float 
     """Block until the run ends; return its exit code (lost runs: 1)."""
     run_dir = find_run(run_key, home)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    store = open_run(run_dir)
+    store = run_dir.read()
     try:
         while True:
             run = store.run()
@@ -87,30 +88,17 @@ def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float 
 def resume(
     run_key: str, home: str | None, detach_: bool, verbose: bool, retry_failed: bool = False
 ) -> int:
-    from orchestrator.daemon import detach, prepare_resume
-    from orchestrator.start import supervise
+    # The master's stack is imported only here: the other verbs stay quick to start.
+    from orchestrator import launch
 
-    run_dir = find_run(run_key, home)
-    run_id, task, shards, store, lock_fd = prepare_resume(run_dir)
-    if detach_:
-        store.close()
-        return detach(run_id, run_dir, lock_fd, resume=True, retry_failed=retry_failed)
-    try:
-        return supervise(
-            run_id, run_dir, task, shards, store, verbose=verbose, retry_failed=retry_failed
-        )
-    finally:
-        os.close(lock_fd)
+    run = launch.reopen(find_run(run_key, home))
+    return launch.start(
+        run, detach=detach_, verbose=verbose, resume=True, retry_failed=retry_failed
+    )
 
 
 def events(run_key: str, home: str | None) -> int:
     """Print the live run's shard state changes as JSON lines until it ends."""
-    import sys
-
-    import orjson
-
-    from orchestrator.control import follow_events
-
     run_dir = find_run(run_key, home)
     reply = _call(run_dir, "subscribe")
     _, control = _live_endpoint(run_dir)

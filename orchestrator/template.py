@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import os
 import shlex
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,17 @@ import orjson
 from orchestrator.errors import TemplateError
 
 if TYPE_CHECKING:
+    from orchestrator.config import TaskConfig
     from orchestrator.sources import Shard, ShardList
 
-__all__ = ["BUILTIN_FIELDS", "CommandTemplate", "Template", "check_fields", "shard_values"]
+__all__ = [
+    "BUILTIN_FIELDS",
+    "CommandTemplate",
+    "Template",
+    "check_fields",
+    "compile_command",
+    "shard_values",
+]
 
 #: Fields every shard has, whatever its source; they win over record fields.
 BUILTIN_FIELDS = frozenset({"index", "count", "id", "checkpoint"})
@@ -198,6 +207,14 @@ class CommandTemplate:
 
 #: Programs whose ``-c SCRIPT`` argument is shell code.
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
+
+
+def compile_command(task: TaskConfig) -> CommandTemplate:
+    """The task's command (or, for a callable, the Python runner) as a template."""
+    if task.call is not None:
+        argv: tuple[str, ...] = (sys.executable, "-m", "shards.runner", task.call)
+        return CommandTemplate.compile(argv, dict(task.env), where="call")
+    return CommandTemplate.compile(task.command, dict(task.env), shell=task.shell, where="command")
 
 
 def shell_scripts(argv: Sequence[str]) -> frozenset[int]:

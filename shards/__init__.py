@@ -63,16 +63,6 @@ class Counters:
         self.total = total
 
 
-def _count(value: Any) -> int | None:
-    """Coerce a counter for the wire (a caller may have advanced by a float)."""
-    if value is None:
-        return None
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
 __all__ = [
     "CheckpointError",
     "ShardInfo",
@@ -320,7 +310,7 @@ def checkpoint(state: Any, *, timeout_s: float = 10.0) -> None:
             raise CheckpointError(reply.message or "master refused the checkpoint")
     global _info
     assert _info is not None
-    _info = dataclasses.replace(_info, checkpoint=saved, checkpoint_done=_count(done) or 0)
+    _info = dataclasses.replace(_info, checkpoint=saved, checkpoint_done=p.wire_count(done) or 0)
 
 
 def last_checkpoint() -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from shards import EXIT_MASTER_GONE, Counters, _count
+from shards import EXIT_MASTER_GONE, Counters
 from shards import protocol as p
 
 
@@ -187,7 +187,8 @@ class Link:
         run, shard, attempt = self._ids
         cp = None if req is None else req.checkpoint
         msg = p.Message(
-            kind, run, shard, attempt, self._seq, _count(done), _count(total), _rss_bytes(),
+            kind, run, shard, attempt, self._seq,
+            p.wire_count(done), p.wire_count(total), _rss_bytes(),
             cp, kind is p.Kind.CHECKPOINT,
         )  # fmt: skip
         try:

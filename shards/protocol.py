@@ -135,6 +135,16 @@ def encode(msg: Message) -> bytes:
     return frame
 
 
+def wire_count(value: Any) -> int | None:
+    """Coerce a counter for the wire (a caller may have advanced by a float)."""
+    if value is None:
+        return None
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _count(d: dict[str, Any], key: str) -> int | None:
     """Return d[key] when it is an int (not bool) in 0..MAX_INT, None when absent or null."""
     value = d.get(key)

@@ -52,7 +52,17 @@ class Listener(Protocol):
 
 
 class Backend(abc.ABC):
-    """Start, signal and observe attempts."""
+    """Start, signal and observe attempts.
+
+    Every method the master calls is declared here; a backend whose attempts
+    are not local processes (a cluster engine) implements the same ones.
+    """
+
+    listener: Listener | None = None
+
+    def bind(self, listener: Listener) -> None:
+        """Report every attempt's output and exit to ``listener`` (the master) from now on."""
+        self.listener = listener
 
     @abc.abstractmethod
     def start(self, spec: AttemptSpec) -> AttemptHandle:
@@ -63,8 +73,25 @@ class Backend(abc.ABC):
         """Send ``signum`` to the attempt's whole process group (a no-op once it is gone)."""
 
     @abc.abstractmethod
+    def kill_all(self) -> None:
+        """SIGKILL every live attempt at once: the last resort on a second Ctrl-C."""
+
+    @abc.abstractmethod
     def live(self) -> list[AttemptHandle]:
         """Attempts whose process group still exists."""
+
+    @abc.abstractmethod
+    def reap(self) -> None:
+        """SIGCHLD arrived: collect what exited and report the attempts that are gone."""
+
+    @abc.abstractmethod
+    def stamp(self) -> list[AttemptHandle]:
+        """Fill in ``create_time`` of attempts started since the last call; return those
+        that got one (the master records them: resume's guard against pid reuse)."""
+
+    @abc.abstractmethod
+    def rss(self, handles: Sequence[AttemptHandle]) -> list[int | None]:
+        """Resident memory in bytes of each attempt (its whole group), None when unknown."""
 
     def close(self) -> None:
         """Release the backend's resources (the master has stopped every attempt)."""

@@ -24,7 +24,7 @@ import functools
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import procfs
@@ -106,19 +106,22 @@ class _Local:
 
 
 class LocalBackend(Backend):
-    def __init__(
-        self, loop: Loop, listener: Listener, *, stop_timeout_s: float = 10.0, jobs: int = 1
-    ) -> None:
+    def __init__(self, loop: Loop, *, stop_timeout_s: float = 10.0, jobs: int = 1) -> None:
         self._loop = loop
         self.pipe_bytes = pipe_bytes_for(jobs)
-        self._listener = listener
         self._stop_timeout_s = stop_timeout_s
         self._by_pid: dict[int, _Local] = {}
         self._draining: dict[int, _Local] = {}
         self._resolved: dict[tuple[str, str | None, str | None], str] = {}
         self._here: dict[str, bool] = {}
+        self._unstamped: list[AttemptHandle] = []
         self.subreaper = become_subreaper()
         self.reaped_unknown = 0
+
+    @property
+    def _listener(self) -> Listener:
+        assert self.listener is not None, "bind() the backend to the master first"
+        return self.listener
 
     # --- starting ---------------------------------------------------------
 
@@ -184,6 +187,7 @@ class LocalBackend(Backend):
         handle = AttemptHandle(spec=spec, pid=pid, pgid=pid, create_time=None)
         local = _Local(handle=handle, out_fd=out_r, err_fd=err_r)
         self._by_pid[pid] = local
+        self._unstamped.append(handle)
         self._loop.add_reader(out_r, self._reader(local, Stream.STDOUT))
         self._loop.add_reader(err_r, self._reader(local, Stream.STDERR))
         return handle
@@ -322,6 +326,42 @@ class LocalBackend(Backend):
         """SIGKILL every live group: the last resort on a second Ctrl-C."""
         for local in self._by_pid.values():
             self.signal(local.handle, signal.SIGKILL)
+
+    def stamp(self) -> list[AttemptHandle]:
+        """Read the start time of the processes spawned since the last call (one pass per
+        loop iteration, after the spawn batch); one already gone is skipped: its exit is
+        on its way."""
+        if not self._unstamped:
+            return []
+        handles, self._unstamped = self._unstamped, []
+        stamped = []
+        for handle in handles:
+            assert handle.pid is not None
+            created = procfs.start_time(handle.pid)
+            if created is not None:
+                handle.create_time = created
+                stamped.append(handle)
+        return stamped
+
+    def rss(self, handles: Sequence[AttemptHandle]) -> list[int | None]:
+        """Each attempt's process group's summed RSS, from one pass over /proc."""
+        by_group = group_rss()
+        return [by_group.get(h.pgid) if h.pgid is not None else None for h in handles]
+
+
+def group_rss() -> dict[int, int]:
+    """Process group id -> summed RSS in bytes of its live processes, from /proc/*/stat."""
+    out: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fields = procfs.stat_fields(int(name))
+        try:
+            pgrp, rss = int(fields[2]), int(fields[21]) * procfs.PAGE  # type: ignore[index]
+        except (TypeError, ValueError, IndexError):
+            continue
+        out[pgrp] = out.get(pgrp, 0) + rss
+    return out
 
 
 _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})

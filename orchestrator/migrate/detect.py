@@ -22,10 +22,10 @@ def import_file(
     Raises ``ConfigError`` (one line naming the file) when it cannot be read,
     is neither kind, or holds a value that cannot be mapped at all.
     """
-    from orchestrator.configfile import _display
+    from orchestrator.configfile import display
     from orchestrator.migrate import pm2, supervisor
 
-    shown = _display(path)
+    shown = display(path)
     env = os.environ if environ is None else environ
     try:
         with open(path, "rb") as f:

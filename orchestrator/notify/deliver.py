@@ -38,9 +38,9 @@ from typing import Any
 
 import orjson
 
-from orchestrator.notify.config import Channel, Kind
 from orchestrator.notify.outbox import Outbox, OutboxRow
 from orchestrator.notify.send import TIMEOUT_S, Answer, post
+from orchestrator.notifyconfig import Channel, Kind
 
 __all__ = [
     "CHANNELS_JSON",

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from orchestrator.notify.config import Channel
 from orchestrator.notify.payload import FailedShard, RunFacts, facts_body
+from orchestrator.notifyconfig import Channel
 
 __all__ = ["Notifier", "OutboxWriter", "for_run", "store_facts"]
 

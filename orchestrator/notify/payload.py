@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from orchestrator.notify.config import Kind
+from orchestrator.notifyconfig import Kind
 from orchestrator.units import format_duration
 
 __all__ = ["FailedShard", "RunFacts", "dingtalk_sign", "facts_body", "render"]

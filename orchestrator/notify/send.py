@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from orchestrator.notify.config import Kind
 from orchestrator.notify.payload import render
+from orchestrator.notifyconfig import Kind
 
 __all__ = ["Answer", "post"]
 

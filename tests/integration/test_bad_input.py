@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from itest import Env
+from helpers.world import Env
 
 #: A command that leaves a trace if it ever runs.
 TOUCH = ["--", "touch", "child-ran"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from _support_control import (
+from helpers.control import (
     Run,
     alive,
     control_request,
@@ -31,7 +31,7 @@ from _support_control import (
     proc_stat,
     start_detached,
 )
-from itest import ORCH, Env, orch_env, poll_for
+from helpers.world import ORCH, Env, orch_env, poll_for
 
 
 @pytest.fixture

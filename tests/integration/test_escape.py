@@ -12,7 +12,7 @@ import shutil
 import signal
 
 import pytest
-from itest import Env, cmdline, poll_for, run_pids
+from helpers.world import Env, cmdline, poll_for, run_pids
 
 pytestmark = pytest.mark.skipif(shutil.which("setsid") is None, reason="no setsid(1)")
 

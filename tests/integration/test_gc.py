@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from itest import ORCH, orch_env
+from helpers.world import ORCH, orch_env
 
 from orchestrator import procfs
 from orchestrator.config import load_config
 from orchestrator.errors import ConfigError
-from orchestrator.opsconfig import ops_config
-from orchestrator.prune import GcConfig, collect, plan
+from orchestrator.opsconfig import GcConfig, ops_config
+from orchestrator.prune import collect, plan
 from orchestrator.store import RunRow, Store
 
 DAY = 86400.0

@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from itest import ORCH, orch_env, poll_for
+from helpers.world import ORCH, orch_env, poll_for
 from notify_receiver import Receiver
 
-from orchestrator.notify.config import Channel, Kind
 from orchestrator.notify.deliver import (
     Deliverer,
     DeliveryPolicy,
@@ -30,6 +29,7 @@ from orchestrator.notify.deliver import (
 )
 from orchestrator.notify.outbox import Outbox
 from orchestrator.notify.payload import FailedShard, RunFacts, facts_body
+from orchestrator.notifyconfig import Channel, Kind
 from orchestrator.store import RunRow, Store
 
 REQUIRED = {"event", "run", "name", "state", "items_done", "items_total", "rate", "eta_s"}
@@ -342,7 +342,7 @@ def test_orch_notify_test_prints_the_answer(receiver: Receiver, tmp_path: Path) 
 
 MASTER = """
 import sys, time
-from orchestrator.notify.config import Channel, Kind
+from orchestrator.notifyconfig import Channel, Kind
 from orchestrator.notify.notifier import for_run
 from orchestrator.store import Store
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from itest import Env
+from helpers.world import Env
 
 
 def test_run_of_a_task_with_notify_and_schedule_keys(env: Env) -> None:

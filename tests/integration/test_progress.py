@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _support_progress import (
+from helpers.progress import (
     DEADLINE_S,
     WAIT_GO,
     ask,
@@ -35,7 +35,7 @@ from _support_progress import (
     wait_live,
     wait_path,
 )
-from itest import PYTHON, Env, by_id, poll_for
+from helpers.world import PYTHON, Env, by_id, poll_for
 
 from shards import protocol as proto
 

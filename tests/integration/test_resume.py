@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support_control import (
+from helpers.control import (
     ProcessSampler,
     Run,
     alive,
@@ -32,7 +32,7 @@ from _support_control import (
     proc_stat,
     start_detached,
 )
-from itest import PYTHON, Env, poll_for, run_pids
+from helpers.world import PYTHON, Env, poll_for, run_pids
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from itest import ORCH, PYTHON, Env, by_id, cmdline, orch_env, poll_for, run_pids
+from helpers.world import ORCH, PYTHON, Env, by_id, cmdline, orch_env, poll_for, run_pids
 
 ISO_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z ")
 STARTED = re.compile(r"## orch: attempt (\d+) started, pid (\d+)$")

@@ -7,8 +7,7 @@
   ``ORCH_HOME``: foreground and detached masters, guardians, attempts and
   their grandchildren. Nothing else is ever signalled.
 
-The helpers themselves live in ``_rel_support.py`` (test modules import it
-by that name; a second module called ``conftest`` would be ambiguous).
+The helpers themselves live in ``tests/helpers`` (``helpers.reliability``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _rel_support import Env, kill_home
+from helpers.reliability import Env, kill_home
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

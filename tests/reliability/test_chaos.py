@@ -1,7 +1,7 @@
 """Chaos: random signals to attempts and their grandchildren, and random SIGKILLs of the master.
 
 (a) ``test_shard_chaos``: 100 Python SDK shards each process a known list of items
-    (``_rel_support.WORKER``: a grandchild ``sh`` writes each item's result atomically,
+    (``helpers.reliability.WORKER``: a grandchild ``sh`` writes each item's result atomically,
     the shard checkpoints after every item). For a fixed, seeded stretch a driver sends
     SIGKILL, SIGTERM, SIGSTOP (never continued: the heartbeat timeout must replace the
     attempt), SIGSTOP then SIGCONT (a pause), to random attempt leaders and to random
@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _rel_support import (
+from helpers.reliability import (
     DEADLINE_S,
     ORCH,
     PYTHON,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _rel_support import (
+from helpers.reliability import (
     DEADLINE_S,
     PYTHON,
     Env,

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _rel_support import (
+from helpers.reliability import (
     DEADLINE_S,
     PYTHON,
     Env,

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 import zmq
-from _rel_support import DEADLINE_S, PYTHON, Env, Run, control, poll_for, status, wait_run
+from helpers.reliability import DEADLINE_S, PYTHON, Env, Run, control, poll_for, status, wait_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

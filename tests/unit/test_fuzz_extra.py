@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from orchestrator.control import ControlServer
 from orchestrator.errors import ConfigError, OrchError, ShardListError
 from orchestrator.lifecycle import Intent, State
 from orchestrator.logs import LogFile, StreamLog
+from orchestrator.loop import Loop
+from orchestrator.ports import NoGuard, Ports
 from orchestrator.sources import load_shards
 from orchestrator.store import RunRow, Store
 
@@ -225,12 +227,34 @@ class _NoProcesses(Backend):
     def live(self) -> list[AttemptHandle]:
         return []
 
+    def kill_all(self) -> None:
+        pass
 
-class _NoGuardian:
-    """No processes, so nothing to guard: every guardian call is a no-op."""
+    def reap(self) -> None:
+        pass
 
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+    def stamp(self) -> list[AttemptHandle]:
+        return []
+
+    def rss(self, handles: Sequence[AttemptHandle]) -> list[int | None]:
+        return [None for _ in handles]
+
+
+class _NoChannel:
+    """No shard reports: the heartbeat channel is never heard from."""
+
+    endpoint = "ipc:///nonexistent/hb.sock"
+    received = 0
+    garbage = 0
+
+    def bind(self, on_message: Any) -> None:
+        pass
+
+    def reply(self, identity: bytes, msg: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Events:
@@ -259,13 +283,13 @@ def master_and_server() -> Iterator[tuple[Any, ControlServer]]:
                                     source="--split 4", shard_count=4, started_at=0.0,
                                     jobs=None),
                              ((s.id, s.record, s.line) for s in shards))
+        loop = Loop(os_signals=False)
+        server = ControlServer(loop, os.path.join(base, "c.sock"), _Events.endpoint)
+        ports = Ports(loop=loop, backend=_NoProcesses(), channel=_NoChannel(), control=server,
+                      events=_Events(), guardian=NoGuard())
         master = Master(run_id="fuzz-run", run_dir=run_dir, task=task, shards=shards,
-                        store=store, backend=lambda loop, m: _NoProcesses())
-        master._load_runtime()
-        master.events = _Events()  # type: ignore[assignment]
-        master.guardian = _NoGuardian()  # type: ignore[assignment]
-        server = ControlServer(master.loop, os.path.join(base, "c.sock"), master)
-        master.control = server
+                        store=store, ports=ports, jobs=4)
+        master.open()
         try:
             yield master, server
         finally:
@@ -309,9 +333,9 @@ def test_control_handle_never_raises(
     if not reply["ok"]:
         assert isinstance(reply["error"], str) and "\n" not in reply["error"]
     master.store.commit()  # the store is never left with a statement it cannot commit
-    holding = sum(rt.life.state.holds_slot for rt in master.rt)
+    holding = sum(run.life.state.holds_slot for run in master.shard_runs)
     assert master.running == holding <= max(master.jobs, holding)
-    assert master._unfinished == sum(not rt.life.state.terminal for rt in master.rt)
+    assert master._unfinished == sum(not run.life.state.terminal for run in master.shard_runs)
 
 
 # --- numbers and ids past what the store holds ----------------------------------------------------

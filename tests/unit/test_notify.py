@@ -16,10 +16,10 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.errors import ConfigError
-from orchestrator.notify.config import DEFAULT_EVENTS, Channel, Kind
 from orchestrator.notify.deliver import RateLimit
 from orchestrator.notify.notifier import Notifier, store_facts
 from orchestrator.notify.payload import FailedShard, RunFacts, dingtalk_sign, facts_body, render
+from orchestrator.notifyconfig import DEFAULT_EVENTS, Channel, Kind
 from orchestrator.opsconfig import ops_config
 from orchestrator.store import RunRow, Store
 

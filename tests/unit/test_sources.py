@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import readers, sources
+from orchestrator import sources
 from orchestrator.errors import ShardListError
 from orchestrator.sources import Shard, ShardList, load_shards, parse_range
+from orchestrator.sources import files as readers
 
 
 def _write(path: Path, data: str | bytes) -> str:

@@ -17,7 +17,20 @@ from typing import Any
 import orjson
 
 from orchestrator.errors import ShardListError
-from orchestrator.sources import _CACHE_LIMIT, _EXTENSIONS, _FORMATS, ShardList, _common_keys
+from orchestrator.sources.model import ShardList, common_keys
+
+_FORMATS = {
+    "csv": "csv",
+    "tsv": "tsv",
+    "jsonl": "jsonl",
+    "ndjson": "jsonl",
+    "text": "text",
+    "txt": "text",
+}
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# Repeated CSV values (a country, a status) are stored once; the cache per column is
+# bounded so a column of unique values costs little more than no cache at all.
+_CACHE_LIMIT = 4096
 
 
 def load_file(path: str, fmt: str | None) -> ShardList:
@@ -186,7 +199,7 @@ def _load_jsonl(text: str, src: str, abspath: str) -> ShardList:
         source=src,
         path=abspath,
         format="jsonl",
-        fields=_common_keys(records),
+        fields=common_keys(records),
         length=len(records),
         id_at=ids.__getitem__,
         record_at=records.__getitem__,

@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 import pytest
 
 BIN = Path(sys.executable).parent
-ORCH = str(BIN / "orch") if (BIN / "orch").exists() else "/tmp/venv/bin/orch"
+ORCH = str(BIN / "orch")
+if not os.path.exists(ORCH):
+    raise RuntimeError(f"no {ORCH}: install orch in this interpreter's environment first")
 PYTHON = sys.executable
 
 T = TypeVar("T")

@@ -17,44 +17,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import Stream
 from orchestrator.lifecycle import State
 from orchestrator.master import View
 from orchestrator.units import format_duration
+from orchestrator.views.figures import Rate, counts_text, eta_s, plural
 
 if TYPE_CHECKING:
     from orchestrator.master import Master
-
-_ORDER = ("running", "pending", "backoff", "stopping", "done", "failed", "stopped")
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def counts_text(counts: dict[str, int]) -> str:
-    parts = [f"{counts[s]} {s}" for s in _ORDER if counts.get(s)]
-    return ", ".join(parts) or "no shards"
-
-
-class Rate:
-    """Items per second over a sliding window of samples."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, now: float, done: int) -> float | None:
-        s = self._samples
-        s.append((now, done))
-        while len(s) > 2 and now - s[0][0] > self.window_s:
-            s.popleft()
-        if len(s) < 2 or s[-1][0] <= s[0][0]:
-            return None
-        return max(0.0, (s[-1][1] - s[0][1]) / (s[-1][0] - s[0][0]))
 
 
 class PlainView(View):
@@ -96,15 +68,16 @@ class PlainView(View):
         self._print("\n".join(f"{tag} {ln}" for ln in text.split("\n")))
 
     def status_line(self, master: Master) -> str:
-        line = counts_text(master.counts())
+        line = counts_text(master.counts(), lifecycle_order=True)
         done, total = master.items()
         if done or total:
             rate = self._rate.add(time.monotonic(), done)
             line += f" | {done}" + (f"/{total}" if total else "") + " items"
             if rate is not None:
                 line += f", {rate:,.0f}/s"
-                if total and rate > 0:
-                    line += f", ETA {format_duration((total - done) / rate)}"
+                eta = eta_s(done, total, rate) if total else None
+                if eta is not None:
+                    line += f", ETA {format_duration(eta)}"
         return line
 
     def tick(self, master: Master) -> None:
@@ -118,7 +91,7 @@ class LiveView(PlainView):
     """A rich live panel for terminals."""
 
     def __init__(self, verbose: bool = False) -> None:
-        from rich.console import Console
+        from rich.console import Console  # rich only for a terminal: plain lines never load it
 
         super().__init__(tick_s=0.2, verbose=verbose)
         self.console = Console()
@@ -126,7 +99,7 @@ class LiveView(PlainView):
         self._t0 = time.monotonic()
 
     def started(self, master: Master) -> None:
-        from rich.live import Live
+        from rich.live import Live  # rich only for a terminal (see __init__)
 
         self.console.print(
             f"[bold]orch[/] run [cyan]{master.run_id}[/]: {plural(len(master.shards), 'shard')}, "
@@ -145,6 +118,7 @@ class LiveView(PlainView):
             self.console.print(f"[{style}]\\[{shard_id}][/] {ln}", highlight=False, markup=True)
 
     def render(self, master: Master) -> Any:
+        # rich only for a terminal (see __init__)
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
@@ -162,12 +136,13 @@ class LiveView(PlainView):
         tail = ""
         if rate:
             tail = f"  {rate:,.0f}/s"
-            if total and rate > 0:
-                tail += f"  ETA {format_duration((total - done) / rate)}"
+            eta = eta_s(done, total, rate) if total else None
+            if eta is not None:
+                tail += f"  ETA {format_duration(eta)}"
         grid.add_row(ProgressBar(total=max(1, bar_total), completed=bar_done))
         elapsed = format_duration(time.monotonic() - self._t0)
         grid.add_row(f"{what}{tail}  [dim]{elapsed}[/]")
-        grid.add_row(counts_text(counts))
+        grid.add_row(counts_text(counts, lifecycle_order=True))
         for text in self._notable(master):
             grid.add_row(text)
         return grid
@@ -179,7 +154,7 @@ class LiveView(PlainView):
         running: list[tuple[float, int]] = []
         now = master.loop.clock()
         quiet_s = max(5.0, 5 * master.task.heartbeat_interval_s)
-        for i, rt in enumerate(master.rt):
+        for i, rt in enumerate(master.shard_runs):
             state = rt.life.state
             if state is State.BACKOFF:
                 if len(failing) < limit:
@@ -213,3 +188,8 @@ class LiveView(PlainView):
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+def default_view(verbose: bool) -> PlainView:
+    """The rich live panel on a terminal, plain lines otherwise."""
+    return LiveView(verbose=verbose) if sys.stdout.isatty() else PlainView(verbose=verbose)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from itest import Env, poll_for
 
+from helpers.world import Env, poll_for
 from orchestrator import control
 from orchestrator.errors import OrchError
 from orchestrator.runs import STATE_DB

@@ -1,8 +1,6 @@
-"""Helpers shared by the reliability suites: processes, runs, a /proc sampler.
+"""Helpers of the reliability suites: processes, runs, a /proc sampler.
 
-Builds on tests/integration/conftest.py (``Env``, ``run_orch``, ``poll_for``,
-``run_pids``), loaded by path under its own module name so that it never
-clashes with this directory's conftest.
+Builds on ``helpers.world`` (``Env``, ``run_orch``, ``poll_for``, ``run_pids``).
 
 Safety rules every helper follows:
 
@@ -15,11 +13,9 @@ Safety rules every helper follows:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -29,29 +25,10 @@ from typing import Any
 import orjson
 import zmq
 
+from helpers.world import ORCH, PYTHON, Env, orch_env, poll_for, run_orch, run_pids, start_orch
 
-def _load_integration_conftest() -> Any:
-    name = "_orch_integration_conftest"
-    mod = sys.modules.get(name)
-    if mod is None:
-        path = Path(__file__).resolve().parent.parent / "integration" / "itest.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+__all__ = ["ORCH", "PYTHON", "Env", "orch_env", "poll_for", "run_orch", "run_pids", "start_orch"]
 
-
-_it = _load_integration_conftest()
-Env = _it.Env
-run_orch = _it.run_orch
-start_orch = _it.start_orch
-poll_for = _it.poll_for
-run_pids = _it.run_pids
-orch_env = _it.orch_env
-ORCH: str = _it.ORCH
-PYTHON: str = _it.PYTHON
 
 #: Deadlines are generous: other suites load the same two cores.
 DEADLINE_S = 60.0

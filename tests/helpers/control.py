@@ -27,8 +27,8 @@ from typing import Any
 
 import orjson
 import zmq
-from itest import Env, poll_for, run_pids
 
+from helpers.world import Env, poll_for, run_pids
 from orchestrator.store import Store
 
 

@@ -1,0 +1,234 @@
+"""Putting a master on an opened run: in the foreground, detached, or resumed.
+
+Every way a run gets a master goes through here: ``orch run``, ``orch
+resume``, ``orchestrator.run(...)`` and the detached master
+(``python -m orchestrator.daemon``). ``supervise`` is the one place a
+``Master`` is built.
+
+``orch run -d`` validates and creates the run in the foreground (so a user
+mistake is still a one-line error), then starts ``python -m
+orchestrator.daemon RUN_DIR``: a new session with no controlling terminal,
+stdin from /dev/null, stdout and stderr to ``master.log`` in the run
+directory, holding the run lock handed to it. The CLI waits until the
+master has recorded itself as running, then prints the run id as its last
+line.
+
+``orch resume RUN`` first makes sure nothing of the run still lives: every
+recorded attempt whose pid still exists with the same start time (so a
+reused pid is never touched), and every process in a recorded process group
+that carries the run's ``ORCH_RUN_ID``, gets SIGTERM, a grace period, then
+SIGKILL. Only then does a master start on the same run directory; it
+restarts the unfinished shards from their checkpoints and leaves done
+shards done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from orchestrator import procfs
+from orchestrator.errors import RET_OK, OrchError
+from orchestrator.runs import OpenedRun, RunDir, master_alive, private
+from orchestrator.store import Store
+from orchestrator.views.summary import print_summary
+
+if TYPE_CHECKING:
+    from orchestrator.master import View
+
+START_TIMEOUT_S = 15.0
+#: How long resume waits for SIGKILLed leftovers to be gone (a process in D state can linger).
+KILL_WAIT_S = 5.0
+
+
+class RunIsLive(OrchError):
+    """Raised when resuming a run whose master is still alive."""
+
+
+def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
+    """Build the run's master and run it to the end; return the run's exit code.
+
+    The only place a ``Master`` is constructed (the foreground run and the
+    detached master both come here).
+    """
+    # The master's stack (ZeroMQ, the backend, the views) is loaded only by the process that
+    # supervises: `orch run -d` and `orch resume -d` hand the run over without it.
+    from orchestrator.assemble import build_master
+
+    master = build_master(
+        run_id=run.id,
+        run_dir=run.dir.path,
+        task=run.task,
+        shards=run.shards,
+        store=run.store,
+        view=view,
+        retry_failed=retry_failed,
+    )
+    return master.run()
+
+
+def run_command(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) -> int:
+    """``orch run``: check everything, create the run, start its master; the exit code."""
+    # orch run's preparation (orch.toml, templates, executables): not needed to resume.
+    from orchestrator.start import prepare
+
+    task, shards = prepare(head, command, opts)
+    run = OpenedRun.create(task, shards, home=opts.get("home"), name=opts.get("name"))
+    return start(run, detach=bool(opts.get("detach")), verbose=bool(opts.get("verbose")))
+
+
+def start(
+    run: OpenedRun,
+    *,
+    detach: bool,
+    verbose: bool = False,
+    resume: bool = False,
+    retry_failed: bool = False,
+) -> int:
+    """Supervise ``run`` here (live view, then the summary) or hand it to a detached master."""
+    if detach:
+        run.store.close()
+        return _detach(run.dir, run.hand_over_lock(), resume=resume, retry_failed=retry_failed)
+    try:
+        from orchestrator.views.live import default_view  # loads the master (see supervise)
+
+        code = supervise(run, default_view(verbose), retry_failed=retry_failed)
+        print_summary(run.store, run.dir)
+        return code
+    finally:
+        run.close()
+
+
+# ----------------------------------------------------------------------------- detached
+
+
+def _detach(run_dir: RunDir, lock_fd: int, *, resume: bool, retry_failed: bool) -> int:
+    """Start the master in the background, handing it the run lock; print the run id."""
+    argv = [sys.executable, "-m", "orchestrator.daemon", run_dir.path, "--lock-fd", str(lock_fd)]
+    if retry_failed:
+        argv.append("--retry-failed")
+    try:
+        with open(run_dir.master_log, "ab", opener=private) as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(lock_fd,),
+                cwd="/",
+            )
+    finally:
+        os.close(lock_fd)  # the master holds it now
+    deadline = time.monotonic() + START_TIMEOUT_S
+    store = Store.open(run_dir.state_db, readonly=True)
+    try:
+        while time.monotonic() < deadline:
+            run = store.run()
+            if run.get("master_pid") == proc.pid:
+                break  # running, or already finished (a very short run)
+            if proc.poll() is not None:
+                raise OrchError(f"the master exited at start ({_last_line(run_dir)})")
+            time.sleep(0.02)  # allowed-sleep: polling the database for the master's record
+        else:
+            raise OrchError(
+                f"the master did not start within {START_TIMEOUT_S:g}s (see {run_dir.master_log})"
+            )
+    finally:
+        store.close()
+    print(
+        f"orch: {'resumed' if resume else 'started'} run in the background "
+        f"(master pid {proc.pid}); 'orch status {run_dir.id}', 'orch logs {run_dir.id} -f'"
+    )
+    print(run_dir.id)
+    return RET_OK
+
+
+def _last_line(run_dir: RunDir) -> str:
+    try:
+        with open(run_dir.master_log, encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        return lines[-1] if lines else "no output"
+    except OSError:
+        return "no log"
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def reopen(run_dir: RunDir) -> OpenedRun:
+    """Take the run lock, stop leftovers, close lost attempts: the run is ready for a master."""
+    lock_fd = run_dir.lock()
+    run = OpenedRun.load(run_dir, lock_fd=lock_fd)
+    row = run.store.run()
+    if lock_fd is None or (row.get("state") == "running" and master_alive(row)):
+        run.close()
+        raise RunIsLive(
+            f"run {run.id} is live (master pid {row.get('master_pid')} holds it); "
+            "'orch stop' it first or 'orch wait' for it"
+        )
+    killed = kill_leftovers(run.store, run.id, run.task.stop_timeout_s)
+    if killed:
+        print(
+            f"orch: stopped {killed} leftover process{'es' if killed != 1 else ''} of run {run.id}"
+        )
+    # Attempts the dead master never saw end are closed now, with what we know.
+    for shard in run.store.shards(states=["running", "stopping"]):
+        for att in run.store.attempts(shard["idx"]):
+            if att.get("ended_at") is None:
+                run.store.attempt_ended(
+                    shard["idx"],
+                    att["attempt"],
+                    ended_at=time.time(),
+                    exit_code=None,
+                    signal=None,
+                    reason="lost with the master",
+                )
+    run.store.commit()
+    return run
+
+
+def leftovers(store: Store, run_id: str) -> list[int]:
+    """Pids of processes that still belong to the run (verified, never a reused pid)."""
+    pids: set[int] = set()
+    pgids: set[int] = set()
+    for row in store.shards():
+        for att in store.attempts(row["idx"]):
+            if att.get("ended_at") is not None or not att.get("pid"):
+                continue
+            pid = att["pid"]
+            if att.get("create_time") is not None and procfs.start_time(pid) == float(
+                att["create_time"]
+            ):
+                pids.add(pid)
+            if att.get("pgid"):
+                pgids.add(att["pgid"])
+    if pgids:
+        for pid in procfs.with_env({f"ORCH_RUN_ID={run_id}".encode()}):
+            if procfs.process_group(pid) in pgids:
+                pids.add(pid)
+    pids.discard(os.getpid())
+    return sorted(pids)
+
+
+def kill_leftovers(store: Store, run_id: str, grace_s: float) -> int:
+    """SIGTERM, grace, SIGKILL every leftover process of the run; return how many there were."""
+    pids = [p for p in leftovers(store, run_id) if procfs.exists(p)]
+    procfs.signal_pids(pids, *procfs.TERM_THEN_CONT)
+    deadline = time.monotonic() + grace_s
+    live = list(pids)
+    while live and time.monotonic() < deadline:
+        time.sleep(0.05)  # allowed-sleep: polling for leftovers to exit within the grace
+        live = [p for p in live if procfs.exists(p)]
+    procfs.signal_pids(live, signal.SIGKILL)
+    # Gone means gone: no new attempt may overlap one that is still exiting.
+    deadline = time.monotonic() + KILL_WAIT_S
+    while live and time.monotonic() < deadline:
+        time.sleep(0.01)  # allowed-sleep: polling for SIGKILLed leftovers to be gone
+        live = [p for p in live if procfs.exists(p)]
+    return len(pids)

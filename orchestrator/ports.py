@@ -1,0 +1,132 @@
+"""The master's edges: what it needs from the world, declared, and the value holding them.
+
+The master talks to nothing directly. It starts and signals attempts
+through a ``Backend``, hears shards through a ``HeartbeatChannel``, is
+steered through a ``ControlPort``, tells the world about state changes
+through an ``EventSink``, announces process groups to a ``Guard``, and
+reads time from the loop's monotonic clock and from ``wall``. All of them
+arrive in one ``Ports`` value built by ``orchestrator.assemble`` (the only
+place that knows the real ones), so a test hands in fakes and a new edge (a
+cluster backend, a notifier) plugs in there without touching the master.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from orchestrator.backends import Backend, Stream
+from orchestrator.loop import Loop
+from shards.protocol import Message
+
+#: ``on_message(identity, message)``: a decoded protocol message from a shard.
+OnMessage = Callable[[bytes, Message], None]
+
+
+class HeartbeatChannel(Protocol):
+    """Where shards' protocol messages arrive, and replies (acks) leave."""
+
+    endpoint: str  # handed to every attempt as ORCH_ENDPOINT
+    received: int  # valid messages so far
+    garbage: int  # frames dropped as undecodable, misrouted or oversize
+
+    def bind(self, on_message: OnMessage) -> None:
+        """Deliver every valid message to ``on_message`` from now on (inside the loop)."""
+
+    def reply(self, identity: bytes, msg: Message) -> None:
+        """Send ``msg`` to the peer ``identity``; a peer that is gone is not an error."""
+
+    def close(self) -> None: ...
+
+
+class Steerable(Protocol):
+    """What a control server may ask of the master."""
+
+    run_id: str
+
+    def shard_index(self, shard_id: str) -> int | None: ...
+    def status(self) -> dict[str, Any]: ...
+    def stop_all(self) -> None: ...
+    def stop_shard(self, idx: int) -> None: ...
+    def restart_shard(self, idx: int) -> None: ...
+    def scale(self, jobs: int) -> None: ...
+
+
+class ControlPort(Protocol):
+    """Requests from ``orch stop/restart/scale/status`` (or a web server), run in the loop."""
+
+    endpoint: str  # recorded in the store so that clients find it
+
+    def bind(self, master: Steerable) -> None: ...
+    def close(self) -> None: ...
+
+
+class EventSink(Protocol):
+    """Receives one dict per shard state change and, last, the run's end."""
+
+    def publish(self, event: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Guard(Protocol):
+    """Stops the run's process groups if the master dies without warning."""
+
+    def watch(self, pgid: int) -> None: ...
+    def forget(self, pgid: int) -> None: ...
+    def flush(self) -> None:
+        """Pass on what ``watch``/``forget`` queued: once per loop iteration."""
+
+    def close(self, clean: bool = True) -> None: ...
+
+
+class FanOut:
+    """An ``EventSink`` that hands every event to several sinks (a PUB feed, a notifier)."""
+
+    def __init__(self, sinks: Iterable[EventSink] = ()) -> None:
+        self.sinks = list(sinks)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.publish(event)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class NoGuard:
+    """A ``Guard`` for backends whose attempts are not the master's process groups."""
+
+    def watch(self, pgid: int) -> None: ...
+    def forget(self, pgid: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self, clean: bool = True) -> None: ...
+
+
+@dataclass(slots=True)
+class Ports:
+    """Everything the master reaches the world through; built by ``assemble.build_master``."""
+
+    loop: Loop  # fds, timers, signals, and the monotonic clock (``loop.clock``)
+    backend: Backend
+    channel: HeartbeatChannel
+    control: ControlPort
+    events: EventSink
+    guardian: Guard
+    wall: Callable[[], float] = time.time  # wall clock, only for what is recorded or shown
+    rand: Callable[[], float] = random.random  # backoff jitter
+
+
+class Reporter(Protocol):
+    """What the master's parts tell the person watching (``master.View`` is one)."""
+
+    verbose: bool
+
+    def event(self, text: str) -> None:
+        """A notable thing happened to a shard (a failure, a kill)."""
+
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None:
+        """Output of an attempt (shown with --verbose)."""

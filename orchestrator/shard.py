@@ -1,0 +1,118 @@
+"""One shard of a live run, as the master holds it: ``ShardRun``.
+
+A ``ShardRun`` owns everything the master knows about one shard: its index
+and id, its lifecycle value (``lifecycle.Shard``, replaced by each
+``step``), its progress (done/total, last heartbeat, memory), its last
+checkpoint, and its live attempt (handle, liveness watch, start time, the
+stderr tail kept as notes) with the logs its attempts write to. The master
+keeps one per shard in a list indexed like the store and the shard list;
+nothing else holds per-shard state.
+
+The record itself (the CSV row, the JSON object) stays in the shard list,
+read when an attempt is started, so 100,000 shards cost little memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from orchestrator import lifecycle as lc
+from orchestrator.backends import AttemptHandle
+from orchestrator.lifecycle import State
+from orchestrator.liveness import Watch
+from orchestrator.logs import ShardLogs
+
+
+@dataclass(slots=True, eq=False)
+class ShardRun:
+    index: int
+    id: str
+    life: lc.Shard
+    # progress
+    done: int | None = None
+    total: int | None = None
+    heartbeat_at: float | None = None  # wall clock
+    rss: int | None = None
+    # the last checkpoint
+    checkpoint: Any = None
+    has_checkpoint: bool = False  # a stored JSON null is a checkpoint too
+    checkpoint_done: int | None = None
+    # the live attempt
+    handle: AttemptHandle | None = None
+    watch: Watch | None = None
+    attempt_started: float = 0.0  # monotonic
+    notes: list[str] = field(default_factory=list)  # stderr tail of the last failed attempt
+    logs: ShardLogs | None = None  # open from the first attempt until the shard ends
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...], retry_failed: bool) -> ShardRun:
+        """The shard as a (new or resumed) master takes it over from ``Store.resume_rows``.
+
+        Whatever was not finished starts again, stopped shards too (a SIGTERM at
+        reboot stops them all): done shards stay done, and failed ones too unless
+        asked (``orch resume --retry-failed``). A checkpoint is kept either way.
+        """
+        idx, shard_id, state_text, attempts, reason, done, total, cp, cp_done, has_cp = row
+        state = State(state_text)
+        if not state.terminal or state is State.STOPPED or (retry_failed and state is State.FAILED):
+            state = State.PENDING
+        run = cls(
+            index=idx,
+            id=shard_id,
+            life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
+            done=done if state.terminal else cp_done,
+            total=total,
+        )
+        if has_cp or cp_done is not None:
+            run.checkpoint, run.has_checkpoint, run.checkpoint_done = cp, has_cp, cp_done
+        return run
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    def progress_row(self) -> tuple[int | None, int | None, float | None, int | None, int]:
+        """The row ``Store.set_progress_many`` takes."""
+        return self.done, self.total, self.heartbeat_at, self.rss, self.index
+
+    def checkpoint_text(self) -> str:
+        """The checkpoint as the JSON an attempt gets in ORCH_CHECKPOINT ("" for none)."""
+        return orjson.dumps(self.checkpoint).decode() if self.has_checkpoint else ""
+
+    def begin(self, handle: AttemptHandle, now: float, watch: Watch) -> None:
+        """A new attempt runs: it starts from the last checkpoint's count."""
+        self.handle = handle
+        self.watch = watch
+        self.attempt_started = now
+        self.notes = []
+        self.done = self.checkpoint_done
+
+    def end(self) -> None:
+        """The live attempt's process group is gone."""
+        self.handle = None
+        self.watch = None
+
+    def report(self, done: int | None, total: int | None, now: float, wall: float) -> None:
+        """A heartbeat, with progress when it carries some; never below the checkpoint."""
+        if done is not None:
+            cp_done = self.checkpoint_done
+            self.done = done if cp_done is None else max(done, cp_done)
+        if total is not None:
+            self.total = total
+        self.heartbeat_at = wall
+        if self.watch is not None:
+            self.watch.beat(now, self.done, self.total)
+
+    def keep_checkpoint(self, checkpoint: Any, done: int | None) -> None:
+        """Hold ``checkpoint`` as the one the next attempt resumes from."""
+        self.checkpoint = checkpoint
+        self.has_checkpoint = True
+        self.checkpoint_done = done if done is not None else self.done
+
+    def close_logs(self) -> None:
+        if self.logs is not None:
+            self.logs.close()
+            self.logs = None
