@@ -379,10 +379,9 @@ def live_runs(home: str, name: str) -> list[RunDir]:
 @contextlib.contextmanager
 def names_lock(home: str) -> Iterator[None]:
     """Held while ``orch run`` checks for live runs of a name and creates its own, so two
-    starting together cannot both find none (``runs/.names.lock``, flock)."""
-    root = runs_root(home)
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(root, ".names.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    starting together cannot both find none (``names.lock`` in orch's home, flock)."""
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(home, "names.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
