@@ -388,6 +388,7 @@ class Master:
                 fields["last_error"] = "\n".join(run.notes)
             limit = self.task.max_failed
             if limit is not None and not self.aborted and self._counts["failed"] > limit:
+                self.aborted = True  # from now on nothing starts; the rest stop when idle
                 self.loop.call_when_idle(self._abort)
         self.store.set_shard(run.index, **fields)
         self.events.publish(
@@ -409,9 +410,6 @@ class Master:
 
     def _abort(self) -> None:
         """More shards failed than ``max_failed``: stop the others; the run ends failed."""
-        if self.aborted:
-            return
-        self.aborted = True
         self.view.event(
             f"{self._counts['failed']} shards failed (max_failed {self.task.max_failed}): "
             "stopping the run"

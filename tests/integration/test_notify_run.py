@@ -115,9 +115,7 @@ def test_failed_run_notifies_each_gave_up_then_failed(world: Env, receiver: Rece
     assert {g["shard"]["id"] for g in gave_up} == {"0", "1"}
 
 
-def test_detached_run_notifies_and_secrets_are_never_shown(
-    world: Env, receiver: Receiver
-) -> None:
+def test_detached_run_notifies_and_secrets_are_never_shown(world: Env, receiver: Receiver) -> None:
     _config(world, receiver)
     proc = world.orch("run", "-d", "bad")
     assert proc.returncode == 0, proc.stderr
@@ -146,9 +144,7 @@ def test_detached_run_notifies_and_secrets_are_never_shown(
     assert TOKEN in (run_dir / "notify.json").read_text()  # only there, for the deliverer
 
 
-def test_delivered_once_across_a_master_sigkill_and_resume(
-    world: Env, receiver: Receiver
-) -> None:
+def test_delivered_once_across_a_master_sigkill_and_resume(world: Env, receiver: Receiver) -> None:
     _config(world, receiver)
     proc = world.orch("run", "-d", "slow")
     assert proc.returncode == 0, proc.stderr
