@@ -99,8 +99,12 @@ def run_command(head: str | None, command: tuple[str, ...], opts: dict[str, Any]
     channels = notify_channels(head, opts)
     home = home_dir(opts.get("home"))
     name = opts.get("name") or task.name
+    # One live run per task (a task of orch.toml) or per --name; ad-hoc runs are unchecked.
+    checked = not opts.get("allow_concurrent") and (
+        opts.get("name") is not None or (head is not None and ":" not in head)
+    )
     with names_lock(home):
-        if not opts.get("allow_concurrent"):
+        if checked:
             refuse_live(home, name, task.concurrency)
         run = OpenedRun.create(task, shards, home=home, name=name)
     if channels:

@@ -63,6 +63,13 @@ def test_a_second_run_of_a_live_task_is_refused_naming_the_live_run(denv: Env) -
     assert again.returncode == 2 and named in one_line_error(again)
 
 
+def test_ad_hoc_runs_without_a_name_are_never_refused(denv: Env) -> None:
+    first = start_detached(denv, "--split", "1", "--", "sleep", "60")
+    second = start_detached(denv, "--split", "1", "--", "sleep", "60")
+    assert first != second
+    assert Run(denv, first).row()["state"] == Run(denv, second).row()["state"] == "running"
+
+
 def test_concurrency_n_allows_n_live_runs(denv: Env) -> None:
     _task(denv, "concurrency = 2")
     start_detached(denv, "svc")
