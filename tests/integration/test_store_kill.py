@@ -116,9 +116,12 @@ class Lines:
 
 def check_intact(path: str) -> None:
     uri = Path(path).absolute().as_uri() + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True)
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        # One read transaction: every count below is of the same snapshot, even while the
+        # writer commits (separate statements would each see a newer one).
+        conn.execute("BEGIN")
         # each transaction is all-or-nothing: every done shard has its ended attempt,
         # and the done counter, bumped in the same transaction, agrees with the states
         (ended_ok,) = conn.execute(
