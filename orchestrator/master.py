@@ -451,9 +451,8 @@ class Master:
     def _sinks_tick(self) -> None:
         """A recording sink's timer (a notifier's digests): what it staged goes in the next
         group commit; it never waits."""
-        dirty = self.store.dirty
         deadline = self.events.tick(self.loop.clock())
-        if self.store.dirty and not dirty:
+        if self.store.dirty:
             self.loop.call_when_idle(self._commit)
         if deadline is not None:
             self.loop.timers.set("sinks", deadline, self._sinks_tick)
