@@ -131,6 +131,7 @@ class Attempts:
                 task.log_max_bytes,
                 task.log_backups,
                 self._view.event,
+                echo=self._view.verbose,
             )
         run.logs.begin(attempt, handle.pid)
         self._tracker.arm_watch(run)

