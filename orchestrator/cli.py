@@ -296,6 +296,11 @@ def _permission_problem(exc: PermissionError) -> str:
 )
 @click.option("--read-only", is_flag=True, help="Refuse every change (403).")
 @click.option("--no-auth", is_flag=True, help="No token (loopback hosts only).")
+@click.option(
+    "--print-systemd-unit",
+    is_flag=True,
+    help="Print a systemd unit that keeps this orch serve running, and exit.",
+)
 @_home_option
 def serve(
     host: str,
@@ -304,11 +309,29 @@ def serve(
     token: str | None,
     read_only: bool,
     no_auth: bool,
+    print_systemd_unit: bool,
     home: str | None,
 ) -> None:
-    """Serve the web dashboard, JSON API, events and /metrics for every run."""
+    """Serve the web dashboard, JSON API, events and /metrics for every run.
+
+    It also fires the schedules of orch.toml, starts its autostart services
+    and prunes daily with [gc]."""
     from orchestrator.serve import main as serve_main
 
+    if print_systemd_unit:
+        click.echo(
+            serve_main.systemd_unit(
+                host=host,
+                port=port,
+                config=config_path,
+                home=home,
+                read_only=read_only,
+                no_auth=no_auth,
+                token_given=token is not None,
+            ),
+            nl=False,
+        )
+        sys.exit(0)
     sys.exit(
         serve_main.serve(
             host=host,
@@ -320,6 +343,17 @@ def serve(
             no_auth=no_auth,
         )
     )
+
+
+@cli.command()
+@click.option("--config", "config_path", metavar="FILE", help="Task file (default ./orch.toml).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_home_option
+def schedules(config_path: str | None, as_json: bool, home: str | None) -> None:
+    """List each scheduled task of orch.toml with its last and next fire."""
+    from orchestrator.serve.ops import schedules_command
+
+    sys.exit(schedules_command(config_path, home, as_json))
 
 
 @cli.command("import")

@@ -24,7 +24,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from orchestrator.serve import data, metrics
+from orchestrator.serve import data, metrics, ops
 from orchestrator.serve.hub import Hub
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -104,9 +104,10 @@ async def _body(request: Request) -> dict[str, Any]:
 
 
 class Api:
-    def __init__(self, settings: Settings, hub: Hub) -> None:
+    def __init__(self, settings: Settings, hub: Hub, operating: ops.Running | None = None) -> None:
         self.s = settings
         self.hub = hub
+        self.operating = operating
 
     def _run_dir(self, request: Request) -> data.RunDir:
         key = request.path_params["run"]
@@ -238,6 +239,12 @@ class Api:
             return JSON([])
         try:
             return JSON(data.task_list(self.s.config_path))
+        except data.OrchError as exc:
+            raise ApiError(422, str(exc)) from None
+
+    def schedules(self, request: Request) -> JSON:
+        try:
+            return JSON(ops.schedule_rows(self.s.home, self.s.config_path))
         except data.OrchError as exc:
             raise ApiError(422, str(exc)) from None
 
@@ -379,6 +386,7 @@ class Api:
             self.hub,
             shard_series_max=self.s.shard_series_max,
             recent_s=self.s.metrics_recent_s,
+            schedule_counts=self.operating.counts() if self.operating else None,
         )
         return Response(text, media_type=metrics.CONTENT_TYPE)
 
@@ -396,14 +404,19 @@ def _page(request: Request) -> FileResponse:
 
 def build_app(settings: Settings, hub: Hub | None = None) -> Starlette:
     hub = hub or Hub(settings.home)
-    api = Api(settings, hub)
+    operating = ops.Running(
+        settings.home, settings.config_path, hub.publish, enabled=not settings.read_only
+    )
+    api = Api(settings, hub, operating)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        await operating.start()
         try:
             yield
         finally:
+            await operating.stop()
             await hub.stop()
 
     async def handled(request: Request, exc: Exception) -> Response:
@@ -434,6 +447,7 @@ def build_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         Route(f"{v1}/healthz", healthz),
         Route(f"{v1}/version", version),
         Route(f"{v1}/tasks", api.tasks),
+        Route(f"{v1}/schedules", api.schedules),
         Route(f"{v1}/events", api.events),
         Route(f"{v1}/runs", api.runs, methods=["GET"]),
         Route(f"{v1}/runs", api.start, methods=["POST"]),

@@ -136,3 +136,87 @@ def serve(
         sock.close()
     sys.stdout.flush()
     return data.EXIT_OK
+
+
+def _orch_executable() -> list[str]:
+    """The absolute path of the ``orch`` executable of this installation."""
+    import shutil
+
+    beside = os.path.join(os.path.dirname(sys.executable), "orch")
+    if os.access(beside, os.X_OK):
+        return [os.path.abspath(beside)]
+    found = shutil.which("orch")
+    if found:
+        return [os.path.abspath(found)]
+    return [os.path.abspath(sys.executable), "-m", "orchestrator"]
+
+
+def _unit_quote(arg: str) -> str:
+    """One ExecStart word: ``%`` escaped for systemd, quoted when it has spaces or quotes."""
+    arg = arg.replace("%", "%%")
+    if arg and not any(c in arg for c in " \t\"'\\;$"):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_unit(
+    *,
+    host: str,
+    port: int,
+    config: str | None,
+    home: str | None,
+    read_only: bool,
+    no_auth: bool,
+    token_given: bool,
+) -> str:
+    """A systemd user unit that starts this ``orch serve`` at boot and restarts it on failure.
+
+    The token is never written into the unit: it comes from ``ORCH_TOKEN`` in
+    ``~/.config/orch/serve.env`` (optional), so a token passed with ``--token``
+    is only mentioned there.
+    """
+    the_home = os.path.abspath(data.home_dir(home))
+    config_path: str | None
+    if config is not None:
+        config_path = os.path.abspath(config)
+    else:
+        default = os.path.abspath(data.DEFAULT_CONFIG)
+        config_path = default if os.path.isfile(default) else None
+    args = [*_orch_executable(), "serve", "--host", host, "--port", str(port)]
+    if config_path is not None:
+        args += ["--config", config_path]
+    args += ["--home", the_home]
+    if read_only:
+        args.append("--read-only")
+    if no_auth:
+        args.append("--no-auth")
+    workdir = os.path.dirname(config_path) if config_path else the_home
+    token_note = (
+        "# --token is not written here: put ORCH_TOKEN=... in ~/.config/orch/serve.env (0600)\n"
+        if token_given
+        else "# A fixed token (else a new random one at each start): ORCH_TOKEN=... in\n"
+        "# ~/.config/orch/serve.env (0600).\n"
+    )
+    return (
+        "# orch serve as a systemd user service; install with:\n"
+        "#   orch serve ... --print-systemd-unit > ~/.config/systemd/user/orch-serve.service\n"
+        "#   systemctl --user daemon-reload && systemctl --user enable --now orch-serve\n"
+        "#   loginctl enable-linger $USER   # start at boot, without a login\n"
+        + token_note
+        + "[Unit]\n"
+        "Description=orch serve (dashboard, schedules, services)\n"
+        "After=network.target\n"
+        "\n"
+        "[Service]\n"
+        "Type=simple\n"
+        f"ExecStart={' '.join(_unit_quote(a) for a in args)}\n"
+        f"WorkingDirectory={_unit_quote(workdir)}\n"
+        f"Environment={_unit_quote('ORCH_HOME=' + the_home)}\n"
+        "EnvironmentFile=-%h/.config/orch/serve.env\n"
+        "Restart=on-failure\n"
+        "RestartSec=2\n"
+        "KillMode=process\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=default.target\n"
+    )

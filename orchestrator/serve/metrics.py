@@ -52,6 +52,11 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ),
     ("orch_concurrency_jobs", "gauge", "How many shards may run at once."),
     ("orch_metrics_shards_omitted", "gauge", "Shards of a run too large for per-shard series."),
+    (
+        "orch_schedule_runs_total",
+        "counter",
+        "Schedule decisions carried out by this serve, by outcome (fired, skipped, ...).",
+    ),
     ("orch_shard_items_done", "gauge", "Items done by one shard (small runs only)."),
     ("orch_shard_items_expected", "gauge", "Items expected of one shard (small runs only)."),
     ("orch_shard_attempts", "gauge", "Attempts started for one shard (small runs only)."),
@@ -147,7 +152,13 @@ def _last_change(f: data.RunFacts) -> float:
         return f.started_at
 
 
-def render(hub: Hub, *, shard_series_max: int = 100, recent_s: float = 3600.0) -> str:
+def render(
+    hub: Hub,
+    *,
+    shard_series_max: int = 100,
+    recent_s: float = 3600.0,
+    schedule_counts: dict[tuple[str, str], int] | None = None,
+) -> str:
     now = time.time()
     chosen = _chosen(hub, now, recent_s)
     info: list[tuple[dict[str, str], float]] = []
@@ -184,12 +195,18 @@ def render(hub: Hub, *, shard_series_max: int = 100, recent_s: float = 3600.0) -
                 j.shards.extend((job, row) for row in data.shard_metrics(f.run_dir))
             else:
                 j.omitted += f.shard_count
-    return _write(info, jobs)
+    return _write(info, jobs, schedule_counts or {})
 
 
-def _write(info: list[tuple[dict[str, str], float]], jobs: dict[str, _Job]) -> str:
+def _write(
+    info: list[tuple[dict[str, str], float]],
+    jobs: dict[str, _Job],
+    schedule_counts: dict[tuple[str, str], int] | None = None,
+) -> str:
     series: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
     series["orch_run_info"] = info
+    for (job, outcome), n in sorted((schedule_counts or {}).items()):
+        series["orch_schedule_runs_total"].append(({"job": job, "outcome": outcome}, n))
     for job, j in jobs.items():
         lab = {"job": job}
         for state, n in j.states.items():
