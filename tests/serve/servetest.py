@@ -111,7 +111,12 @@ class Served:
     """A running ``orch serve`` and the world it serves."""
 
     def __init__(
-        self, root: Path, *extra: str, token_flag: bool = True, env: dict[str, str] | None = None
+        self,
+        root: Path,
+        *extra: str,
+        token_flag: bool = True,
+        env: dict[str, str] | None = None,
+        config: str | None = None,
     ) -> None:
         self.root = root
         self.home = root / "home"
@@ -120,7 +125,7 @@ class Served:
         work = self.cwd / "work.py"
         work.write_text(WORK)
         self.config = self.cwd / "orch.toml"
-        self.config.write_text(config_text(work))
+        self.config.write_text(config_text(work) if config is None else config)
         self.out = open(root / "serve.out", "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
