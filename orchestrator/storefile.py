@@ -158,7 +158,7 @@ def create_db(
     """Create a run database with its run row and every shard, in one transaction.
 
     Fails with ``StoreError`` if ``path`` exists. If anything fails, the file
-    is removed again; a kill mid-create leaves a file that ``open`` refuses
+    is removed again; a kill mid-create leaves a file that ``open_db`` refuses
     as interrupted. Either way there is never a half-recorded run.
     """
     try:
