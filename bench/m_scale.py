@@ -6,9 +6,9 @@ plus one run of 10,000 shards with ``--jobs`` at the ceiling (``--quick``:
 2,000 shards, ``--jobs 500``).
 
 The ceiling is what the open-files hard limit allows at orch's own count of
-descriptors per live attempt (``FDS_PER_ATTEMPT``: two pipes, and two log
-files once the attempt writes); a quiet child really holds two, which the
-"open descriptors" row shows.
+descriptors per live attempt (``FDS_PER_ATTEMPT``: its two pipes; log files
+are capped at 4,096 open in all and reserved once), which the "open
+descriptors" row shows.
 
 Per N, orch runs detached (``orch run -d --jobs N``) and one fleet gives,
 in order: time to all running (launch of the command until N children run
@@ -60,8 +60,8 @@ from bench.m_progress import SENDER, _finish, _run_info
 from bench.peers import PEER_NAMES, Fleet, Spec, start
 
 #: orch's count of descriptors per live attempt (orchestrator/master.py FDS_PER_ATTEMPT).
-FDS_PER_ATTEMPT = 4
-FD_RESERVE = 64
+FDS_PER_ATTEMPT = 2
+FD_RESERVE = 4096 + 64
 PEER_TIMEOUT_S = 300.0
 IDS_PER_SENDER = 900  # a ZeroMQ context holds at most 1,023 sockets
 

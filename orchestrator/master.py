@@ -29,6 +29,7 @@ from orchestrator.backends import AttemptHandle, Stream
 from orchestrator.config import TaskConfig
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK
 from orchestrator.lifecycle import Intent, State
+from orchestrator.logs import OPEN_LOGS
 from orchestrator.loop import raise_fd_limit
 from orchestrator.ports import Ports
 from orchestrator.progress import MEMORY_CHECK_S, Tracker
@@ -41,15 +42,20 @@ __all__ = ["DEFAULT_MAX_JOBS", "FDS_PER_ATTEMPT", "Master", "View", "default_job
 
 #: Default ceiling on children alive at once when --jobs is not given.
 DEFAULT_MAX_JOBS = 1000
-#: File descriptors one live attempt costs the master: two pipes, two log files.
-FDS_PER_ATTEMPT = 4
+#: File descriptors one live attempt costs the master: its stdout and stderr pipes.
+#: Log files are not counted per attempt: at most ``logs.OPEN_LOGS.limit`` are
+#: open at once, whatever the number of attempts (reserved in ``FD_RESERVE``).
+FDS_PER_ATTEMPT = 2
+#: Descriptors kept for the master itself: the capped log files plus 64 (sockets,
+#: the store, the guardian, the loop).
+FD_RESERVE = OPEN_LOGS.limit + 64
 
 
 def default_jobs(count: int, requested: int | None) -> int:
     """--jobs, or one per shard within what the open-files limit allows (raised first)."""
     if requested is not None:
         return requested
-    fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
+    fd_cap = max(1, (raise_fd_limit() - FD_RESERVE) // FDS_PER_ATTEMPT)
     return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
 
 
