@@ -152,6 +152,10 @@ class Master:
         )
         self.backend.bind(self)
         self.channel.bind(self.tracker.on_message)
+        # A channel that can hand heartbeats over without a Message (the local one) does.
+        bind_heartbeat = getattr(self.channel, "bind_heartbeat", None)
+        if bind_heartbeat is not None:
+            bind_heartbeat(self.tracker.on_heartbeat)
         ports.control.bind(self)
 
     # --- running ------------------------------------------------------------------

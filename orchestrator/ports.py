@@ -24,6 +24,10 @@ from shards.protocol import Message
 
 #: ``on_message(identity, message)``: a decoded protocol message from a shard.
 OnMessage = Callable[[bytes, Message], None]
+#: ``on_heartbeat(identity, (shard, attempt, done, total, rss), now)``: a valid
+#: heartbeat of this run, not made into a ``Message`` (the hot path); ``now`` is
+#: the loop's clock, read once per batch.
+OnHeartbeat = Callable[[bytes, tuple[str, int, int | None, int | None, int | None], float], None]
 
 
 class HeartbeatChannel(Protocol):
@@ -34,7 +38,11 @@ class HeartbeatChannel(Protocol):
     garbage: int  # frames dropped as undecodable, misrouted or oversize
 
     def bind(self, on_message: OnMessage) -> None:
-        """Deliver every valid message to ``on_message`` from now on (inside the loop)."""
+        """Deliver every valid message to ``on_message`` from now on (inside the loop).
+
+        A channel may also offer ``bind_heartbeat(on_heartbeat: OnHeartbeat)``:
+        the master then gets heartbeats there, not made into a ``Message``.
+        """
 
     def reply(self, identity: bytes, msg: Message) -> None:
         """Send ``msg`` to the peer ``identity``; a peer that is gone is not an error."""

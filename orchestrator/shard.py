@@ -43,6 +43,7 @@ class ShardRun:
     # the live attempt
     handle: AttemptHandle | None = None
     watch: Watch | None = None
+    watch_armed: bool = False  # the watch's timer is set (Tracker.arm_watch)
     attempt_started: float = 0.0  # monotonic
     notes: list[str] = field(default_factory=list)  # stderr tail of the last failed attempt
     bad_lines: int = 0  # malformed ##orch lines of the live attempt
