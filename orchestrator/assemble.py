@@ -49,7 +49,8 @@ def build_master(
     """
     if task.cwd:
         os.chdir(task.cwd)
-    jobs = default_jobs(len(shards), task.jobs)
+    # The concurrency in force: `orch scale` records it, so a resumed run keeps it.
+    jobs = default_jobs(len(shards), store.run().get("jobs") or task.jobs)
     # Fork the guardian before any thread exists (the ZeroMQ context starts some).
     guardian = Guardian(task.stop_timeout_s, run_id)
     loop = Loop()

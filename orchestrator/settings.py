@@ -37,6 +37,7 @@ class Kind(enum.Enum):
     CHOICE = "choice"
     RANGE = "range"  # A..B
     PATH = "path"  # relative to orch.toml (or to the working directory for flags)
+    CODES = "codes"  # exit statuses 1..255: an array, or "4,44" on the command line
 
 
 class Zero(enum.Enum):
@@ -106,6 +107,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_memory", Kind.SIZE, None, option="max_memory", zero=Zero.OFF),
     Setting("log_max_size", Kind.SIZE, 10 * MiB, zero=Zero.INVALID, field_name="log_max_bytes"),
     Setting("log_backups", Kind.INT, 3, minimum=0),
+    # operating jobs (docs/config.md): failure policy, live runs per task, services
+    Setting("final_exit_codes", Kind.CODES, (), option="final_exit_codes"),
+    Setting("max_failed", Kind.INT, None, option="max_failed", minimum=0),
+    Setting("concurrency", Kind.INT, 1, minimum=1),
+    Setting("autostart", Kind.BOOL, False),
 )
 
 #: orch.toml key -> its setting.
