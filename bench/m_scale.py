@@ -58,10 +58,10 @@ from bench.common import (
 from bench.common import running as sleeps
 from bench.m_progress import SENDER, _finish, _run_info
 from bench.peers import PEER_NAMES, Fleet, Spec, start
+from orchestrator.master import fd_ceiling
 
 #: orch's count of descriptors per live attempt (orchestrator/master.py FDS_PER_ATTEMPT).
 FDS_PER_ATTEMPT = 2
-FD_RESERVE = 4096 + 64
 PEER_TIMEOUT_S = 300.0
 IDS_PER_SENDER = 900  # a ZeroMQ context holds at most 1,023 sockets
 
@@ -85,14 +85,14 @@ def ceiling() -> tuple[int, str]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
-    by_fds = (hard - FD_RESERVE) // FDS_PER_ATTEMPT
+    by_fds = fd_ceiling(hard)  # orch's own default_jobs ceiling
     with open("/proc/sys/kernel/pid_max") as f:
         pid_max = int(f.read())
     used = sum(1 for n in os.listdir("/proc") if n.isdigit())
     by_pids = (pid_max - used) * 9 // 10
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
     by_nproc = nproc * 9 // 10 if nproc != resource.RLIM_INFINITY else by_pids
-    limits = {f"open-files hard limit {hard:,} / {FDS_PER_ATTEMPT} per attempt": by_fds,
+    limits = {f"open-files hard limit {hard:,} ({FDS_PER_ATTEMPT} per attempt + log files)": by_fds,
               f"pid_max {pid_max:,} ({used:,} in use)": by_pids,
               f"max user processes {nproc:,}": by_nproc}
     why = min(limits, key=lambda k: limits[k])

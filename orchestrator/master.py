@@ -42,21 +42,29 @@ __all__ = ["DEFAULT_MAX_JOBS", "FDS_PER_ATTEMPT", "Master", "View", "default_job
 
 #: Default ceiling on children alive at once when --jobs is not given.
 DEFAULT_MAX_JOBS = 1000
-#: File descriptors one live attempt costs the master: its stdout and stderr pipes.
-#: Log files are not counted per attempt: at most ``logs.OPEN_LOGS.limit`` are
-#: open at once, whatever the number of attempts (reserved in ``FD_RESERVE``).
+#: File descriptors one live attempt costs the master: its stdout and stderr pipes,
+#: and its two log files while fewer than ``logs.OPEN_LOGS.limit`` log files are open
+#: in all (past that cap, log files are closed and reopened: 2 per attempt, no more).
 FDS_PER_ATTEMPT = 2
-#: Descriptors kept for the master itself: the capped log files plus 64 (sockets,
-#: the store, the guardian, the loop).
-FD_RESERVE = OPEN_LOGS.limit + 64
+#: Descriptors kept for the master itself (sockets, the store, the guardian, the loop).
+FD_RESERVE = 64
+
+
+def fd_ceiling(limit: int, log_cap: int = OPEN_LOGS.limit) -> int:
+    """How many attempts ``limit`` descriptors hold: 4 each while their log files fit
+    under ``log_cap``, 2 each past it (the capped log files counted once)."""
+    return max(
+        1,
+        (limit - FD_RESERVE) // (2 * FDS_PER_ATTEMPT),
+        (limit - FD_RESERVE - log_cap) // FDS_PER_ATTEMPT,
+    )
 
 
 def default_jobs(count: int, requested: int | None) -> int:
     """--jobs, or one per shard within what the open-files limit allows (raised first)."""
     if requested is not None:
         return requested
-    fd_cap = max(1, (raise_fd_limit() - FD_RESERVE) // FDS_PER_ATTEMPT)
-    return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
+    return max(1, min(count, DEFAULT_MAX_JOBS, fd_ceiling(raise_fd_limit())))
 
 
 class View:
