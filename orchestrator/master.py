@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from orchestrator import lifecycle as lc
@@ -41,6 +41,36 @@ from orchestrator.tally import Tally, items
 from orchestrator.template import compile_command
 
 __all__ = ["Master"]
+
+
+class _RunsById(Mapping[str, ShardRun]):
+    """Shard id -> ShardRun through the shard list's own index: no second dict of
+    100,000 entries (``shard_runs[i]`` is shard ``i``)."""
+
+    __slots__ = ("_runs", "_shards")
+
+    def __init__(self, shards: ShardList, runs: list[ShardRun]) -> None:
+        self._shards = shards
+        self._runs = runs
+
+    def __getitem__(self, shard_id: str) -> ShardRun:
+        i = self._shards.index_of(shard_id)
+        if i is None or i >= len(self._runs) or self._runs[i].id != shard_id:
+            raise KeyError(shard_id)
+        return self._runs[i]
+
+    def get(self, shard_id: str, default: Any = None) -> Any:
+        i = self._shards.index_of(shard_id)
+        if i is None or i >= len(self._runs):
+            return default
+        run = self._runs[i]
+        return run if run.id == shard_id else default
+
+    def __iter__(self) -> Iterator[str]:
+        return (run.id for run in self._runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
 
 
 class Master:
@@ -74,7 +104,7 @@ class Master:
         self.retry_failed = retry_failed
         self.policy = lc.Policy.from_task(task)
         self.shard_runs: list[ShardRun] = []  # by index, like the store and the shard list
-        self._by_id: dict[str, ShardRun] = {}
+        self._by_id = _RunsById(shards, self.shard_runs)
         self.ready = ReadyQueue()
         self.tally = Tally()
         self.interrupted: int | None = None
@@ -120,7 +150,7 @@ class Master:
             environ=base_env,
         )
         self.backend.bind(self)
-        self.channel.bind(self.tracker.on_message)
+        self.channel.bind(self.tracker.on_message, self.tracker.on_heartbeat)
         ports.control.bind(self)
 
     # --- running ------------------------------------------------------------------
@@ -175,8 +205,11 @@ class Master:
         pending = State.PENDING.value
         for row in self.store.resume_rows():
             run = ShardRun.from_row(row, self.retry_failed)
+            if run.index < len(self.shards):
+                shard_id = self.shards.id_at(run.index)
+                if shard_id == run.id:
+                    run.id = shard_id  # one string per id, the shard list's (not the store's too)
             self.shard_runs.append(run)
-            self._by_id[run.id] = run
             self.tally.add(run.life.state)
             if not run.life.state.terminal:
                 self.ready.push(run)

@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # annotations only: the master is built on these ports
 
 #: ``on_message(identity, message)``: a decoded protocol message from a shard.
 OnMessage = Callable[[bytes, Message], None]
+#: ``on_heartbeat(identity, (shard, attempt, done, total, rss), now)``: a valid
+#: heartbeat of this run, not made into a ``Message`` (the hot path); ``now`` is
+#: the loop's clock, read once per batch.
+OnHeartbeat = Callable[[bytes, tuple[str, int, int | None, int | None, int | None], float], None]
 
 
 class HeartbeatChannel(Protocol):
@@ -36,8 +40,10 @@ class HeartbeatChannel(Protocol):
     received: int  # valid messages so far
     garbage: int  # frames dropped as undecodable, misrouted or oversize
 
-    def bind(self, on_message: OnMessage) -> None:
-        """Deliver every valid message to ``on_message`` from now on (inside the loop)."""
+    def bind(self, on_message: OnMessage, on_heartbeat: OnHeartbeat) -> None:
+        """Deliver every valid message to ``on_message`` from now on (inside the loop);
+        a channel may hand heartbeats to ``on_heartbeat`` instead, not made into a
+        ``Message`` (the hot path), or deliver them as messages too."""
 
     def reply(self, identity: bytes, msg: Message) -> None:
         """Send ``msg`` to the peer ``identity``; a peer that is gone is not an error."""

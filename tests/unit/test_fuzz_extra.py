@@ -259,7 +259,7 @@ class _NoChannel:
     received = 0
     garbage = 0
 
-    def bind(self, on_message: Any) -> None:
+    def bind(self, on_message: Any, on_heartbeat: Any) -> None:
         pass
 
     def reply(self, identity: bytes, msg: Any) -> None:

@@ -141,8 +141,8 @@ class FakeChannel:
         self.on_reply: Callable[[proto.Message], None] | None = None
         self._on_message: Callable[[bytes, proto.Message], None] | None = None
 
-    def bind(self, on_message: Callable[[bytes, proto.Message], None]) -> None:
-        self._on_message = on_message
+    def bind(self, on_message: Callable[[bytes, proto.Message], None], on_heartbeat: Any) -> None:
+        self._on_message = on_message  # heartbeats are delivered as messages here
 
     def reply(self, identity: bytes, msg: proto.Message) -> None:
         self.trace.append(("reply", msg.kind.value, msg.shard, msg.attempt, msg.seq))
