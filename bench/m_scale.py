@@ -6,9 +6,9 @@ plus one run of 10,000 shards with ``--jobs`` at the ceiling (``--quick``:
 2,000 shards, ``--jobs 500``).
 
 The ceiling is what the open-files hard limit allows at orch's own count of
-descriptors per live attempt (``FDS_PER_ATTEMPT``: two pipes, and two log
-files once the attempt writes); a quiet child really holds two, which the
-"open descriptors" row shows.
+descriptors per live attempt (``FDS_PER_ATTEMPT``: its two pipes; log files
+are capped at 4,096 open in all and reserved once), which the "open
+descriptors" row shows.
 
 Per N, orch runs detached (``orch run -d --jobs N``) and one fleet gives,
 in order: time to all running (launch of the command until N children run
@@ -58,10 +58,8 @@ from bench.common import (
 from bench.common import running as sleeps
 from bench.m_progress import SENDER, _finish, _run_info
 from bench.peers import PEER_NAMES, Fleet, Spec, start
+from orchestrator.concurrency import FDS_PER_ATTEMPT, fd_ceiling
 
-#: orch's count of descriptors per live attempt (orchestrator/master.py FDS_PER_ATTEMPT).
-FDS_PER_ATTEMPT = 4
-FD_RESERVE = 64
 PEER_TIMEOUT_S = 300.0
 IDS_PER_SENDER = 900  # a ZeroMQ context holds at most 1,023 sockets
 
@@ -85,14 +83,14 @@ def ceiling() -> tuple[int, str]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
-    by_fds = (hard - FD_RESERVE) // FDS_PER_ATTEMPT
+    by_fds = fd_ceiling(hard)  # orch's own default_jobs ceiling
     with open("/proc/sys/kernel/pid_max") as f:
         pid_max = int(f.read())
     used = sum(1 for n in os.listdir("/proc") if n.isdigit())
     by_pids = (pid_max - used) * 9 // 10
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
     by_nproc = nproc * 9 // 10 if nproc != resource.RLIM_INFINITY else by_pids
-    limits = {f"open-files hard limit {hard:,} / {FDS_PER_ATTEMPT} per attempt": by_fds,
+    limits = {f"open-files hard limit {hard:,} ({FDS_PER_ATTEMPT} per attempt + log files)": by_fds,
               f"pid_max {pid_max:,} ({used:,} in use)": by_pids,
               f"max user processes {nproc:,}": by_nproc}
     why = min(limits, key=lambda k: limits[k])

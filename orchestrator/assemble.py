@@ -19,12 +19,13 @@ from collections.abc import Mapping, Sequence
 
 from orchestrator.backends.local import LocalBackend
 from orchestrator.channel import Channel
+from orchestrator.concurrency import default_jobs
 from orchestrator.config import TaskConfig
 from orchestrator.control import ControlServer, Events
 from orchestrator.guardian import Guardian
 from orchestrator.loop import Loop
-from orchestrator.master import Master, View, default_jobs
-from orchestrator.ports import EventSink, FanOut, Ports
+from orchestrator.master import Master
+from orchestrator.ports import EventSink, FanOut, Ports, View
 from orchestrator.runs import ipc_path
 from orchestrator.sources import ShardList
 from orchestrator.store import Store

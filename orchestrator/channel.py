@@ -25,7 +25,14 @@ from collections.abc import Callable
 import zmq
 
 from orchestrator.loop import Loop
-from shards.protocol import MAX_FRAME_BYTES, Message, ProtocolError, decode, encode
+from shards.protocol import (
+    MAX_FRAME_BYTES,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    heartbeat_fields,
+)
 
 BATCH = 4096
 # Plain ints: pyzmq's enum flags cost an enum operation per use on the hot path.
@@ -55,6 +62,10 @@ def bind_ipc(kind: int, path: str, options: dict[int, int]) -> zmq.Socket[bytes]
     return sock
 
 
+#: (identity, (shard, attempt, done, total, rss), loop clock read once per drain)
+OnHeartbeat = Callable[[bytes, tuple[str, int, int | None, int | None, int | None], float], None]
+
+
 def _unbound(identity: bytes, msg: Message) -> None:
     raise RuntimeError("a message arrived before the channel was bound to the master")
 
@@ -66,6 +77,7 @@ class Channel:
         self._loop = loop
         self._run_id = run_id
         self._on_message: Callable[[bytes, Message], None] = _unbound
+        self._on_heartbeat: OnHeartbeat | None = None
         self.path = path
         self.endpoint = "ipc://" + path
         self.received = 0
@@ -87,8 +99,11 @@ class Channel:
         loop.add_reader(self._fd, self._wake)
         loop.call_when_idle(self.drain)
 
-    def bind(self, on_message: Callable[[bytes, Message], None]) -> None:
+    def bind(self, on_message: Callable[[bytes, Message], None], on_heartbeat: OnHeartbeat) -> None:
+        """Valid messages go to ``on_message``, valid heartbeats of this run to
+        ``on_heartbeat`` (no ``Message`` built: the hot path)."""
         self._on_message = on_message
+        self._on_heartbeat = on_heartbeat
 
     def _wake(self) -> None:
         """The fd fired: drain now if the socket was quiet, else a moment later.
@@ -108,47 +123,57 @@ class Channel:
         self._loop.timers.set(("channel", self.path), self._last_drain + COALESCE_S, self.drain)
 
     def drain(self) -> None:
-        """Handle up to BATCH messages; come back next iteration if more wait."""
+        """Handle up to BATCH messages; come back next iteration if more wait.
+
+        The socket is read until ``zmq.Again`` (one exception per drain, no
+        ``getsockopt`` per message). A ROUTER message always carries the
+        identity frame and at least one more, so only the payload's
+        ``RCVMORE`` is looked at. A heartbeat of this run takes the fast path
+        (``heartbeat_fields``: no ``Message``) when the master bound one.
+        """
         self._scheduled = False
-        self._last_drain = self._loop.clock()
+        now = self._last_drain = self._loop.clock()
         sock = self._sock
         recv = sock.recv
         get = sock.getsockopt
         on_message = self._on_message
+        on_heartbeat = self._on_heartbeat
         run_id = self._run_id
-        for _ in range(BATCH):
-            if not int(get(_EVENTS)) & _POLLIN:  # type: ignore[arg-type]
-                break
-            try:
-                identity = recv(_NOBLOCK)
-                if not get(_RCVMORE):
+        if int(get(_EVENTS)) & _POLLIN:  # type: ignore[arg-type]
+            for _ in range(BATCH):
+                try:
+                    identity = recv(_NOBLOCK)
+                    frame = recv(_NOBLOCK)
+                    if get(_RCVMORE):  # more than two frames: drop the rest
+                        while get(_RCVMORE):
+                            recv(_NOBLOCK)
+                        self.garbage += 1
+                        continue
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
                     self.garbage += 1
                     continue
-                frame = recv(_NOBLOCK)
-                if get(_RCVMORE):  # more than two frames: drop the rest
-                    while get(_RCVMORE):
-                        recv(_NOBLOCK)
+                if on_heartbeat is not None:
+                    hb = heartbeat_fields(frame, run_id)
+                    if hb is not None:
+                        self.received += 1
+                        on_heartbeat(identity, hb, now)
+                        continue
+                try:
+                    msg = decode(frame)
+                except ProtocolError:
                     self.garbage += 1
                     continue
-            except zmq.Again:
-                break
-            except zmq.ZMQError:
-                self.garbage += 1
-                continue
-            try:
-                msg = decode(frame)
-            except ProtocolError:
-                self.garbage += 1
-                continue
-            if msg.run != run_id:
-                self.garbage += 1
-                continue
-            self.received += 1
-            on_message(identity, msg)
-        else:
-            self._scheduled = True
-            self._loop.call_when_idle(self.drain)
-            return
+                if msg.run != run_id:
+                    self.garbage += 1
+                    continue
+                self.received += 1
+                on_message(identity, msg)
+            else:
+                self._scheduled = True
+                self._loop.call_when_idle(self.drain)
+                return
         if not self._watching:
             self._loop.add_reader(self._fd, self._wake)
             self._watching = True

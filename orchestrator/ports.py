@@ -16,14 +16,21 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.backends import Backend, Stream
 from orchestrator.loop import Loop
 from shards.protocol import Message
 
+if TYPE_CHECKING:  # annotations only: the master is built on these ports
+    from orchestrator.master import Master
+
 #: ``on_message(identity, message)``: a decoded protocol message from a shard.
 OnMessage = Callable[[bytes, Message], None]
+#: ``on_heartbeat(identity, (shard, attempt, done, total, rss), now)``: a valid
+#: heartbeat of this run, not made into a ``Message`` (the hot path); ``now`` is
+#: the loop's clock, read once per batch.
+OnHeartbeat = Callable[[bytes, tuple[str, int, int | None, int | None, int | None], float], None]
 
 
 class HeartbeatChannel(Protocol):
@@ -33,8 +40,10 @@ class HeartbeatChannel(Protocol):
     received: int  # valid messages so far
     garbage: int  # frames dropped as undecodable, misrouted or oversize
 
-    def bind(self, on_message: OnMessage) -> None:
-        """Deliver every valid message to ``on_message`` from now on (inside the loop)."""
+    def bind(self, on_message: OnMessage, on_heartbeat: OnHeartbeat) -> None:
+        """Deliver every valid message to ``on_message`` from now on (inside the loop);
+        a channel may hand heartbeats to ``on_heartbeat`` instead, not made into a
+        ``Message`` (the hot path), or deliver them as messages too."""
 
     def reply(self, identity: bytes, msg: Message) -> None:
         """Send ``msg`` to the peer ``identity``; a peer that is gone is not an error."""
@@ -157,9 +166,19 @@ class Ports:
     wall: Callable[[], float] = time.time  # wall clock, only for what is recorded or shown
     rand: Callable[[], float] = random.random  # backoff jitter
 
+    def close(self) -> None:
+        """Close every port, the loop last; process groups are left to the guardian only
+        when attempts are still alive."""
+        self.control.close()
+        self.events.close()
+        self.channel.close()
+        self.backend.close()
+        self.guardian.close(clean=not self.backend.live())
+        self.loop.close()
+
 
 class Reporter(Protocol):
-    """What the master's parts tell the person watching (``master.View`` is one)."""
+    """What the master's parts tell the person watching (``View`` is one)."""
 
     verbose: bool
 
@@ -168,3 +187,20 @@ class Reporter(Protocol):
 
     def line(self, shard_id: str, stream: Stream, data: bytes) -> None:
         """Output of an attempt (shown with --verbose)."""
+
+
+class View:
+    """What the master tells the person watching; the base class says nothing.
+
+    The command line hands one to the master (orchestrator.views.live has the
+    terminal ones); ``started``, ``tick`` and ``finished`` read the master's figures.
+    """
+
+    def started(self, master: Master) -> None: ...
+    def event(self, text: str) -> None: ...
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None: ...
+    def tick(self, master: Master) -> None: ...
+    def finished(self, master: Master) -> None: ...
+
+    verbose = False
+    tick_s = 1.0

@@ -100,6 +100,8 @@ class Tracker:
         self.unknown_messages = 0
         self._counted: dict[str, int] = {}
         self._dirty: dict[ShardRun, None] = {}  # ordered: flushed in the order they reported
+        self._beat_now = float("nan")  # the loop clock of the last heartbeat batch ...
+        self._beat_wall = 0.0  # ... and the wall clock read with it
 
     # --- heartbeats and progress -------------------------------------------------
 
@@ -129,17 +131,19 @@ class Tracker:
 
     def arm_watch(self, run: ShardRun) -> None:
         watch = run.watch
-        key = (run.index, "watch")
-        if watch is None or key in self._loop.timers:
+        if watch is None or run.watch_armed:
             return
         deadline = watch.next_deadline()
         if deadline is not None:
-            self._loop.timers.set(key, deadline, lambda: self._check_watch(run))
+            run.watch_armed = True
+            self._loop.timers.set((run.index, "watch"), deadline, lambda: self._check_watch(run))
 
     def disarm_watch(self, run: ShardRun) -> None:
+        run.watch_armed = False
         self._loop.timers.cancel((run.index, "watch"))
 
     def _check_watch(self, run: ShardRun) -> None:
+        run.watch_armed = False  # the timer fired
         if run.watch is None or run.life.state is not State.RUNNING:
             return
         verdict = run.watch.verdict(self._loop.clock())
@@ -200,6 +204,38 @@ class Tracker:
             self._loop.call_when_idle(self._commit)
         if msg.rss is not None:
             run.rss = msg.rss
+
+    def on_heartbeat(
+        self,
+        identity: bytes,
+        fields: tuple[str, int, int | None, int | None, int | None],
+        now: float,
+    ) -> None:
+        """A valid heartbeat of this run (the fast path of ``on_message``, no ``Message``).
+
+        ``now`` is the loop's clock read once per batch; the wall clock is read
+        once per batch too. Counted exactly as ``on_message`` counts.
+        """
+        shard, attempt, done, total, rss = fields
+        run = self._by_id.get(shard)
+        if run is None:
+            self.unknown_messages += 1
+            return
+        if run.life.attempt != attempt:
+            self.stale_messages += 1
+            return
+        if now != self._beat_now:
+            self._beat_now = now
+            self._beat_wall = self._wall()
+        run.report(done, total, now, self._beat_wall)
+        if run.watch is not None and not run.watch_armed:
+            self.arm_watch(run)
+        dirty = self._dirty
+        if not dirty:
+            self._loop.timers.set("progress", now + PROGRESS_FLUSH_S, self.flush_progress)
+        dirty[run] = None
+        if rss is not None:
+            run.rss = rss
 
     def stdout_line(self, run: ShardRun, handle: AttemptHandle, line: bytes) -> None:
         """One ``##orch`` line the attempt printed (shards that are not Python)."""

@@ -14,7 +14,7 @@ read when an attempt is started, so 100,000 shards cost little memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,6 +24,8 @@ from orchestrator.backends import AttemptHandle
 from orchestrator.lifecycle import State
 from orchestrator.liveness import Watch
 from orchestrator.logs import ShardLogs
+
+_FRESH = lc.Shard()
 
 
 @dataclass(slots=True, eq=False)
@@ -43,8 +45,9 @@ class ShardRun:
     # the live attempt
     handle: AttemptHandle | None = None
     watch: Watch | None = None
+    watch_armed: bool = False  # the watch's timer is set (Tracker.arm_watch)
     attempt_started: float = 0.0  # monotonic
-    notes: list[str] = field(default_factory=list)  # stderr tail of the last failed attempt
+    notes: list[str] | None = None  # stderr tail of the last failed attempt
     bad_lines: int = 0  # malformed ##orch lines of the live attempt
     logs: ShardLogs | None = None  # open from the first attempt until the shard ends
 
@@ -60,10 +63,12 @@ class ShardRun:
         state = State(state_text)
         if not state.terminal or state is State.STOPPED or (retry_failed and state is State.FAILED):
             state = State.PENDING
+        fresh = state is State.PENDING and not attempts and reason is None
         run = cls(
             index=idx,
             id=shard_id,
-            life=lc.Shard(state=state, attempt=attempts or 0, reason=reason),
+            # frozen: every shard not started yet shares one value (100,000 shards, one object)
+            life=_FRESH if fresh else lc.Shard(state=state, attempt=attempts or 0, reason=reason),
             done=done if state.terminal else cp_done,
             total=total,
         )
@@ -88,7 +93,7 @@ class ShardRun:
         self.handle = handle
         self.watch = watch
         self.attempt_started = now
-        self.notes = []
+        self.notes = None
         self.bad_lines = 0
         self.done = self.checkpoint_done
 
@@ -121,3 +126,17 @@ class ShardRun:
         if self.logs is not None:
             self.logs.close()
             self.logs = None
+
+    def change_event(self, old: lc.Shard, t: float) -> dict[str, Any]:
+        """What the event feed says about this shard's change from ``old`` to its state now."""
+        new = self.life
+        return {
+            "t": t,
+            "shard": self.id,
+            "index": self.index,
+            "from": old.state.value,
+            "state": new.state.value,
+            "attempt": new.attempt,
+            "reason": new.reason,
+            "intent": new.intent.value if new.intent is not None else None,
+        }

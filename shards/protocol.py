@@ -208,6 +208,51 @@ def decode(frame: bytes) -> Message:
     return Message(kind, run, shard, attempt, seq, done, total, rss, d.get("cp"), has_cp, text, v)
 
 
+def heartbeat_fields(
+    frame: bytes, run_id: str
+) -> tuple[str, int, int | None, int | None, int | None] | None:
+    """The fast path: a heartbeat of run ``run_id`` as (shard, attempt, done, total, rss).
+
+    None for anything else — another kind, another run, or any defect — which
+    ``decode`` then handles (and a caller counts). Whatever this accepts,
+    ``decode`` accepts with the same values, so the two paths count alike.
+    """
+    if len(frame) > MAX_FRAME_BYTES:
+        return None
+    try:
+        d = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if type(d) is not dict or d.get("k") != "hb" or d.get("run") != run_id:
+        return None
+    v = d.get("v")
+    shard = d.get("sh")
+    attempt = d.get("a")
+    if (
+        type(v) is not int
+        or v != PROTOCOL_VERSION
+        or type(shard) is not str
+        or not shard
+        or type(attempt) is not int
+        or not 1 <= attempt <= MAX_INT
+    ):
+        return None
+    done = d.get("done")
+    total = d.get("total")
+    rss = d.get("rss")
+    seq = d.get("seq")
+    text = d.get("msg")
+    if (
+        (done is not None and (type(done) is not int or not 0 <= done <= MAX_INT))
+        or (total is not None and (type(total) is not int or not 0 <= total <= MAX_INT))
+        or (rss is not None and (type(rss) is not int or not 0 <= rss <= MAX_INT))
+        or (seq is not None and (type(seq) is not int or not 0 <= seq <= MAX_INT))
+        or (text is not None and type(text) is not str)
+    ):
+        return None
+    return shard, attempt, done, total, rss
+
+
 def parse_line(line: bytes) -> StdoutReport | None:
     """Decode one stdout line: None when it is not a protocol line (no prefix).
 

@@ -28,9 +28,6 @@ _FORMATS = {
     "txt": "text",
 }
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-# Repeated CSV values (a country, a status) are stored once; the cache per column is
-# bounded so a column of unique values costs little more than no cache at all.
-_CACHE_LIMIT = 4096
 
 
 def load_file(path: str, fmt: str | None) -> ShardList:
@@ -87,16 +84,40 @@ def _physical_lines(text: str) -> Iterator[str]:
         start = end + 1
 
 
+class _Cursor:
+    """Physical lines of ``text`` for ``csv.reader``, counting the characters handed out
+    (csv.reader reads no further than the record it returns)."""
+
+    __slots__ = ("lines", "pos")
+
+    def __init__(self, text: str) -> None:
+        self.pos = 0
+        self.lines = self._lines(text)
+
+    def _lines(self, text: str) -> Iterator[str]:
+        for line in _physical_lines(text):
+            self.pos += len(line)
+            yield line
+
+
 def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
-    reader = csv.reader(_physical_lines(text), delimiter=delimiter, strict=True)
+    """Validate every row now; keep the text and each record's span, parsed on demand.
+
+    100,000 rows then cost their text, two offsets and an id each, not a tuple
+    of strings per row (records are read once per attempt, at spawn).
+    """
+    cursor = _Cursor(text)
+    reader = csv.reader(cursor.lines, delimiter=delimiter, strict=True)
     header: tuple[str, ...] | None = None
-    rows: list[tuple[str, ...]] = []
+    ids: list[str] = []
+    starts = array("q")
+    ends = array("q")
     lines = array("q")
     index: dict[str, int] = {}
-    caches: list[dict[str, str]] = []
     id_col, prev = 0, 0
     while True:
         start = prev + 1
+        begin = cursor.pos
         try:
             row = next(reader, None)
         except csv.Error as exc:
@@ -109,37 +130,38 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
         if header is None:
             header = tuple(row)
             id_col = _check_header(header, src, start)
-            caches = [{} for _ in header]
             continue
         if len(row) != len(header):
             raise ShardListError(
                 f"{src}:{start}: row has {len(row)} field{'s' if len(row) != 1 else ''}, "
                 f"header has {len(header)}"
             )
-        if not row[id_col].strip():
+        shard_id = row[id_col]
+        if not shard_id.strip():
             raise ShardListError(f"{src}:{start}: empty shard id in column {header[id_col]!r}")
-        _add_id(index, lines, row[id_col], start, src)
-        for col, value in enumerate(row):
-            cache = caches[col]
-            hit = cache.get(value)
-            if hit is not None:
-                row[col] = hit
-            elif len(cache) < _CACHE_LIMIT:
-                cache[value] = value
-        rows.append(tuple(row))
+        _add_id(index, lines, shard_id, start, src)
+        ids.append(shard_id)
+        starts.append(begin)
+        ends.append(cursor.pos)
     if header is None:
         raise ShardListError(f"{src}: no header row (the file is empty)")
-    if not rows:
+    if not ids:
         raise ShardListError(f"{src}: no shards (header but no rows)")
     names = header
+
+    def record_at(i: int) -> dict[str, str]:
+        chunk = text[starts[i] : ends[i]]
+        row = next(csv.reader(_physical_lines(chunk), delimiter=delimiter, strict=True))
+        return dict(zip(names, row, strict=True))
+
     return ShardList(
         source=src,
         path=abspath,
         format="csv",
         fields=frozenset(names),
-        length=len(rows),
-        id_at=lambda i: rows[i][id_col],
-        record_at=lambda i: dict(zip(names, rows[i], strict=True)),
+        length=len(ids),
+        id_at=ids.__getitem__,
+        record_at=record_at,
         line_at=lines.__getitem__,
         index_of=index.get,
     )

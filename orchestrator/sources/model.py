@@ -120,6 +120,10 @@ class ShardList(Sequence[Shard]):
         for i in range(self._len):
             yield Shard(i, id_at(i), record_at(i), line_at(i))
 
+    def id_at(self, i: int) -> str:
+        """Shard ``i``'s id alone (no record built)."""
+        return self._id_at(i)
+
     def index_of(self, shard_id: str) -> int | None:
         """The index of the shard with this id, or None."""
         return self._index_of(shard_id)

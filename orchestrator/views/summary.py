@@ -11,7 +11,6 @@ from orchestrator.runs import RunDir
 from orchestrator.store import Store
 from orchestrator.units import format_duration
 from orchestrator.views.figures import counts_text
-from orchestrator.views.report import run_summary, shard_record
 
 
 def print_summary(store: Store, run_dir: RunDir, out: Any = None, limit: int = 20) -> None:
@@ -19,6 +18,9 @@ def print_summary(store: Store, run_dir: RunDir, out: Any = None, limit: int = 2
 
     Reads only the failed shards, so a 100,000-shard run summarises in little memory.
     """
+    # Imported here: ``orch run`` loads this module at start but needs it only at the end.
+    from orchestrator.views.report import run_summary, shard_record
+
     out = out or sys.stdout
     summary = run_summary(store, run_dir)
     run = store.run()

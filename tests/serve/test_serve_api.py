@@ -382,6 +382,12 @@ def test_ndjson_events_for_one_run(served: Served) -> None:
     reader = _Reader(served, f"{V1}/events?format=ndjson&run={run_id}")
     try:
         served.wait_running(run_id, 4)
+
+        def followed() -> bool:  # serve follows the master's feed (not only its store)
+            events = [json.loads(ln) for ln in list(reader.lines) if ln.strip()]
+            return any(e.get("type") in ("shard", "progress") for e in events)
+
+        assert poll_for(followed, timeout=40), reader.lines[-10:]
         assert served.post(f"{V1}/runs/{run_id}/stop").status_code == 202
 
         def stopped() -> bool:

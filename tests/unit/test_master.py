@@ -24,8 +24,8 @@ from orchestrator.config import Restart, TaskConfig
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK, SpawnError
 from orchestrator.lifecycle import TimerKind
 from orchestrator.loop import Loop
-from orchestrator.master import Master, View
-from orchestrator.ports import Ports, Steerable
+from orchestrator.master import Master
+from orchestrator.ports import Ports, Steerable, View
 from orchestrator.progress import PROGRESS_FLUSH_S
 from orchestrator.sources import load_shards
 from orchestrator.store import RunRow, Store
@@ -141,8 +141,8 @@ class FakeChannel:
         self.on_reply: Callable[[proto.Message], None] | None = None
         self._on_message: Callable[[bytes, proto.Message], None] | None = None
 
-    def bind(self, on_message: Callable[[bytes, proto.Message], None]) -> None:
-        self._on_message = on_message
+    def bind(self, on_message: Callable[[bytes, proto.Message], None], on_heartbeat: Any) -> None:
+        self._on_message = on_message  # heartbeats are delivered as messages here
 
     def reply(self, identity: bytes, msg: proto.Message) -> None:
         self.trace.append(("reply", msg.kind.value, msg.shard, msg.attempt, msg.seq))
