@@ -6,8 +6,9 @@ here: listing and resolving runs, the status records (the same objects as
 client, the event feed, and starting or resuming a run. The rest of
 ``orchestrator/serve`` imports only this package, so a change inside the core
 is absorbed here. Its parts: ``runs`` (listing, records, facts, aggregates,
-shard pages), ``shards`` (one shard: record, attempts, logs) and ``steer``
-(control requests, the event feed, starting and resuming runs).
+shard pages), ``shards`` (one shard: record, attempts, logs), ``steer``
+(control requests, the event feed, starting and resuming runs) and ``ops``
+(schedules, services, ``[gc]`` pruning and notification deliverers).
 
 Everything is read-only: stores are opened with ``mode=ro`` (WAL readers
 never block the master), and starting or resuming a run goes through the same
