@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,7 @@ from orchestrator import runs
 from orchestrator.configfile import load_config
 from orchestrator.errors import MasterUnreachable, OrchError
 from orchestrator.serve.data.runs import master_alive, query, resolve, run_dirs, run_facts
-from orchestrator.serve.data.steer import StartFailed, _last_line, _orch, send
+from orchestrator.serve.data.steer import send, start_task
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,15 +96,7 @@ def start_named(
     config_path: str, name: str, home: str, extra: list[str], timeout_s: float = 30.0
 ) -> str:
     """``orch run NAME --config FILE -d EXTRA...``: the new run's id."""
-    code, out, err = _orch(
-        ["run", name, "--config", config_path, "-d", *extra],
-        home,
-        timeout_s,
-        cwd=os.path.dirname(config_path) or None,
-    )
-    if code != 0:
-        raise StartFailed(_last_line(err) or f"orch run exited {code}", usage=code == 2)
-    return _last_line(out)
+    return start_task(config_path, name, home, timeout_s, tuple(extra))
 
 
 def stop_and_wait(home: str, run_id: str, timeout_s: float = 120.0) -> bool:

@@ -59,10 +59,12 @@ class StartFailed(OrchError):
         self.usage = usage
 
 
-def start_task(config_path: str, name: str, home: str, timeout_s: float = 30.0) -> str:
-    """``orch run NAME --config FILE -d``: the new run's id."""
+def start_task(
+    config_path: str, name: str, home: str, timeout_s: float = 30.0, extra: tuple[str, ...] = ()
+) -> str:
+    """``orch run NAME --config FILE -d [EXTRA...]``: the new run's id."""
     code, out, err = _orch(
-        ["run", name, "--config", config_path, "-d"],
+        ["run", name, "--config", config_path, "-d", *extra],
         home,
         timeout_s,
         cwd=os.path.dirname(config_path) or None,
