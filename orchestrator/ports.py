@@ -118,6 +118,9 @@ class Ports:
     guardian: Guard
     wall: Callable[[], float] = time.time  # wall clock, only for what is recorded or shown
     rand: Callable[[], float] = random.random  # backoff jitter
+    #: On start, ask the backend for attempts a previous master left alive (resume on a
+    #: backend whose attempts outlive their master: ray); decided by assemble.
+    reattach: bool = False
 
 
 class Reporter(Protocol):

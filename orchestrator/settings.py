@@ -37,6 +37,8 @@ class Kind(enum.Enum):
     CHOICE = "choice"
     RANGE = "range"  # A..B
     PATH = "path"  # relative to orch.toml (or to the working directory for flags)
+    TEXT = "text"  # a non-empty string, kept as written (an address)
+    RESOURCES = "resources"  # a table of names to numbers >= 0 (Ray custom resources)
 
 
 class Zero(enum.Enum):
@@ -106,6 +108,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_memory", Kind.SIZE, None, option="max_memory", zero=Zero.OFF),
     Setting("log_max_size", Kind.SIZE, 10 * MiB, zero=Zero.INVALID, field_name="log_max_bytes"),
     Setting("log_backups", Kind.INT, 3, minimum=0),
+    # Where attempts run (docs/scale-out.md).
+    Setting("backend", Kind.CHOICE, "local", option="backend", choices=("local", "ray")),
+    Setting("ray_address", Kind.TEXT, None, option="ray_address"),
+    Setting("resources", Kind.RESOURCES, ()),
+    Setting("shard_cpus", Kind.NUMBER, 1.0, option="shard_cpus", minimum=0.0),
+    Setting("shard_memory", Kind.SIZE, None, option="shard_memory", zero=Zero.OFF),
 )
 
 #: orch.toml key -> its setting.

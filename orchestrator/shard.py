@@ -46,6 +46,7 @@ class ShardRun:
     attempt_started: float = 0.0  # monotonic
     notes: list[str] = field(default_factory=list)  # stderr tail of the last failed attempt
     logs: ShardLogs | None = None  # open from the first attempt until the shard ends
+    node: str | None = None  # where the live attempt runs (backends with nodes: ray)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...], retry_failed: bool) -> ShardRun:
@@ -89,6 +90,7 @@ class ShardRun:
         self.attempt_started = now
         self.notes = []
         self.done = self.checkpoint_done
+        self.node = None
 
     def end(self) -> None:
         """The live attempt's process group is gone."""

@@ -79,7 +79,8 @@ CREATE TABLE shards (
   exit_code INTEGER, signal INTEGER, reason TEXT, last_error TEXT,
   started_at REAL, ended_at REAL, done INTEGER, total INTEGER,
   checkpoint BLOB, checkpoint_done INTEGER, checkpoint_at REAL,
-  heartbeat_at REAL, updated_at REAL, start_done INTEGER, rss_bytes INTEGER, message TEXT
+  heartbeat_at REAL, updated_at REAL, start_done INTEGER, rss_bytes INTEGER, message TEXT,
+  node TEXT
 );
 CREATE TABLE attempts (
   shard_idx INTEGER NOT NULL, attempt INTEGER NOT NULL,
@@ -329,6 +330,16 @@ class Store:
             "INSERT INTO attempts (shard_idx, attempt, pid, pgid, create_time, started_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (idx, attempt, pid, pgid, create_time, started_at),
+        )
+
+    def reopen_attempt(self, idx: int, attempt: int) -> None:
+        """A resumed master took the attempt back alive: it has not ended after all."""
+        if not self._dirty:
+            self._begin()
+        self._conn.execute(
+            "UPDATE attempts SET ended_at = NULL, reason = NULL"
+            " WHERE shard_idx = ? AND attempt = ?",
+            (idx, attempt),
         )
 
     def attempt_ended(
