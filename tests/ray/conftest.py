@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-# The black-box helpers of the integration suite (run orch, poll_for, run_pids).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
-
-from itest import env  # noqa: E402, F401  (the fixture: registered by being here)
-from raytest import FAST_HEALTH, Cluster, env_without_orch  # noqa: E402
+from helpers.ray_cluster import FAST_HEALTH, Cluster, env_without_orch
+from helpers.world import env  # noqa: F401  (the fixture: registered by being here)
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,8 @@ class World:
         sock, endpoint, self.close_zap = curve.bind_curve(
             self.loop, self.keys, "127.0.0.1", 0, "127.0.0.1", SOCKET_OPTIONS
         )
-        self.channel = Channel(
-            self.loop, str(tmp / "unused.sock"), RUN, self.on_message, bound=(sock, endpoint)
-        )
+        self.channel = Channel(self.loop, str(tmp / "unused.sock"), RUN, bound=(sock, endpoint))
+        self.channel.bind(self.on_message)
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.client_pair = (self.keys.client_public, self.keys.client_secret)
 

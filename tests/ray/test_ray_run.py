@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from itest import Env, poll_for
-from raytest import WORK, Cluster, items_by_attempt
+from helpers.ray_cluster import WORK, Cluster, items_by_attempt
+from helpers.world import Env, poll_for
 
 
 def ray_run_args(cluster: Cluster, *extra: str) -> list[str]:
@@ -66,7 +66,7 @@ def test_without_ray_backend_ray_is_exit_2_with_the_install_line(env: Env) -> No
 
 def test_unreachable_address_is_one_line_and_no_run(env: Env) -> None:
     pytest.importorskip("ray")
-    from raytest import free_port
+    from helpers.ray_cluster import free_port
 
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -83,7 +83,7 @@ def test_unreachable_address_is_one_line_and_no_run(env: Env) -> None:
 def test_master_sigkill_then_resume_reattaches_never_two_live_attempts(
     cluster: Cluster, env: Env
 ) -> None:
-    from itest import run_pids
+    from helpers.world import run_pids
 
     work = env.script("work.py", WORK)
     items = env.cwd / "items"
