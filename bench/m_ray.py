@@ -199,12 +199,13 @@ def ingest(curve_on: bool, tmp: Path, shards: int = 100, seconds: float = 3.0) -
         sock, endpoint, close_zap = curve.bind_curve(
             loop, keys, "127.0.0.1", 0, "127.0.0.1", SOCKET_OPTIONS
         )
-        channel = Channel(loop, str(d / "x"), "bench", on_message, bound=(sock, endpoint))
+        channel = Channel(loop, str(d / "x"), "bench", bound=(sock, endpoint))
         creds = [keys.server_public.decode(), keys.client_public.decode(),
                  keys.client_secret.decode()]  # fmt: skip
     else:
-        channel = Channel(loop, str(d / "hb.sock"), "bench", on_message)
+        channel = Channel(loop, str(d / "hb.sock"), "bench")
         creds = ["-", "-", "-"]
+    channel.bind(on_message)
     half = shards // 2
     senders = [
         subprocess.Popen(

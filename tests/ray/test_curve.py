@@ -38,7 +38,10 @@ class World:
     def on_message(self, identity: bytes, msg: p.Message) -> None:
         self.received.append(msg)
         if msg.kind is p.Kind.CHECKPOINT:
-            self.channel.ack(identity, msg)
+            ack = p.Message(
+                kind=p.Kind.ACK, run=msg.run, shard=msg.shard, attempt=msg.attempt, seq=msg.seq
+            )
+            self.channel.reply(identity, ack)
 
     def peer(self, server_key: bytes | None, pair: tuple[bytes, bytes] | None) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.DEALER)

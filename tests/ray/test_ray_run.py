@@ -93,7 +93,8 @@ def test_master_sigkill_then_resume_reattaches_never_two_live_attempts(
         "--heartbeat-timeout", "30s",
         "--env", f"ITEMS_DIR={items}", "--env", "ITEM_S=0.25", "--", "python", work,
     )  # fmt: skip
-    run_id = poll_for(lambda: (env.home / "runs").exists() and env.run_id(), timeout=60)
+    poll_for(lambda: (env.home / "runs").exists() and env.run_id(), timeout=60)
+    run_id = env.run_id()
     assert run_id
 
     def shard_processes() -> dict[str, list[int]]:
@@ -148,7 +149,8 @@ def test_node_killed_mid_run_its_shards_finish_elsewhere_from_checkpoints(
         "--env", f"ITEMS_DIR={items}", "--env", "ITEM_S=0.2", "--env", "ITEMS=40",
         "--", "python", work,
     )  # fmt: skip
-    run_id = poll_for(lambda: (env.home / "runs").exists() and env.run_id(), timeout=60)
+    poll_for(lambda: (env.home / "runs").exists() and env.run_id(), timeout=60)
+    run_id = env.run_id()
 
     def on_victim() -> list[str]:
         shards = env.status(run_id)["shards"]
