@@ -286,21 +286,37 @@ def launch(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | Non
            stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.DEVNULL,
            ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session (so a killpg reaches its group)."""
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
+    proc = subprocess.Popen(argv, env=env if env is not None else base_env(), cwd=cwd,
+                            stdin=subprocess.DEVNULL, stdout=stdout,
                             stderr=stderr, start_new_session=True)
     _popen_pids.add(proc.pid)
     return proc
 
 
+#: Not passed on to the managers: a session that sets PYTHONDONTWRITEBYTECODE makes every
+#: Python manager (orch, supervisor, circus) compile its modules at every start, which no
+#: user's installation does.
+DROPPED_ENV = ("PYTHONDONTWRITEBYTECODE",)
+
+
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ORCH_") and k not in DROPPED_ENV}
     env.update(extra)
     return env
 
 
+def warm_bytecode() -> None:
+    """Compile orch's modules once (as an installation does), so no figure pays for it."""
+    env = base_env()
+    subprocess.run([PY, "-m", "compileall", "-q", str(REPO / "orchestrator"),
+                    str(REPO / "shards")], env=env, check=False, capture_output=True)
+
+
 def run_cmd(argv: list[str], timeout_s: float = 60.0, env: dict[str, str] | None = None,
             cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+    return subprocess.run(argv, env=env if env is not None else base_env(), cwd=cwd,
+                          capture_output=True, text=True,
                           timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 

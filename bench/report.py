@@ -167,6 +167,10 @@ METHOD = """\
 
 
 def render_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    from bench import scale_report
+
+    curve = scale_report.section(rows)
+    rows = [r for r in rows if r.family != "scale"]  # the cost curve has its own section
     head, body = table_rows(rows)
     m = meta["machine"]
     out = [
@@ -188,7 +192,7 @@ def render_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     notes = [f"- **{r.key}**: {r.note}" for r in rows if r.note]
     if notes:
         out += ["", "Notes:", "", *notes]
-    out += ["", METHOD]
+    out += ["", *curve, METHOD]
     if FINDINGS.exists():
         out += ["## Findings", "", FINDINGS.read_text().strip(), ""]
     return "\n".join(out)

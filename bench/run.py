@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from bench import report
-from bench.common import REPO, Config, Row, become_subreaper, kill_everything
+from bench.common import REPO, Config, Row, become_subreaper, kill_everything, warm_bytecode
 from bench.peers import versions
 
 #: family -> (module, function); the order is the table's.
@@ -33,9 +33,11 @@ FAMILIES = {
     "hang": ("bench.m_restart", "hang"),
     "progress": ("bench.m_progress", "progress"),
     "logs": ("bench.m_logs", "logs"),
+    "items": ("bench.m_items", "items"),
     "shardlist": ("bench.m_startup", "shardlist"),
     "status": ("bench.m_status", "status"),
     "recovery": ("bench.m_recovery", "recovery"),
+    "scale": ("bench.m_scale", "scale"),
 }
 RESULTS = REPO / "bench" / "results" / "latest.json"
 DOC = REPO / "docs" / "performance.md"
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     families = args.only or list(FAMILIES)
     become_subreaper()
+    warm_bytecode()
     workdir = tempfile.mkdtemp(prefix="ob-", dir="/tmp")  # short: ipc paths must fit
     cfg = Config(quick=args.quick, repeat=repeat, workdir=workdir)
     rows: list[Row] = []

@@ -16,7 +16,7 @@ master does not change.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from orchestrator.backends import Backend
 from orchestrator.backends.local import LocalBackend
@@ -63,6 +63,7 @@ def build_master(
     view: View | None = None,
     retry_failed: bool = False,
     sinks: Sequence[EventSink] = (),
+    base_env: Mapping[str, str] | None = None,
 ) -> Master:
     """A master for the opened run, with its local ports bound; call ``run()`` on it next.
 
@@ -110,4 +111,5 @@ def build_master(
         jobs=jobs,
         view=view,
         retry_failed=retry_failed,
+        base_env=base_env,
     )

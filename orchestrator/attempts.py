@@ -22,7 +22,7 @@ from orchestrator.config import TaskConfig
 from orchestrator.errors import SpawnError, TemplateError
 from orchestrator.lifecycle import State
 from orchestrator.liveness import Watch
-from orchestrator.logs import ShardLogs, protocol_lines, stamp
+from orchestrator.logs import ShardLogs, pick_error, protocol_lines, stamp
 from orchestrator.loop import Loop
 from orchestrator.ports import Guard, HeartbeatChannel, Reporter
 from orchestrator.progress import Apply, Tracker
@@ -82,6 +82,7 @@ class Attempts:
         tracker: Tracker,
         apply: Apply,
         interrupted: Callable[[], bool],
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self._run_id = run_id
         self._logs_dir = os.path.join(run_dir, LOGS)
@@ -98,7 +99,8 @@ class Attempts:
         self._tracker = tracker
         self._apply = apply
         self._interrupted = interrupted
-        self._base_env = base_env(os.environ)
+        # ``environ``: the environment the run started with (orchestrator.environ).
+        self._base_env = base_env(os.environ if environ is None else environ)
         self._master_pid = str(os.getpid())
 
     # --- starting -------------------------------------------------------------------
@@ -148,6 +150,7 @@ class Attempts:
                 heartbeat_timeout_s=task.heartbeat_timeout_s,
                 stall_timeout_s=task.stall_timeout_s,
                 require_heartbeat=task.require_heartbeat,
+                heartbeat_always=task.heartbeat_timeout_set,
             ),
         )
         if run.logs is None:
@@ -158,6 +161,7 @@ class Attempts:
                 task.log_max_bytes,
                 task.log_backups,
                 self._view.event,
+                echo=self._view.verbose,
             )
         run.logs.begin(attempt, handle.pid)
         self._tracker.arm_watch(run)
@@ -194,7 +198,13 @@ class Attempts:
         shard = self._shards[run.index]
         count = len(self._shards)
         cp_text = run.checkpoint_text()
-        values = shard_values(shard, count, cp_text)
+        values = shard_values(
+            shard,
+            count,
+            cp_text,
+            fields=self._template.fields,
+            checkpoint_value=run.checkpoint if run.has_checkpoint else None,
+        )
         env = self._base_env.copy()
         env.update(self._template.render_env(values))
         env.update(
@@ -261,6 +271,7 @@ class Attempts:
             # A last protocol line without a newline (PHP's echo adds none) still counts.
             for line in protocol_lines(logs.out.flush(stamp())):
                 self._tracker.stdout_line(run, handle, line)
+            self._tracker.bad_lines_summary(run)
             logs.end(handle.spec.attempt, what, self._loop.clock() - run.attempt_started)
             if code != 0:
                 run.notes = logs.stderr_tail()
@@ -281,7 +292,8 @@ class Attempts:
             # The tail of stderr, or at least how it ended: a failed shard always says why.
             self._store.set_shard(run.index, last_error="\n".join(run.notes) if run.notes else what)
             if run.life.state is State.RUNNING and not self._interrupted():
-                self._view.event(f"shard {run.id} attempt {handle.spec.attempt}: {what}")
+                why = f": {pick_error(run.notes)}" if run.notes else ""
+                self._view.event(f"shard {run.id} attempt {handle.spec.attempt}: {what}{why}")
         self._apply(run, lc.Exited(code))
 
     def _record_end(

@@ -2,8 +2,10 @@
 
 Shards connect DEALER sockets and send protocol messages (see
 docs/protocol.md). The channel decodes and hands each valid message to the
-master; garbage (wrong frame count, undecodable bytes, oversize frames,
-another run's id) is dropped and counted, never raised.
+master; garbage (wrong frame count, undecodable bytes, another run's id) is
+dropped and counted, never raised. A frame over ``MAX_FRAME_BYTES`` never
+gets here: ``ZMQ_MAXMSGSIZE`` makes ZeroMQ close its connection, uncounted
+(docs/protocol.md, section 4).
 
 ZeroMQ's notification fd is edge-triggered: after it wakes the loop the
 socket is drained until empty (in bounded batches, resumed from the loop's

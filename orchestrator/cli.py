@@ -113,7 +113,10 @@ def run(ctx: click.Context, args: tuple[str, ...], **opts: Any) -> None:
 @cli.command()
 @click.argument("run_key", metavar="[RUN]", required=False)
 @click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output (docs/status-json.md)."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Machine-readable output (schema: docs/cli.md, 'orch status --json').",
 )
 @click.option("--all", "show_all", is_flag=True, help="List every run, not only the last 20.")
 @_home_option
@@ -127,17 +130,38 @@ def status(run_key: str | None, as_json: bool, show_all: bool, home: str | None)
 @cli.command()
 @click.argument("run_key", metavar="RUN")
 @click.option("--shard", metavar="ID", help="One shard (by id, or by index).")
-@click.option("--stderr", is_flag=True, help="Show stderr instead of stdout.")
+@click.option("--stdout", is_flag=True, help="Only stdout.")
+@click.option("--stderr", is_flag=True, help="Only stderr.")
+@click.option("--protocol", is_flag=True, help="Also show the ##orch protocol lines.")
 @click.option("-n", "--tail", type=int, metavar="N", help="Only the last N lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing lines as they are written.")
 @_home_option
 def logs(
-    run_key: str, shard: str | None, stderr: bool, tail: int | None, follow: bool, home: str | None
+    run_key: str,
+    shard: str | None,
+    stdout: bool,
+    stderr: bool,
+    protocol: bool,
+    tail: int | None,
+    follow: bool,
+    home: str | None,
 ) -> None:
-    """Show a run's output: one shard, or all shards interleaved with a prefix."""
+    """Show a run's output, stdout and stderr interleaved in time order (stderr marked):
+    one shard, or all shards with a prefix."""
     from orchestrator.views import logs as show  # lazy: start-up time (see above)
 
-    sys.exit(show.logs(run_key, shard=shard, stderr=stderr, tail=tail, follow=follow, home=home))
+    sys.exit(
+        show.logs(
+            run_key,
+            shard=shard,
+            stdout=stdout,
+            stderr=stderr,
+            protocol=protocol,
+            tail=tail,
+            follow=follow,
+            home=home,
+        )
+    )
 
 
 @cli.command()
@@ -175,12 +199,16 @@ def scale(run_key: str, jobs: int, home: str | None) -> None:
 
 @cli.command()
 @click.argument("run_key", metavar="RUN")
-@click.option("--timeout", "timeout_s", type=float, metavar="SECONDS")
+@click.option(
+    "--timeout", metavar="DUR", help="Give up after DUR (30s, 5m): exit 124, the run goes on."
+)
 @_home_option
-def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
-    """Block until RUN ends; exit with its exit code."""
+def wait(run_key: str, timeout: str | None, home: str | None) -> None:
+    """Block until RUN ends; exit with its exit code (124 on --timeout)."""
     from orchestrator import steer  # lazy: start-up time (see above)
+    from orchestrator.units import parse_duration
 
+    timeout_s = None if timeout is None else parse_duration(timeout, where="--timeout")
     sys.exit(steer.wait(run_key, home, timeout_s))
 
 
@@ -189,14 +217,28 @@ def wait(run_key: str, timeout_s: float | None, home: str | None) -> None:
 @click.option("-d", "--detach", "detach_", is_flag=True, help="Resume in the background.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--retry-failed", is_flag=True, help="Also restart shards that gave up.")
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override the run's environment (templated; kept for later resumes).",
+)
 @_home_option
 def resume(
-    run_key: str, detach_: bool, verbose: bool, retry_failed: bool, home: str | None
+    run_key: str,
+    detach_: bool,
+    verbose: bool,
+    retry_failed: bool,
+    env: tuple[str, ...],
+    home: str | None,
 ) -> None:
-    """Finish a stopped or lost run: unfinished shards restart from their checkpoints."""
+    """Finish a stopped or lost run with the environment it started with: unfinished
+    shards restart from their checkpoints."""
     from orchestrator import steer  # lazy: start-up time (see above)
+    from orchestrator.start import env_pairs
 
-    sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed))
+    sys.exit(steer.resume(run_key, home, detach_, verbose, retry_failed, env_pairs(env)))
 
 
 @cli.command()
@@ -207,6 +249,26 @@ def events(run_key: str, home: str | None) -> None:
     from orchestrator import steer  # lazy: start-up time (see above)
 
     sys.exit(steer.events(run_key, home))
+
+
+def _permission_problem(exc: PermissionError) -> str:
+    """One line naming the path, the refusal, and whose the path is."""
+    path = str(exc.filename or "?")
+    line = f"{path}: {exc.strerror or 'permission denied'}"
+    where = path
+    while where not in ("", os.sep):  # the nearest directory we can see, and its owner
+        try:
+            owner = os.stat(where).st_uid
+        except OSError:
+            where = os.path.dirname(where)
+            continue
+        if owner != os.geteuid():
+            line += (
+                f" ({where} belongs to uid {owner}, you are uid {os.geteuid()}: "
+                "run orch as that user, or give another --home)"
+            )
+        break
+    return line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"orch: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
+    except PermissionError as exc:
+        # A home another user owns (a run started with sudo, `orch status` without it).
+        click.echo(f"orch: {_permission_problem(exc)}", err=True)
+        sys.exit(RET_USAGE)
     except BrokenPipeError:
         # `orch logs RUN | head`: the reader left; that is not an error.
         devnull = os.open(os.devnull, os.O_WRONLY)

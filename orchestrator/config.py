@@ -32,7 +32,7 @@ from orchestrator.configfile import (
 from orchestrator.errors import ConfigError, OrchError
 from orchestrator.settings import BY_KEY, KEYS, Kind, Restart, Zero, default
 from orchestrator.sources import parse_range
-from orchestrator.units import format_duration, parse_duration, parse_size
+from orchestrator.units import format_duration, parse_duration, parse_size, parse_timeout
 
 __all__ = ["ConfigFile", "Restart", "TaskConfig", "build_task", "find_config", "load_config"]
 
@@ -88,7 +88,11 @@ class TaskConfig:
     backoff_reset_s: float = default("backoff_reset_s")
     stop_timeout_s: float = default("stop_timeout_s")
     heartbeat_interval_s: float = default("heartbeat_interval_s")
-    heartbeat_timeout_s: float = default("heartbeat_timeout_s")
+    #: None: no heartbeat timeout at all ("none").
+    heartbeat_timeout_s: float | None = default("heartbeat_timeout_s")
+    #: Whether the user set heartbeat_timeout: only then does it apply to shards that
+    #: never spoke the ZeroMQ protocol (stdout protocol, plain commands).
+    heartbeat_timeout_set: bool = False
     stall_timeout_s: float | None = default("stall_timeout_s")
     require_heartbeat: bool = default("require_heartbeat")
     max_memory_bytes: int | None = default("max_memory_bytes")
@@ -196,7 +200,7 @@ def build_task(
     def origin(key: str) -> _Origin:
         return next(make(key) for layer, make in origins if key in layer)
 
-    values: dict[str, Any] = {"name": name}
+    values: dict[str, Any] = {"name": name, "heartbeat_timeout_set": "heartbeat_timeout" in layers}
     grouped = ("command", "call", "shell", "shards", "split", "range", "env")
     for key, field_name in KEYS.items():
         if key in layers and key not in grouped:
@@ -262,7 +266,10 @@ def _check_relations(
             f"({format_duration(config.backoff_initial_s)}) is larger than backoff_max "
             f"({format_duration(config.backoff_max_s)})"
         )
-    if config.heartbeat_timeout_s <= config.heartbeat_interval_s:
+    if (
+        config.heartbeat_timeout_s is not None
+        and config.heartbeat_timeout_s <= config.heartbeat_interval_s
+    ):
         raise ConfigError(
             f"{name('heartbeat_timeout', 'heartbeat_interval')}: heartbeat_timeout "
             f"({format_duration(config.heartbeat_timeout_s)}) must be longer than "
@@ -302,6 +309,14 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
         if not low <= value <= (high if high is not None else float("inf")):
             raise ConfigError(f"{where}: must be {what}, got {value!r}")
         return float(value)
+    if setting.zero is Zero.NONE:
+        try:
+            seconds = parse_timeout(value, where=where)
+        except OrchError as exc:
+            raise ConfigError(str(exc)) from None
+        if seconds is not None and seconds > _MAX_INT:
+            raise ConfigError(f"{where}: {value!r} is too large")
+        return seconds
     if kind is Kind.DURATION or kind is Kind.SIZE:
         try:
             amount = (parse_duration if kind is Kind.DURATION else parse_size)(value, where=where)

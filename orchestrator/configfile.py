@@ -6,7 +6,6 @@ converted and validated by ``config.build_task`` for the task being run.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -14,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, closest
 from orchestrator.settings import KEYS
 
 CONFIG_NAME = "orch.toml"
@@ -154,8 +153,8 @@ def display(path: str) -> str:
 
 
 def did_you_mean(word: str, candidates: list[str], *, sep: str, end: str = "") -> str:
-    close = difflib.get_close_matches(word, candidates, n=1)
-    return f"{sep}did you mean {close[0]!r}?{end}" if close else ""
+    close = closest(word, candidates)
+    return f"{sep}did you mean {close!r}?{end}" if close else ""
 
 
 def kind_of(value: object) -> str:

@@ -8,6 +8,9 @@ a user never sees a traceback for their own mistake.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 #: Every shard of the run ended ``done``.
 RET_OK = 0
 #: At least one shard failed (gave up) or was stopped.
@@ -16,8 +19,39 @@ RET_FAILED = 1
 RET_USAGE = 2
 #: A control request could not reach the run's master.
 RET_UNREACHABLE = 3
+#: ``orch wait --timeout`` gave up before the run ended (as timeout(1) exits).
+RET_TIMEOUT = 124
 #: The foreground run was interrupted with Ctrl-C (128 + SIGINT).
 RET_INTERRUPTED = 130
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate ``word`` most likely misspells or abbreviates, or None.
+
+    An abbreviation (``idx`` for ``index``, ``merchant`` for ``merchant_id``:
+    the word's letters appear in order in the candidate) beats a mere
+    similarity (``idx`` is closer to ``id`` by edit ratio, but nobody means
+    ``id`` by it). Among several, the most similar wins.
+    """
+    names = list(dict.fromkeys(candidates))
+    if word in names:
+        return word
+
+    def ratio(candidate: str) -> float:
+        return difflib.SequenceMatcher(None, word, candidate).ratio()
+
+    abbreviations = [
+        c for c in names if len(c) > len(word) >= 2 and _in_order(word, c) and ratio(c) >= 0.5
+    ]
+    if abbreviations:
+        return max(abbreviations, key=ratio)
+    close = difflib.get_close_matches(word, names, n=1)
+    return close[0] if close else None
+
+
+def _in_order(word: str, candidate: str) -> bool:
+    letters = iter(candidate.lower())
+    return word[0].lower() == candidate[0].lower() and all(ch in letters for ch in word.lower())
 
 
 class OrchError(Exception):
@@ -54,6 +88,18 @@ class MasterUnreachable(OrchError):
     """Raised when a live run's master does not answer on its control socket."""
 
     exit_code = RET_UNREACHABLE
+
+
+class WaitTimeout(OrchError):
+    """Raised when ``orch wait --timeout`` runs out before the run ends."""
+
+    exit_code = RET_TIMEOUT
+
+
+class RunLost(OrchError):
+    """Raised when a run waited on lost its master (``orch resume`` finishes it)."""
+
+    exit_code = RET_FAILED
 
 
 class SpawnError(Exception):

@@ -24,15 +24,17 @@ shards done.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import procfs
-from orchestrator.errors import RET_OK, OrchError
+from orchestrator import environ, procfs
+from orchestrator.errors import RET_FAILED, RET_OK, OrchError
 from orchestrator.runs import OpenedRun, RunDir, master_alive, private
 from orchestrator.store import Store
 from orchestrator.views.summary import print_summary
@@ -47,6 +49,15 @@ KILL_WAIT_S = 5.0
 
 class RunIsLive(OrchError):
     """Raised when resuming a run whose master is still alive."""
+
+
+class NothingToResume(OrchError):
+    """Raised when resuming a run whose every shard is done (or failed, without
+    --retry-failed): the run is over, and ``exit_code`` is its own (0 when done)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
@@ -67,6 +78,7 @@ def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
         store=run.store,
         view=view,
         retry_failed=retry_failed,
+        base_env=run.environ,
     )
     return master.run()
 
@@ -97,7 +109,8 @@ def start(
         from orchestrator.views.live import default_view  # loads the master (see supervise)
 
         code = supervise(run, default_view(verbose), retry_failed=retry_failed)
-        print_summary(run.store, run.dir)
+        if run.store.failing is None:  # else the database holds no end: the line said it all
+            print_summary(run.store, run.dir)
         return code
     finally:
         run.close()
@@ -161,8 +174,15 @@ def _last_line(run_dir: RunDir) -> str:
 # ----------------------------------------------------------------------------- resume
 
 
-def reopen(run_dir: RunDir) -> OpenedRun:
-    """Take the run lock, stop leftovers, close lost attempts: the run is ready for a master."""
+def reopen(
+    run_dir: RunDir, *, retry_failed: bool = False, env: Mapping[str, str] | None = None
+) -> OpenedRun:
+    """Take the run lock, stop leftovers, close lost attempts: the run is ready for a master.
+
+    Raises ``NothingToResume`` when no shard is left to run (recording the end a dead
+    master could not). ``env`` (``orch resume --env``) is checked against the shards,
+    kept with the run's starting environment, and applied.
+    """
     lock_fd = run_dir.lock()
     run = OpenedRun.load(run_dir, lock_fd=lock_fd)
     row = run.store.run()
@@ -172,6 +192,13 @@ def reopen(run_dir: RunDir) -> OpenedRun:
             f"run {run.id} is live (master pid {row.get('master_pid')} holds it); "
             "'orch stop' it first or 'orch wait' for it"
         )
+    try:
+        _check_left(run, row, retry_failed)
+        if env:
+            _add_env(run, env)
+    except BaseException:
+        run.close()
+        raise
     killed = kill_leftovers(run.store, run.id, run.task.stop_timeout_s)
     if killed:
         print(
@@ -191,6 +218,44 @@ def reopen(run_dir: RunDir) -> OpenedRun:
                 )
     run.store.commit()
     return run
+
+
+def _check_left(run: OpenedRun, row: Mapping[str, Any], retry_failed: bool) -> None:
+    left = [
+        shard
+        for shard in run.store.shards()
+        if shard["state"] != "done" and (shard["state"] != "failed" or retry_failed)
+    ]
+    if left:
+        return
+    failed = len(run.store.shards(states=["failed"]))
+    if row.get("state") == "running":
+        # Its master died after the last shard ended but before it wrote the end.
+        run.store.set_run(
+            state="failed" if failed else "done",
+            exit_code=RET_FAILED if failed else RET_OK,
+            ended_at=time.time(),
+        )
+        run.store.commit()
+    why = (
+        f"its {failed} failed shard{'s' if failed != 1 else ''} stay failed "
+        "('orch resume --retry-failed' restarts them)"
+        if failed
+        else "every shard is done"
+    )
+    raise NothingToResume(
+        f"run {run.id} has nothing to resume: {why}", RET_FAILED if failed else RET_OK
+    )
+
+
+def _add_env(run: OpenedRun, env: Mapping[str, str]) -> None:
+    """``orch resume --env``: every shard must render with it before it is kept."""
+    from orchestrator.template import check_fields, compile_command
+
+    task = dataclasses.replace(run.task, env={**run.task.env, **env})
+    check_fields(compile_command(task), run.shards)
+    environ.add_env(run.dir.path, env)
+    run.task = task
 
 
 def leftovers(store: Store, run_id: str) -> list[int]:

@@ -10,6 +10,7 @@ States::
 
     pending --Start--> running --Exited(0)--> done
        ^                  |  \\--Exited(!=0)--> backoff --BackoffElapsed--> pending
+       |                  |                    \\-> pending (first restart of a streak)
        |                  |                    \\-> failed (after max_restarts)
        |                  +--Hung/Stalled/Memory/Stop/Restart--> stopping
        |                                                          |
@@ -87,7 +88,9 @@ class Policy:
 
 
 def backoff_delay(policy: Policy, level: int, u: float) -> float:
-    """Delay before restart number ``level + 1`` of a streak, ``u`` uniform in [0, 1).
+    """Delay before restart number ``level + 2`` of a streak, ``u`` uniform in [0, 1).
+
+    (The first restart of a streak has no delay: see ``_schedule_restart``.)
 
     Exponential, capped at ``backoff_max_s``, with jitter that only ever adds
     (up to ``backoff_jitter`` of the delay), so a restart never comes sooner
@@ -105,7 +108,7 @@ class Shard:
     state: State = State.PENDING
     attempt: int = 0  # number of the current (or last) attempt; 0 before the first
     failures: int = 0  # failed attempts in a row, reset after a healthy stretch
-    level: int = 0  # backoff level: short-lived attempts in a row
+    level: int = 0  # restarts in the current streak (short-lived attempts in a row)
     started_at: float | None = None
     intent: Intent | None = None
     reason: str | None = None  # why the shard is in its state (last exit, give-up, stop)
@@ -400,7 +403,14 @@ def _schedule_restart(
     failed: bool,
     actions: list[Action],
 ) -> tuple[Shard, list[Action]]:
-    """Back off before the next attempt, or give up after ``max_restarts`` failures in a row."""
+    """Restart at once, back off, or give up after ``max_restarts`` failures in a row.
+
+    The first restart of a streak (a shard's first failure, or the first
+    after an attempt that ran ``backoff_reset_s``) has no wait: a shard that
+    dies once after a healthy stretch is back in milliseconds. Later restarts
+    of the same streak wait ``backoff_initial_s``, then ``backoff_factor``
+    times longer each, so a crash loop stays paced and still gives up.
+    """
     ran_s = now - shard.started_at if shard.started_at is not None else 0.0
     healthy = ran_s >= policy.backoff_reset_s
     failures = 0 if healthy else shard.failures
@@ -416,7 +426,7 @@ def _schedule_restart(
                 replace(shard, state=State.FAILED, failures=failures, intent=None, reason=reason),
                 actions,
             )
-    delay = backoff_delay(policy, level, rand())
+    delay = 0.0 if level == 0 else backoff_delay(policy, level - 1, rand())
     base = replace(shard, failures=failures, level=level + 1, intent=None, reason=what)
     if delay <= 0.0:
         return replace(base, state=State.PENDING, ready_at=None), actions

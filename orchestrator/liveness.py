@@ -21,13 +21,28 @@ class Watch:
     heartbeat_timeout_s: float | None
     stall_timeout_s: float | None
     require_heartbeat: bool = False
+    #: The heartbeat timeout applies to this attempt even if it never speaks the
+    #: ZeroMQ protocol (the user set it, or require_heartbeat).
+    heartbeat_always: bool = False
+    #: The attempt has sent a message over the ZeroMQ channel (the SDK or a client
+    #: of its own): it has a heartbeat thread, so silence means frozen.
+    sdk: bool = False
     last_beat: float | None = None
     last_move: float | None = None
     done: int | None = None
     total: int | None = None
 
-    def beat(self, now: float, done: int | None = None, total: int | None = None) -> None:
-        """Record a heartbeat, with the shard's progress count when it sent one."""
+    def beat(
+        self, now: float, done: int | None = None, total: int | None = None, *, sdk: bool = True
+    ) -> None:
+        """Record a heartbeat, with the shard's progress count when it sent one.
+
+        ``sdk`` is False for a ``##orch`` stdout line: a single-threaded shard
+        (PHP, a Node event loop) prints between pieces of work and cannot beat
+        while one blocks, so its silence is no sign of a hang unless the user
+        asked for the heartbeat timeout (``heartbeat_always``).
+        """
+        self.sdk = self.sdk or sdk
         self.last_beat = now
         if self.last_move is None:
             self.last_move = now
@@ -40,6 +55,8 @@ class Watch:
     def _beat_deadline(self) -> float | None:
         if self.heartbeat_timeout_s is None:
             return None
+        if not (self.sdk or self.heartbeat_always or self.require_heartbeat):
+            return None  # judged alive by its process; only the stall timeout watches it
         if self.last_beat is not None:
             return self.last_beat + self.heartbeat_timeout_s
         if self.require_heartbeat:

@@ -1,10 +1,11 @@
 """Per-shard log files: timestamped lines, size-based rotation, attempt markers.
 
 Output is handled a chunk at a time, not a line at a time: every line that
-arrives in one read gets that read's timestamp, inserted with one
-``bytes.replace`` in C, so a shard writing many MB/s costs the master a few
-calls per 64 KiB. Only a chunk that contains the stdout protocol prefix is
-split into lines in Python.
+starts in one read gets that read's timestamp, inserted with one
+``bytes.replace`` in C and written with one ``writev``, so a shard writing
+many MB/s costs the master a few calls per read of up to 1 MiB. Only a
+chunk that contains the stdout protocol prefix is split into lines in
+Python.
 
 A log that cannot be written (disk full, directory gone) never stops the
 master: the error is reported once through ``on_error`` and the bytes are
@@ -17,7 +18,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from shards.protocol import STDOUT_PREFIX
 
@@ -35,68 +35,164 @@ def log_stem(index: int, shard_id: str) -> str:
     return f"{index:05d}-{safe}" if safe else f"{index:05d}"
 
 
+_last_ms = -1
+_last_stamp = b""
+_last_s = -1
+_last_prefix = b""
+
+
 def stamp(now: float | None = None) -> bytes:
-    """``2026-11-26T19:20:01.123Z `` in UTC, the prefix of every log line."""
-    t = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ " % (t.microsecond // 1000)
+    """``2026-11-26T19:20:01.123Z `` in UTC, the prefix of every log line.
+
+    Made once per millisecond (the date part once per second): the master
+    asks for one per spawn and per read, thousands a second at start-up.
+    """
+    global _last_ms, _last_stamp, _last_s, _last_prefix
+    ms = int((time.time() if now is None else now) * 1000)
+    if ms == _last_ms:
+        return _last_stamp
+    sec, frac = divmod(ms, 1000)
+    if sec != _last_s:
+        _last_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)).encode()
+        _last_s = sec
+    _last_ms, _last_stamp = ms, _last_prefix + b"%03dZ " % frac
+    return _last_stamp
+
+
+class OpenLogs:
+    """The log files this process holds open, at most ``limit`` at once.
+
+    Past the limit the least recently written file is closed, and opened
+    again (in append mode) on its next write. Each live attempt then costs
+    the master its two pipes and no more: with thousands of attempts the
+    open-files limit is spent on pipes, not on log files of quiet shards.
+    While the chatty files are fewer than the limit, no file is reopened.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reopened = 0
+        self._files: dict[LogFile, None] = {}  # insertion order: least recently written first
+
+    def opened(self, file: LogFile) -> None:
+        self._files[file] = None
+        while len(self._files) > self.limit:
+            next(iter(self._files)).close()
+
+    def written(self, file: LogFile) -> None:
+        files = self._files
+        if next(reversed(files)) is not file:  # already the most recent: nothing to move
+            del files[file]
+            files[file] = None
+
+    def closed(self, file: LogFile) -> None:
+        self._files.pop(file, None)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+#: Open log files per process (2 per shard that writes, for the first 2,048 such shards).
+OPEN_LOGS = OpenLogs(4096)
 
 
 class LogFile:
     """An append-only file rotated to ``path.1 .. path.N`` past ``max_bytes``."""
 
     def __init__(
-        self, path: str, max_bytes: int, backups: int, on_error: Callable[[str], None]
+        self,
+        path: str,
+        max_bytes: int,
+        backups: int,
+        on_error: Callable[[str], None],
+        pool: OpenLogs | None = None,
     ) -> None:
+        self._pool = pool if pool is not None else OPEN_LOGS
+        self._ever_opened = False
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
         self._on_error = on_error
         self._fd: int | None = None
-        self._size = 0
+        self.size = 0
         self.dropped_bytes = 0
         #: errno of the failure in progress (reported again when the cause changes), or None
         self._failing: int | None = None
 
     def _open(self) -> int:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._size = os.fstat(fd).st_size
+        self.size = os.fstat(fd).st_size
         self._fd = fd
+        if self._ever_opened:
+            self._pool.reopened += 1
+        self._ever_opened = True
+        self._pool.opened(self)
         return fd
 
     def write(self, data: bytes) -> None:
-        if not data:
+        """Append ``data`` (ending at a line end) and rotate if the file is now too big."""
+        self.write_parts([data])
+
+    def write_parts(self, parts: list[bytes | memoryview], rotate: bool = True) -> None:
+        """Append ``parts`` with one ``writev``; ``rotate=False`` when they end mid-line."""
+        total = sum(len(p) for p in parts)
+        if not total:
             return
         try:
-            fd = self._fd if self._fd is not None else self._open()
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                self._size += n
+            if self._fd is None:
+                fd = self._open()
+            else:
+                fd = self._fd
+                self._pool.written(self)
+            n = os.writev(fd, parts)
+            self.size += n
+            if n < total:  # rare (a regular file takes it all): finish byte by byte
+                rest = memoryview(b"".join(parts))[n:]
+                while rest:
+                    k = os.write(fd, rest)
+                    rest = rest[k:]
+                    self.size += k
             if self._failing is not None:
                 self._failing = None
                 self._on_error(f"{self.path}: writing again ({self.dropped_bytes} bytes dropped)")
-            if self.max_bytes and self._size >= self.max_bytes:
-                self._rotate()
         except OSError as exc:
-            self.dropped_bytes += len(data)
-            if self._failing != (exc.errno or -1):  # e.g. ENOENT, then ENOSPC: say both
-                self._failing = exc.errno or -1
-                self._on_error(f"{self.path}: {exc.strerror or exc}; dropping output")
-
-    def _rotate(self) -> None:
-        self.close()
-        if self.backups <= 0:
-            os.truncate(self.path, 0)
+            self.dropped_bytes += total
+            self._failed(exc, "dropping output")
             return
-        for i in range(self.backups - 1, 0, -1):
-            src = f"{self.path}.{i}"
-            if os.path.exists(src):
-                os.replace(src, f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
+        if rotate and self.max_bytes and self.size >= self.max_bytes:
+            self.rotate()
+
+    def _failed(self, exc: OSError, what: str) -> None:
+        if self._failing != (exc.errno or -1):  # e.g. ENOENT, then ENOSPC: say both
+            self._failing = exc.errno or -1
+            self._on_error(f"{self.path}: {exc.strerror or exc}; {what}")
+
+    def due(self, more: int) -> bool:
+        """Whether writing ``more`` bytes takes the file past its rotation size."""
+        return bool(self.max_bytes) and self.size + more >= self.max_bytes
+
+    def rotate(self) -> None:
+        """Move the file to ``path.1`` (and older ones up); the next write starts a new one."""
+        self.close()
+        self._ever_opened = False  # the next open is of a new file, not a reopen
+        self.size = 0
+        try:
+            if self.backups <= 0:
+                os.truncate(self.path, 0)
+                return
+            for i in range(self.backups - 1, 0, -1):
+                src = f"{self.path}.{i}"
+                if os.path.exists(src):
+                    os.replace(src, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        except FileNotFoundError:
+            pass  # nothing written since the last rotation (or the file was removed)
+        except OSError as exc:
+            self._failed(exc, "not rotated")
 
     def close(self) -> None:
         if self._fd is not None:
+            self._pool.closed(self)
             try:
                 os.close(self._fd)
             finally:
@@ -104,44 +200,97 @@ class LogFile:
 
 
 class StreamLog:
-    """One stream (stdout or stderr) of one shard, across its attempts."""
+    """One stream (stdout or stderr) of one shard, across its attempts.
 
-    def __init__(self, file: LogFile, keep_tail: bool = False) -> None:
+    Bytes go to the file as they arrive, a line's timestamp written with its
+    first byte: one ``bytes.replace`` inserts the read's timestamp after every
+    newline of the chunk, and one ``writev`` writes the pieces, so a chunk
+    costs one copy. A line cut by the pipe is continued by the next read
+    without a second stamp. Rotation happens only at a line end, so no line
+    straddles two files.
+    """
+
+    def __init__(self, file: LogFile, keep_tail: bool = False, echo: bool = True) -> None:
         self.file = file
-        self._pending = b""
+        #: True: ``feed`` returns every line it completes (a verbose view shows them);
+        #: False: only when they may hold a protocol line, which spares a copy per read.
+        self.echo = echo
+        self._partial = b""  # the last, unfinished line, for the lines ``feed`` returns
+        self._at_line_start = True  # the file ends at a line end (or is empty)
         self._keep_tail = keep_tail
         self.tail = b""
         self._header = b""  # a start marker waiting for the attempt's first output
 
     def _write(self, data: bytes) -> None:
+        """Write whole lines (markers); an unfinished line in the file is ended first."""
+        parts: list[bytes | memoryview] = []
         if self._header:
-            data, self._header = self._header + data, b""
-        self.file.write(data)
+            parts.append(self._header)
+            self._header = b""
+        if not self._at_line_start:
+            parts.append(b"\n")
+            self._at_line_start = True
+        parts.append(data)
+        self.file.write_parts(parts)
 
     def feed(self, data: bytes, ts: bytes) -> bytes:
-        """Write the complete lines in ``data``; return them (unstamped) for the caller."""
-        if self._keep_tail:
-            self.tail = (self.tail + data)[-TAIL_BYTES:]
-        buf = self._pending + data if self._pending else data
-        cut = buf.rfind(b"\n")
-        if cut < 0:
-            if len(buf) > MAX_PENDING_BYTES:
-                self._pending = b""
-                self._write(ts + buf + b"\n")
-                return buf + b"\n"
-            self._pending = buf
+        """Write ``data`` with a timestamp on each line; return the lines it completed
+        (unstamped, for the protocol parser and the verbose view)."""
+        if not data:
             return b""
-        complete, self._pending = buf[: cut + 1], buf[cut + 1 :]
-        self._write(ts + complete[:-1].replace(b"\n", b"\n" + ts) + b"\n")
-        return complete
+        if self._keep_tail:
+            self.tail = (self.tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
+        body = data.replace(b"\n", b"\n" + ts)
+        ends = data[-1] == 0x0A
+        view = memoryview(body)[: len(body) - len(ts)] if ends else memoryview(body)
+        parts: list[bytes | memoryview] = []
+        if self._header:
+            parts.append(self._header)
+            self._header = b""
+        if self._at_line_start:
+            parts.append(ts)
+        self._at_line_start = ends
+        if not ends and self.file.due(len(view) + len(ts)):
+            cut = body.rfind(b"\n")
+            if cut >= 0:  # rotate at the chunk's last line end; the rest opens the new file
+                parts.append(view[: cut + 1])
+                self.file.write_parts(parts, rotate=False)
+                self.file.rotate()
+                parts, view = [], view[cut + 1 :]
+        parts.append(view)
+        self.file.write_parts(parts, rotate=ends)
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            if len(self._partial) + len(data) > MAX_PENDING_BYTES:
+                # A line this long is no protocol line: hand it on in pieces.
+                out, self._partial = self._partial + data + b"\n", b""
+                return out if self.echo else b""
+            self._partial += data
+            return b""
+        partial = self._partial
+        self._partial = data[cut + 1 :]
+        if not self.echo and not (
+            may_hold_prefix(data, cut + 1)
+            or (
+                partial and (partial.startswith(STDOUT_PREFIX) or STDOUT_PREFIX.startswith(partial))
+            )
+        ):
+            return b""
+        return partial + data[: cut + 1] if partial else data[: cut + 1]
 
     def flush(self, ts: bytes) -> bytes:
-        """Write a partial last line (the process ended without a newline)."""
-        if not self._pending:
+        """End a last line that has no newline (the process ended without one)."""
+        if self._at_line_start:
             return b""
-        rest, self._pending = self._pending + b"\n", b""
-        self._write(ts + rest)
+        self.file.write_parts([b"\n"])
+        self._at_line_start = True
+        rest, self._partial = self._partial + b"\n", b""
         return rest
+
+    def note(self, ts: bytes, text: str) -> None:
+        """Write a line of orch's own (``orch: ...``) between the shard's lines (an
+        unfinished line of the shard is ended first: nothing is lost)."""
+        self._write(ts + text.encode("utf-8", "replace") + b"\n")
 
     def mark(self, ts: bytes, text: str, lazy: bool = False) -> None:
         """Write a marker line; ``lazy`` holds it until the next write (the start marker:
@@ -164,14 +313,22 @@ class ShardLogs:
         max_bytes: int,
         backups: int,
         on_error: Callable[[str], None],
+        echo: bool = True,
     ) -> None:
+        """``echo``: ``feed`` returns every completed line (for a verbose view), else only
+        those that may be protocol lines."""
         stem = os.path.join(directory, log_stem(index, shard_id))
-        self.out = StreamLog(LogFile(stem + ".out", max_bytes, backups, on_error))
-        self.err = StreamLog(LogFile(stem + ".err", max_bytes, backups, on_error), keep_tail=True)
+        self.err = StreamLog(
+            LogFile(stem + ".err", max_bytes, backups, on_error), keep_tail=True, echo=echo
+        )
+        # Kept too: PHP with display_errors on prints its fatal error on stdout.
+        self.out = StreamLog(
+            LogFile(stem + ".out", max_bytes, backups, on_error), keep_tail=True, echo=echo
+        )
 
     def begin(self, attempt: int, pid: int | None) -> None:
         ts = stamp()
-        self.err.tail = b""
+        self.err.tail = self.out.tail = b""
         text = f"attempt {attempt} started, pid {pid}"
         self.out.mark(ts, text, lazy=True)
         self.err.mark(ts, text, lazy=True)
@@ -185,16 +342,59 @@ class ShardLogs:
         self.err.mark(ts, text)
 
     def stderr_tail(self, lines: int = 5) -> list[str]:
-        text = self.err.tail.decode("utf-8", "replace")
-        return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+        """The last lines the attempt wrote on stderr; when it wrote none there, its last
+        lines of stdout (protocol lines left out), so a failure always shows its words."""
+        for stream in (self.err, self.out):
+            text = stream.tail.decode("utf-8", "replace")
+            found = [
+                ln
+                for ln in text.splitlines()
+                if ln.strip() and not ln.startswith(STDOUT_PREFIX.decode())
+            ]
+            if found:
+                return found[-lines:]
+        return []
 
     def close(self) -> None:
         self.out.file.close()
         self.err.file.close()
 
 
+def may_hold_prefix(data: bytes, end: int | None = None) -> bool:
+    """Whether ``data[:end]`` contains the stdout protocol prefix.
+
+    A search for ``#`` is ``memchr``, tens of times faster than a search for
+    the seven-byte prefix (which ends in a space, the most common byte of a
+    log line); only the ``#`` found are looked at.
+    """
+    find, startswith = data.find, data.startswith
+    end = len(data) if end is None else end
+    pos = find(b"#", 0, end)
+    seen = 0
+    while pos >= 0:
+        if startswith(STDOUT_PREFIX, pos):
+            return pos + len(STDOUT_PREFIX) <= end
+        seen += 1
+        if seen > 64:  # a chunk full of '#': let the substring search take over
+            return data.find(STDOUT_PREFIX, pos + 1, end) >= 0
+        pos = find(b"#", pos + 1, end)
+    return False
+
+
+_ERROR_WORDS = re.compile(r"error|exception|fatal|panic|traceback|denied|refused", re.IGNORECASE)
+
+
+def pick_error(lines: list[str]) -> str:
+    """The one line of an attempt's last output that best says why it failed: the
+    last that names an error (PHP's "PHP Fatal error: ...", Python's "ValueError:
+    ..."), else the last; shortened to 200 characters."""
+    chosen = next((ln for ln in reversed(lines) if _ERROR_WORDS.search(ln)), lines[-1])
+    chosen = " ".join(chosen.split())
+    return chosen if len(chosen) <= 200 else chosen[:197] + "..."
+
+
 def protocol_lines(block: bytes) -> list[bytes]:
     """The stdout protocol lines in a block of complete lines (fast path: none)."""
-    if STDOUT_PREFIX not in block:
+    if not may_hold_prefix(block):
         return []
     return [ln for ln in block.split(b"\n") if ln.startswith(STDOUT_PREFIX)]

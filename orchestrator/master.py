@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter, deque
+from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import lifecycle as lc
@@ -33,7 +34,7 @@ from orchestrator.ports import Ports
 from orchestrator.progress import MEMORY_CHECK_S, Tracker
 from orchestrator.shard import ShardRun
 from orchestrator.sources import ShardList
-from orchestrator.store import Store
+from orchestrator.store import Store, StoreUnwritable
 from orchestrator.template import compile_command
 
 __all__ = ["DEFAULT_MAX_JOBS", "FDS_PER_ATTEMPT", "Master", "View", "default_jobs"]
@@ -65,6 +66,12 @@ class View:
     tick_s = 1.0
 
 
+#: How long state writes the disk refuses are retried before the run is stopped.
+STORE_RETRY_S = 10.0
+#: Delay between those retries: doubling from the first, up to the last.
+STORE_RETRY_DELAYS_S = (0.1, 2.0)
+
+
 class Master:
     def __init__(
         self,
@@ -78,6 +85,7 @@ class Master:
         jobs: int,
         view: View | None = None,
         retry_failed: bool = False,
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.run_dir = run_dir
@@ -102,6 +110,10 @@ class Master:
         self._unfinished = 0
         self._counts: Counter[str] = Counter()
         self.interrupted: int | None = None
+        #: Set when the run's state could not be saved for STORE_RETRY_S: the run stops.
+        self.store_error: str | None = None
+        self._store_failing_since: float | None = None
+        self._store_retry_s = STORE_RETRY_DELAYS_S[0]
         self.tracker = Tracker(
             loop=self.loop,
             store=store,
@@ -130,6 +142,7 @@ class Master:
             tracker=self.tracker,
             apply=self.apply,
             interrupted=lambda: self.interrupted is not None,
+            environ=base_env,
         )
         self.backend.bind(self)
         self.channel.bind(self.tracker.on_message)
@@ -207,7 +220,13 @@ class Master:
         code = self.exit_code()
         self.store.set_run(state=self.run_state(), exit_code=code, ended_at=ports.wall())
         self.tracker.flush_counters()
-        self.store.commit()
+        try:
+            self.store.commit()
+        except StoreUnwritable as exc:
+            # The run stays "running" in the database, its master gone: `lost`,
+            # which `orch resume` finishes once the disk has room again.
+            self._give_up_store(exc)
+            code = self.exit_code()
         self.events.publish({"run": self.run_state(), "exit_code": code})
         ports.control.close()
         self.events.close()
@@ -372,7 +391,12 @@ class Master:
 
     def _schedule(self) -> None:
         ready = self.ready
-        while ready and self.running < self.jobs and self.interrupted is None:
+        while (
+            ready
+            and self.running < self.jobs
+            and self.interrupted is None
+            and self.store_error is None
+        ):
             run = ready.popleft()
             if run.life.state is State.PENDING:
                 self.apply(run, lc.Start())
@@ -385,9 +409,47 @@ class Master:
             assert handle.create_time is not None
             self.store.attempt_identity(handle.spec.index, handle.spec.attempt, handle.create_time)
         if self.store.dirty:
-            self.store.commit()
+            if "store-retry" in self.loop.timers:
+                return  # the disk is refusing writes: wait for the retry
+            try:
+                self.store.commit()
+            except StoreUnwritable as exc:
+                self._store_refused(exc)
+                return  # no acknowledgement for what is not saved
+            if self._store_failing_since is not None:
+                self._store_failing_since = None
+                self._store_retry_s = STORE_RETRY_DELAYS_S[0]
+                if self.store_error is None:
+                    self.view.event(f"{self.store.path}: writing again")
         if self.tracker.acks:
             self.tracker.acks.send()
+
+    def _store_refused(self, exc: StoreUnwritable) -> None:
+        """The disk refused the run's state: retry with backoff (everything staged is
+        kept), and stop the run cleanly when it still refuses after STORE_RETRY_S."""
+        now = self.loop.clock()
+        if self._store_failing_since is None:
+            self._store_failing_since = now
+        elif now - self._store_failing_since >= STORE_RETRY_S and self.store_error is None:
+            self._give_up_store(exc)
+        delay, self._store_retry_s = (
+            self._store_retry_s,
+            min(self._store_retry_s * 2, STORE_RETRY_DELAYS_S[1]),
+        )
+        self.loop.timers.set("store-retry", now + delay, self._commit)
+
+    def _give_up_store(self, exc: StoreUnwritable) -> None:
+        """Stop every shard: a run whose progress and checkpoints cannot be saved must
+        not go on. One line says where and why, and how to finish the run."""
+        if self.store_error is not None:
+            return
+        self.store_error = exc.reason
+        self.view.event(
+            f"{exc.path}: {exc.reason}; stopping the run "
+            f"(free some space, then 'orch resume {self.run_id}')"
+        )
+        if not self.finished:
+            self.stop_all(Intent.SHUTDOWN)
 
     # --- timers ---------------------------------------------------------------------
 
@@ -423,7 +485,7 @@ class Master:
         if not self.finished:
             return "running"
         counts = self.counts()
-        if self.interrupted is not None:
+        if self.interrupted is not None or self.store_error is not None:
             return "stopped"
         if counts.get("failed"):
             return "failed"
@@ -432,6 +494,8 @@ class Master:
         return "done"
 
     def exit_code(self) -> int:
+        if self.store_error is not None:
+            return RET_FAILED
         if self.interrupted == signal.SIGINT:
             return RET_INTERRUPTED
         if self.interrupted is not None:

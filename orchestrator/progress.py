@@ -21,6 +21,7 @@ import orjson
 from orchestrator import lifecycle as lc
 from orchestrator.backends import AttemptHandle, Backend
 from orchestrator.lifecycle import State
+from orchestrator.logs import stamp
 from orchestrator.loop import Loop
 from orchestrator.ports import HeartbeatChannel, Reporter
 from orchestrator.shard import ShardRun
@@ -29,6 +30,10 @@ from orchestrator.units import format_bytes
 from shards import protocol as proto
 
 PROGRESS_FLUSH_S = 0.5
+#: Bad ##orch lines of one attempt logged one by one; the rest are counted.
+BAD_LINES_LOGGED = 5
+#: Longest part of a bad line quoted in its log line.
+BAD_LINE_QUOTE = 120
 #: How often attempts are measured against ``max_memory``.
 MEMORY_CHECK_S = 1.0
 
@@ -98,9 +103,11 @@ class Tracker:
 
     # --- heartbeats and progress -------------------------------------------------
 
-    def beat(self, run: ShardRun, done: int | None, total: int | None) -> None:
+    def beat(self, run: ShardRun, done: int | None, total: int | None, sdk: bool = True) -> None:
+        """A sign of life, with progress when it carries some; ``sdk`` False for a
+        ``##orch`` line (see ``liveness.Watch.beat``)."""
         loop = self._loop
-        run.report(done, total, loop.clock(), self._wall())
+        run.report(done, total, loop.clock(), self._wall(), sdk=sdk)
         if run.watch is not None:
             self.arm_watch(run)
         if not self._dirty:
@@ -200,8 +207,9 @@ class Tracker:
             return
         try:
             report = proto.parse_line(line)
-        except proto.ProtocolError:
+        except proto.ProtocolError as exc:
             self._store.add_counter("bad_stdout_lines", 1)
+            self._bad_line(run, line, str(exc))
             return
         if report is None:
             return
@@ -209,12 +217,36 @@ class Tracker:
         if report.advance is not None:
             # Saturate: a sum past 2**63-1 would overflow the store (and the master with it).
             done = min((run.done or 0) + report.advance, proto.MAX_INT)
-        self.beat(run, done, report.total)
+        self.beat(run, done, report.total, sdk=False)
         if report.message is not None:
             self._store.set_shard(run.index, message=report.message[:1000])
         if report.has_checkpoint:
             self._checkpoint(run, report.checkpoint, run.done)
             self._loop.call_when_idle(self._commit)
+
+    def _bad_line(self, run: ShardRun, line: bytes, problem: str) -> None:
+        """Say what is wrong with a ##orch line: in the shard's stderr log and in -v output,
+        for the first few of an attempt (``bad_lines_summary`` counts the rest)."""
+        run.bad_lines += 1
+        if run.bad_lines > BAD_LINES_LOGGED or run.logs is None:
+            return
+        text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+        if len(text) > BAD_LINE_QUOTE:
+            text = text[: BAD_LINE_QUOTE - 3] + "..."
+        note = f"bad ##orch line: {problem}: {text!r}"
+        run.logs.err.note(stamp(), f"orch: {note}")
+        if self._view.verbose:
+            self._view.event(f"shard {run.id}: {note}")
+
+    def bad_lines_summary(self, run: ShardRun) -> None:
+        """At the end of an attempt: how many bad ##orch lines were not logged one by one."""
+        more = run.bad_lines - BAD_LINES_LOGGED
+        if more > 0 and run.logs is not None:
+            note = f"{more} more bad ##orch line{'s' if more > 1 else ''} not shown"
+            run.logs.err.note(stamp(), f"orch: {note}")
+            if self._view.verbose:
+                self._view.event(f"shard {run.id}: {note}")
+        run.bad_lines = 0
 
     def _checkpoint(self, run: ShardRun, checkpoint: Any, done: int | None) -> None:
         run.keep_checkpoint(checkpoint, done)

@@ -6,6 +6,7 @@ Layout::
       runs/<run-id>/            mode 0700
         state.db                SQLite (WAL): run, shards, attempts, checkpoints
         task.json               the task the run started with (0600)
+        environ.json            the environment it started with, for resume (0600, never shown)
         task.pkl                the pickled callable of an ``orchestrator.run`` run
         logs/<index>-<id>.out   per-shard stdout, timestamped, rotated
         logs/<index>-<id>.err   per-shard stderr
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from orchestrator import procfs
+from orchestrator import environ, procfs
 from orchestrator.errors import ConfigError, OrchError, RunNotFound
 from orchestrator.logs import log_stem
 from orchestrator.store import RunRow, Store
@@ -158,6 +159,9 @@ class OpenedRun:
     store: Store
     #: The flocked ``master.lock``; None once handed to a detached master or released.
     lock_fd: int | None = None
+    #: The environment the run started with (``orchestrator.environ``): attempts get it,
+    #: whoever starts the master and from wherever. None: this process's (an older run).
+    environ: dict[str, str] | None = None
 
     @property
     def id(self) -> str:
@@ -189,9 +193,11 @@ class OpenedRun:
             jobs=task.jobs,
         )
         store = Store.create(run_dir.state_db, row, ((s.id, s.record, s.line) for s in shards))
+        started_env = dict(os.environ)
+        environ.record(run_dir.path, started_env)  # for orch resume, from any shell
         lock_fd = run_dir.lock()
         assert lock_fd is not None  # a new run directory: nobody else can hold it
-        return cls(run_dir, task, shards, store, lock_fd)
+        return cls(run_dir, task, shards, store, lock_fd, started_env)
 
     @classmethod
     def load(cls, run_dir: RunDir, *, lock_fd: int | None = None) -> OpenedRun:
@@ -202,13 +208,13 @@ class OpenedRun:
 
         store = Store.open(run_dir.state_db)
         run = store.run()
-        task = TaskConfig.from_json(run["task_json"])
+        task, started_env = environ.for_master(run_dir.path, TaskConfig.from_json(run["task_json"]))
         shards = ShardList.from_records(
             [(r["id"], r["record"] or {}, r["line"] or 0) for r in store.shards()],
             source=run.get("source") or "",
             format="stored",
         )
-        return cls(run_dir, task, shards, store, lock_fd)
+        return cls(run_dir, task, shards, store, lock_fd, started_env)
 
     def set_task(self, task: TaskConfig) -> None:
         """Replace the task of a run not yet started: snapshot file and database alike."""
@@ -314,23 +320,31 @@ def resolve_run(home: str, key: str, names: Mapping[str, str] | None = None) -> 
 
 
 def find_run(key: str, home: str | None) -> RunDir:
-    """``resolve_run`` in the home given by ``--home``; names are read only when needed."""
+    """A run id, a unique id prefix, or a name in the home given by ``--home``; names
+    are read only when needed. Several runs with one name: the live one, else the newest."""
     root = home_dir(home)
     try:
         return resolve_run(root, key)
     except RunNotFound:
-        return resolve_run(root, key, _names(root))
+        named = _named(root, key)
+        if not named:
+            raise
+    live = [d for d, is_live in named if is_live]
+    return live[0] if live else named[0][0]
 
 
-def _names(home: str) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _named(home: str, name: str) -> list[tuple[RunDir, bool]]:
+    """(run directory, live) of the runs called ``name``, newest first."""
+    out: list[tuple[RunDir, bool]] = []
     for d in list_runs(home):
         try:
             store = d.read()
         except OrchError:
             continue
         try:
-            out[d.path] = store.run().get("name") or ""
+            run = store.run()
+            if (run.get("name") or "") == name:
+                out.append((d, run_state(run) == "running"))
         finally:
             store.close()
     return out

@@ -47,6 +47,8 @@ class Zero(enum.Enum):
     ALLOWED = "allowed"
     OFF = "off"  # 0 switches the check off (stored as None)
     INVALID = "invalid"  # must be more than 0
+    #: A timeout: "none" switches the check off (None), 0 is refused with a hint to say so.
+    NONE = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "heartbeat_interval", Kind.DURATION, 1.0, option="heartbeat_interval", zero=Zero.INVALID
     ),
-    Setting(
-        "heartbeat_timeout", Kind.DURATION, 10.0, option="heartbeat_timeout", zero=Zero.INVALID
-    ),
-    Setting("stall_timeout", Kind.DURATION, None, option="stall_timeout", zero=Zero.OFF),
+    Setting("heartbeat_timeout", Kind.DURATION, 10.0, option="heartbeat_timeout", zero=Zero.NONE),
+    Setting("stall_timeout", Kind.DURATION, None, option="stall_timeout", zero=Zero.NONE),
     Setting("backoff_factor", Kind.NUMBER, 2.0, minimum=1.0),
     Setting("backoff_jitter", Kind.NUMBER, 0.2, minimum=0.0, maximum=1.0),
     Setting("require_heartbeat", Kind.BOOL, False, option="require_heartbeat"),

@@ -45,6 +45,7 @@ class ShardRun:
     watch: Watch | None = None
     attempt_started: float = 0.0  # monotonic
     notes: list[str] = field(default_factory=list)  # stderr tail of the last failed attempt
+    bad_lines: int = 0  # malformed ##orch lines of the live attempt
     logs: ShardLogs | None = None  # open from the first attempt until the shard ends
     node: str | None = None  # where the live attempt runs (backends with nodes: ray)
 
@@ -89,6 +90,7 @@ class ShardRun:
         self.watch = watch
         self.attempt_started = now
         self.notes = []
+        self.bad_lines = 0
         self.done = self.checkpoint_done
         self.node = None
 
@@ -97,8 +99,11 @@ class ShardRun:
         self.handle = None
         self.watch = None
 
-    def report(self, done: int | None, total: int | None, now: float, wall: float) -> None:
-        """A heartbeat, with progress when it carries some; never below the checkpoint."""
+    def report(
+        self, done: int | None, total: int | None, now: float, wall: float, sdk: bool = True
+    ) -> None:
+        """A heartbeat, with progress when it carries some; never below the checkpoint.
+        ``sdk`` False: a ``##orch`` line, not a ZeroMQ message (``Watch.beat``)."""
         if done is not None:
             cp_done = self.checkpoint_done
             self.done = done if cp_done is None else max(done, cp_done)
@@ -106,7 +111,7 @@ class ShardRun:
             self.total = total
         self.heartbeat_at = wall
         if self.watch is not None:
-            self.watch.beat(now, self.done, self.total)
+            self.watch.beat(now, self.done, self.total, sdk=sdk)
 
     def keep_checkpoint(self, checkpoint: Any, done: int | None) -> None:
         """Hold ``checkpoint`` as the one the next attempt resumes from."""

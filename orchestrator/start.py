@@ -20,7 +20,7 @@ from orchestrator.sources import ShardList, load_shards
 from orchestrator.template import CommandTemplate, check_fields, compile_command
 
 
-def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str] | None:
+def env_pairs(pairs: tuple[str, ...]) -> dict[str, str] | None:
     if not pairs:
         return None
     env: dict[str, str] = {}
@@ -35,10 +35,13 @@ def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str] | None:
 def resolve_task(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) -> TaskConfig:
     """Build the task from the positional TASK (a name or pkg.mod:func), the command and flags."""
     cwd = os.getcwd()
-    path = find_config(opts.get("config_path"), cwd)
+    # orch.toml is read only when a task is named (or --config given): an inline
+    # `orch run -- CMD` must not fail on an unrelated, broken ./orch.toml.
+    explicit = opts.get("config_path")
+    path = find_config(explicit, cwd) if head is not None or explicit is not None else None
     cfg = load_config(path) if path else None
     overrides = cli_overrides(opts)
-    overrides["env"] = _env_pairs(opts.get("env") or ())
+    overrides["env"] = env_pairs(opts.get("env") or ())
     file_task = None
     name = "run"
     if head is not None:

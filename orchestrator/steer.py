@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from orchestrator.control import follow_events, request
-from orchestrator.errors import RET_OK, MasterUnreachable, OrchError
+from orchestrator.errors import RET_OK, MasterUnreachable, OrchError, RunLost, WaitTimeout
 from orchestrator.runs import RunDir, find_run, run_state
+from orchestrator.units import format_duration
 
 
 def _live_endpoint(run_dir: RunDir) -> tuple[str, str]:
@@ -65,7 +67,8 @@ def scale(run_key: str, jobs: int, home: str | None) -> int:
 
 
 def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float = 0.1) -> int:
-    """Block until the run ends; return its exit code (lost runs: 1)."""
+    """Block until the run ends; return its exit code. A lost run raises ``RunLost``
+    (exit 1), a timeout ``WaitTimeout`` (exit 124, the run goes on)."""
     run_dir = find_run(run_key, home)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     store = run_dir.read()
@@ -74,24 +77,41 @@ def wait(run_key: str, home: str | None, timeout_s: float | None, poll_s: float 
             run = store.run()
             state = run_state(run)
             if state == "lost":
-                raise OrchError(f"run {run['id']} lost its master; 'orch resume {run['id']}'")
+                raise RunLost(
+                    f"run {run['id']} lost its master; 'orch resume {run['id']}' finishes it"
+                )
             if state != "running":
                 code = run.get("exit_code")
                 return int(code) if code is not None else 1
             if deadline is not None and time.monotonic() >= deadline:
-                raise OrchError(f"run {run['id']} still running after {timeout_s:g}s")
+                raise WaitTimeout(
+                    f"run {run['id']} still running after {format_duration(timeout_s or 0)}"
+                )
             time.sleep(poll_s)
     finally:
         store.close()
 
 
 def resume(
-    run_key: str, home: str | None, detach_: bool, verbose: bool, retry_failed: bool = False
+    run_key: str,
+    home: str | None,
+    detach_: bool,
+    verbose: bool,
+    retry_failed: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> int:
+    """Finish a run with the environment it started with (``--env`` entries win)."""
     # The master's stack is imported only here: the other verbs stay quick to start.
     from orchestrator import launch
 
-    run = launch.reopen(find_run(run_key, home))
+    run_dir = find_run(run_key, home)
+    try:
+        run = launch.reopen(run_dir, retry_failed=retry_failed, env=env)
+    except launch.NothingToResume as exc:
+        print(f"orch: {exc}")
+        if detach_:
+            print(run_dir.id)  # -d: the run id is always the last line
+        return exc.exit_code
     return launch.start(
         run, detach=detach_, verbose=verbose, resume=True, retry_failed=retry_failed
     )

@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -36,7 +37,7 @@ import orjson
 
 from orchestrator.errors import OrchError
 
-__all__ = ["SCHEMA_VERSION", "RunRow", "Store", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "RunRow", "Store", "StoreError", "StoreUnwritable"]
 
 #: Bumped on any incompatible schema change; stored in ``PRAGMA user_version``.
 SCHEMA_VERSION = 1
@@ -48,6 +49,38 @@ _JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 
 class StoreError(OrchError):
     """Raised when a run's database cannot be opened or has an unknown schema."""
+
+
+class StoreUnwritable(StoreError):
+    """Raised by ``commit`` when the disk refuses the run's state (full, I/O error).
+
+    Nothing staged is lost: the store keeps every write since the last good
+    commit and ``commit`` replays them all on its next call, so the caller
+    retries by calling it again. ``reason`` is the cause in plain words
+    ("No space left on device").
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+#: SQLite primary result codes that mean the disk, not the data: SQLITE_IOERR, SQLITE_FULL.
+_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+
+
+def _disk_reason(exc: sqlite3.Error) -> str | None:
+    """The cause in plain words when ``exc`` is a disk problem, else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        text = str(exc)
+        code = _SQLITE_FULL if "full" in text else _SQLITE_IOERR if "I/O" in text else None
+    if code is not None and code & 0xFF == _SQLITE_FULL:
+        return os.strerror(errno.ENOSPC)
+    if code is not None and code & 0xFF == _SQLITE_IOERR:
+        return f"disk I/O error ({_one_line(exc)})"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +189,11 @@ class Store:
         self.path = path
         self.readonly = readonly
         self._dirty = False
+        #: Every write since the last good commit, to replay after a disk failure:
+        #: (sql, params, executemany).
+        self._journal: list[tuple[str, Any, bool]] = []
+        #: Set when a write failed on the disk: later writes wait in the journal.
+        self._failing: str | None = None
         self._update_sql: dict[tuple[str, ...], str] = {}
         self._settable = {
             table: frozenset(row[1] for row in conn.execute(f"PRAGMA table_info({table})")) - fixed
@@ -266,6 +304,7 @@ class Store:
         """Close the connection; anything staged and not committed is rolled back."""
         self._conn.close()
         self._dirty = False
+        self._journal.clear()
 
     # --- writer: staged in one open transaction until commit() ---
 
@@ -277,6 +316,32 @@ class Store:
         except sqlite3.OperationalError as exc:
             raise StoreError(f"{self.path}: cannot write: {_one_line(exc)}") from None
         self._dirty = True
+
+    def _write(self, sql: str, params: Any, many: bool = False) -> int:
+        """Stage one statement; its changed row count, or -1 while the disk is failing.
+
+        A disk failure here (a page cache spill) is not raised: the statement
+        waits in the journal, and ``commit`` replays the journal or raises
+        ``StoreUnwritable``. The caller's in-memory state stays consistent.
+        """
+        if many:
+            params = list(params)
+        self._journal.append((sql, params, many))
+        if self._failing is not None:
+            self._dirty = True
+            return -1
+        if not self._dirty:
+            self._begin()
+        try:
+            if many:
+                return self._conn.executemany(sql, params).rowcount
+            return self._conn.execute(sql, params).rowcount
+        except sqlite3.OperationalError as exc:
+            reason = _disk_reason(exc)
+            if reason is None:
+                raise StoreError(f"{self.path}: cannot write: {_one_line(exc)}") from None
+            self._failing = reason
+            return -1
 
     def set_run(self, **fields: Any) -> None:
         """Stage an update of the run row (any column except ``id``)."""
@@ -309,9 +374,7 @@ class Store:
                 )
             sql = f"UPDATE {table} SET " + ", ".join(f"{c} = ?" for c in fields)
             sql = self._update_sql[key] = sql + (" WHERE idx = ?" if idx else "")
-        if not self._dirty:
-            self._begin()
-        return self._conn.execute(sql, (*fields.values(), *idx)).rowcount
+        return self._write(sql, (*fields.values(), *idx))
 
     def attempt_started(
         self,
@@ -324,9 +387,7 @@ class Store:
         started_at: float,
     ) -> None:
         """Stage a new attempt row; (idx, attempt) must be new."""
-        if not self._dirty:
-            self._begin()
-        self._conn.execute(
+        self._write(
             "INSERT INTO attempts (shard_idx, attempt, pid, pgid, create_time, started_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (idx, attempt, pid, pgid, create_time, started_at),
@@ -353,14 +414,12 @@ class Store:
         reason: str | None,
     ) -> None:
         """Stage the end of an attempt recorded by ``attempt_started``."""
-        if not self._dirty:
-            self._begin()
-        cur = self._conn.execute(
+        changed = self._write(
             "UPDATE attempts SET ended_at = ?, exit_code = ?, signal = ?, reason = ?"
             " WHERE shard_idx = ? AND attempt = ?",
             (ended_at, exit_code, signal, reason, idx, attempt),
         )
-        if cur.rowcount != 1:
+        if changed == 0:
             raise ValueError(f"no attempt {attempt} of shard idx {idx} was started")
 
     def set_progress_many(self, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -369,45 +428,86 @@ class Store:
         One ``executemany`` for the master's periodic flush of every shard that
         reported since the last one.
         """
-        if not self._dirty:
-            self._begin()
-        self._conn.executemany(
+        self._write(
             "UPDATE shards SET done = ?, total = ?, heartbeat_at = ?, rss_bytes = ? WHERE idx = ?",
             rows,
+            many=True,
         )
 
     def attempt_identity(self, idx: int, attempt: int, create_time: float) -> None:
         """Stage the start time (/proc ticks) of an attempt's process, read after its spawn."""
-        if not self._dirty:
-            self._begin()
-        self._conn.execute(
+        self._write(
             "UPDATE attempts SET create_time = ? WHERE shard_idx = ? AND attempt = ?",
             (create_time, idx, attempt),
         )
-        self._conn.execute(
+        self._write(
             "UPDATE shards SET pid_create_time = ? WHERE idx = ? AND attempts = ?",
             (create_time, idx, attempt),
         )
 
     def add_counter(self, name: str, delta: int) -> None:
         """Stage ``counters[name] += delta`` (created at 0 if new)."""
-        if not self._dirty:
-            self._begin()
-        self._conn.execute(
+        self._write(
             "INSERT INTO counters (name, value) VALUES (?, ?)"
             " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             (name, delta),
         )
 
     def commit(self) -> None:
-        """Make everything staged durable in one transaction (no-op if nothing is)."""
+        """Make everything staged durable in one transaction (no-op if nothing is).
+
+        When the disk refuses (full, I/O error) it raises ``StoreUnwritable``
+        and keeps everything staged: call it again to retry. A retry rolls back
+        whatever SQLite kept of the failed transaction and replays the journal,
+        so it commits exactly the writes staged since the last good commit.
+        """
         if not self._dirty:
             return
+        if self._failing is None:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                reason = _disk_reason(exc)
+                if reason is None:
+                    raise StoreError(f"{self.path}: cannot commit: {_one_line(exc)}") from None
+                self._failing = reason
+            else:
+                self._committed()
+                return
+        self._replay()
+
+    def _replay(self) -> None:
+        conn = self._conn
         try:
-            self._conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            for sql, params, many in self._journal:
+                if many:
+                    conn.executemany(sql, params)
+                else:
+                    conn.execute(sql, params)
+            conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"{self.path}: cannot commit: {_one_line(exc)}") from None
+            reason = _disk_reason(exc) or _one_line(exc)
+            self._failing = reason
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the next replay starts with a rollback again
+            raise StoreUnwritable(self.path, reason) from None
+        self._committed()
+
+    def _committed(self) -> None:
+        self._journal.clear()
+        self._failing = None
         self._dirty = False
+
+    @property
+    def failing(self) -> str | None:
+        """Why the disk refused the last write (None while writes succeed)."""
+        return self._failing
 
     @property
     def dirty(self) -> bool:

@@ -7,24 +7,28 @@ argument. Only when the user asks for ``shell = true`` is a shell involved, and
 then every substituted value is ``shlex.quote``d first.
 
 Syntax, deliberately smaller than ``str.format``: ``{name}`` substitutes the
-field named exactly ``name`` (any non-empty text without braces, so CSV headers
-with spaces or dashes work), ``{{`` and ``}}`` are literal braces, and there
-are no format specs or conversions. Templates are compiled once per run and
-rendered per attempt by filling precomputed slots and joining.
+field ``name`` when ``name`` is an identifier (letters, digits, ``_``, not
+starting with a digit), optionally dotted (``{checkpoint.page}``,
+``{address.city}``) to reach into a JSON value. Every other brace is literal
+text -- JSON (``{"total": 10}``), shell ``${VAR}``, awk programs, ``find
+-exec {} ;`` -- so commands written for a shell need no escaping. ``{{`` and
+``}}`` are literal ``{`` and ``}`` (to write ``{id}`` itself). There are no
+format specs or conversions. Templates are compiled once per run and rendered
+per attempt by filling precomputed slots and joining.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
+import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from orchestrator.errors import TemplateError
+from orchestrator.errors import TemplateError, closest
 
 if TYPE_CHECKING:
     from orchestrator.config import TaskConfig
@@ -62,8 +66,9 @@ class Template:
 
     @classmethod
     def compile(cls, text: str, *, where: str) -> Template:
-        """Compile ``text``; raise ``TemplateError`` naming ``where`` and the 1-based
-        character position of an unbalanced brace or an empty ``{}``."""
+        """Compile ``text``: fields are ``{identifier}`` or ``{dotted.identifier}``, not
+        after a ``$`` (shell's ``${VAR}``); anything else with braces is literal. Never
+        fails: ``where`` names the element in later errors (a missing field)."""
         parts: list[str] = []
         slots: list[tuple[int, str]] = []
         literal: list[str] = []
@@ -75,24 +80,19 @@ class Template:
                     literal.append("{")
                     i += 2
                     continue
-                end = text.find("}", i + 1)
-                nested = text.find("{", i + 1, end if end != -1 else n)
-                if end == -1 or nested != -1:
-                    raise TemplateError(f"{where}: unbalanced '{{' at character {i + 1} {_hint()}")
-                if end == i + 1:
-                    raise TemplateError(
-                        f"{where}: empty '{{}}' at character {i + 1} (name a field, e.g. {{id}})"
-                    )
+                match = None if i and text[i - 1] == "$" else _FIELD.match(text, i)
+                if match is None:
+                    literal.append("{")
+                    i += 1
+                    continue
                 parts.append("".join(literal))
                 literal = []
-                slots.append((len(parts), text[i + 1 : end]))
+                slots.append((len(parts), match.group(1)))
                 parts.append("")
-                i = end + 1
+                i = match.end()
             elif ch == "}":
-                if not text.startswith("}}", i):
-                    raise TemplateError(f"{where}: unbalanced '}}' at character {i + 1} {_hint()}")
                 literal.append("}")
-                i += 2
+                i += 2 if text.startswith("}}", i) else 1
             else:
                 j = min(_find(text, "{", i), _find(text, "}", i))
                 literal.append(text[i:j])
@@ -121,8 +121,8 @@ def _find(text: str, ch: str, start: int) -> int:
     return len(text) if pos == -1 else pos
 
 
-def _hint() -> str:
-    return "(write '{{' or '}}' for a literal brace)"
+#: A field: ``{name}`` or ``{name.key.key}``, names being identifiers.
+_FIELD = re.compile(r"\{([A-Za-z_]\w*(?:\.[A-Za-z_0-9]\w*)*)\}", re.ASCII)
 
 
 class CommandTemplate:
@@ -254,14 +254,41 @@ def _stringify(value: Any) -> str:
         return str(value)
 
 
-def shard_values(shard: Shard, count: int, checkpoint: str = "") -> dict[str, str]:
+def shard_values(
+    shard: Shard,
+    count: int,
+    checkpoint: str = "",
+    *,
+    fields: Iterable[str] = (),
+    checkpoint_value: Any = None,
+) -> dict[str, str]:
     """The substitution values of one shard: its record's fields as strings (JSON for
-    non-strings, "" for null) overlaid by the built-ins index, count, id, checkpoint."""
+    non-strings, "" for null) overlaid by the built-ins index, count, id, checkpoint.
+
+    Dotted names among ``fields`` (``checkpoint.page``, ``address.city``) reach into
+    the JSON value of their first part -- the record field, or the checkpoint object
+    (``checkpoint_value``) -- by key, or by index in a list; a part that is not
+    there renders as empty, like null (a first attempt has no checkpoint yet).
+    """
     values = {key: _stringify(value) for key, value in shard.record.items()}
     values["index"] = str(shard.index)
     values["count"] = str(count)
     values["id"] = shard.id
     values["checkpoint"] = checkpoint
+    for name in fields:
+        if "." not in name:
+            continue
+        head, *path = name.split(".")
+        value: Any = checkpoint_value if head == "checkpoint" else shard.record.get(head)
+        for key in path:
+            if isinstance(value, Mapping):
+                value = value.get(key)
+            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+                value = value[int(key)]
+            else:
+                value = None
+                break
+        values[name] = _stringify(value)
     return values
 
 
@@ -271,7 +298,8 @@ def check_fields(template: CommandTemplate, shards: ShardList) -> None:
     Cheap for large lists: ``shards.fields`` already holds the fields every record
     has, so records are scanned only when a field is missing, to name the line.
     """
-    missing = sorted(template.fields - BUILTIN_FIELDS - shards.fields)
+    roots = {name.split(".", 1)[0] for name in template.fields}
+    missing = sorted(roots - BUILTIN_FIELDS - shards.fields)
     if not missing:
         return
     field = missing[0]
@@ -298,5 +326,5 @@ def check_fields(template: CommandTemplate, shards: ShardList) -> None:
 
 
 def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest(word, candidates)
+    return f"; did you mean {close!r}?" if close else ""

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from orchestrator.errors import UnitError
 
-__all__ = ["format_bytes", "format_duration", "parse_duration", "parse_size"]
+__all__ = ["format_bytes", "format_duration", "parse_duration", "parse_size", "parse_timeout"]
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION_UNITS: dict[str, Fraction] = {
@@ -72,6 +72,24 @@ def parse_duration(value: object, *, where: str) -> float:
         return float(total)
     except OverflowError:
         raise UnitError(f"{where}: duration {_show(value)} is too large") from None
+
+
+def parse_timeout(value: object, *, where: str) -> float | None:
+    """Parse a timeout: a duration above zero, or ``"none"`` (any case) for no timeout.
+
+    ``0`` is refused rather than read as "off": a zero timeout would fire at once,
+    and "0 means off" is a guess a reader of orch.toml cannot check. The error
+    names ``none``, the word that switches the check off.
+    """
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    seconds = parse_duration(value, where=where)
+    if seconds == 0:
+        raise UnitError(
+            f"{where}: a timeout of {_show(value)} would fire at once; "
+            "use 'none' to switch the check off"
+        )
+    return seconds
 
 
 def _parse_duration_text(text: str) -> Fraction | None:

@@ -10,7 +10,9 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 
 #: Lifecycle order: what the live view lists first.
-STATE_ORDER = ("running", "pending", "backoff", "stopping", "done", "failed", "stopped")
+STATE_ORDER = ("running", "pending", "backoff", "stopping", "done", "failed", "stopped", "lost")
+#: Shard states that need a live master; in a lost run they are counted as ``lost``.
+UNFINISHED = frozenset({"running", "stopping", "backoff"})
 
 
 def plural(n: int, word: str) -> str:
@@ -25,6 +27,16 @@ def counts_text(
         parts = [f"{counts[s]} {s}" for s in STATE_ORDER if counts.get(s)]
         return sep.join(parts) or "no shards"
     return sep.join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def lost_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    """The counts of a run whose master is gone: nothing runs, stops or waits to restart
+    any more, so those shards are ``lost`` (until ``orch resume``)."""
+    out: dict[str, int] = {}
+    for state, n in counts.items():
+        key = "lost" if state in UNFINISHED else state
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 def items_text(done: int, total: int | None) -> str:

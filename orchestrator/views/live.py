@@ -22,12 +22,26 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import Stream
 from orchestrator.lifecycle import State
+from orchestrator.logs import pick_error
 from orchestrator.master import View
 from orchestrator.units import format_duration
 from orchestrator.views.figures import Rate, counts_text, eta_s, plural
 
 if TYPE_CHECKING:
     from orchestrator.master import Master
+    from orchestrator.shard import ShardRun
+
+
+def waiting(rt: ShardRun, now: float) -> str:
+    """A shard in backoff: when it retries, and why its last attempt ended."""
+    life = rt.life
+    when = (
+        f"retry in {format_duration(max(0.0, life.ready_at - now))}" if life.ready_at else "backoff"
+    )
+    why = life.reason or "failed"
+    if rt.notes:
+        why += f": {pick_error(rt.notes)}"
+    return f"{when} (attempt {life.attempt}: {why})"
 
 
 class PlainView(View):
@@ -76,7 +90,9 @@ class PlainView(View):
             line += f" | {done}" + (f"/{total}" if total else "") + " items"
             if rate is not None:
                 line += f", {rate:,.0f}/s"
-                eta = eta_s(done, total, rate) if total else None
+                # No ETA while nothing runs (the last shard waiting out a backoff): the
+                # rate says nothing about when it will be done.
+                eta = eta_s(done, total, rate) if total and master.running else None
                 if eta is not None:
                     line += f", ETA {format_duration(eta)}"
         return line
@@ -137,7 +153,8 @@ class LiveView(PlainView):
         tail = ""
         if rate:
             tail = f"  {rate:,.0f}/s"
-            eta = eta_s(done, total, rate) if total else None
+            # No ETA while nothing runs (see status_line).
+            eta = eta_s(done, total, rate) if total and master.running else None
             if eta is not None:
                 tail += f"  ETA {format_duration(eta)}"
         grid.add_row(ProgressBar(total=max(1, bar_total), completed=bar_done))
@@ -165,10 +182,7 @@ class LiveView(PlainView):
             state = rt.life.state
             if state is State.BACKOFF:
                 if len(failing) < limit:
-                    failing.append(
-                        f"[yellow]{master.shards[i].id}[/] backoff "
-                        f"(attempt {rt.life.attempt}: {rt.life.reason})"
-                    )
+                    failing.append(f"[yellow]{master.shards[i].id}[/] {waiting(rt, now)}")
             elif state is State.RUNNING:
                 watch = rt.watch
                 if watch is not None and watch.last_move is not None:

@@ -1,7 +1,10 @@
 """``orch logs``: one shard's output, or all shards interleaved by timestamp; ``-f`` follows.
 
-Works from any terminal, live or ended: it reads the log files (rotated
-backups first) and, to know when to stop following, the run's database.
+Both streams of a shard are shown interleaved in time order, stderr lines
+marked ``[stderr]``; ``--stdout``/``--stderr`` pick one. ``##orch`` protocol
+lines are hidden unless asked for. Works from any terminal, live or ended: it
+reads the log files (rotated backups first) and, to know when to stop
+following, the run's database.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import RET_OK, OrchError, RunNotFound
+from orchestrator.logs import MARK
 from orchestrator.runs import RunDir, find_run, run_state
 from orchestrator.store import Store
+from shards.protocol import STDOUT_PREFIX
 
 
 def _log_files(path: str) -> list[str]:
@@ -29,8 +35,37 @@ def _log_files(path: str) -> list[str]:
     return [*reversed(backups), path] if os.path.exists(path) or backups else []
 
 
-def _lines(paths: list[str], prefix: str, stop_at: int | None = None) -> Iterator[tuple[str, str]]:
-    """(timestamp, prefixed line) for each line; the live file (last) only up to ``stop_at``."""
+#: Width of the stamp at the start of every log line ("2026-11-26T19:20:01.123Z ").
+_STAMP = 25
+_PROTOCOL = STDOUT_PREFIX.decode()
+_MARK = MARK.decode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    """One log file shown by ``orch logs``: its prefix, and what to mark or hide in it."""
+
+    path: str
+    prefix: str
+    err: bool  # the stderr log
+    mark: bool  # its lines marked "[stderr]" (shown beside stdout)
+    skip_marks: bool  # attempt markers are also in the stdout log: show them once
+    protocol: bool  # show ##orch lines
+
+    def render(self, line: str) -> str | None:
+        """The line as shown (prefix, stderr mark), or None when it is hidden."""
+        text = line[_STAMP:]
+        if text.startswith(_MARK):
+            return None if self.skip_marks else self.prefix + line
+        if not self.err:
+            if not self.protocol and text.startswith(_PROTOCOL):
+                return None
+            return self.prefix + line
+        return f"{self.prefix}{line[:_STAMP]}[stderr] {text}" if self.mark else self.prefix + line
+
+
+def _lines(stream: _Stream, paths: list[str], stop_at: int | None) -> Iterator[tuple[str, str]]:
+    """(timestamp, shown line) for each line; the live file (last) only up to ``stop_at``."""
     for n, p in enumerate(paths):
         limit = stop_at if n == len(paths) - 1 else None
         try:
@@ -39,8 +74,9 @@ def _lines(paths: list[str], prefix: str, stop_at: int | None = None) -> Iterato
         except FileNotFoundError:
             continue
         for raw in data.splitlines(keepends=True):
-            line = raw.decode("utf-8", "replace")
-            yield line[:24], prefix + line
+            shown = stream.render(raw.decode("utf-8", "replace"))
+            if shown is not None:
+                yield shown[len(stream.prefix) : len(stream.prefix) + 24], shown
 
 
 def _shard_rows(store: Store, run_id: str, shard: str | None) -> list[dict[str, Any]]:
@@ -58,11 +94,16 @@ def logs(
     run_key: str,
     *,
     shard: str | None,
-    stderr: bool,
+    stdout: bool = False,
+    stderr: bool = False,
+    protocol: bool = False,
     tail: int | None,
     follow: bool,
     home: str | None,
 ) -> int:
+    """Print a run's logs: both streams interleaved in time order by default, stderr
+    lines marked ``[stderr]``; ``stdout``/``stderr`` pick one. ``##orch`` lines only
+    with ``protocol``."""
     run_dir = find_run(run_key, home)
     store = run_dir.read()
     try:
@@ -70,16 +111,28 @@ def logs(
         rows = _shard_rows(store, run_id, shard)
     finally:
         store.close()
-    ext = ".err" if stderr else ".out"
+    want_out, want_err = (stdout, stderr) if stdout or stderr else (True, True)
     many = len(rows) > 1
-    files = [
-        (run_dir.log_path(r["idx"], r["id"], ext), f"[{r['id']}] " if many else "") for r in rows
-    ]
+    streams: list[_Stream] = []
+    for r in rows:
+        prefix = f"[{r['id']}] " if many else ""
+        out_log, err_log = (run_dir.log_path(r["idx"], r["id"], ext) for ext in (".out", ".err"))
+        if want_out:
+            streams.append(_Stream(out_log, prefix, False, False, False, protocol))
+        if want_err:
+            streams.append(_Stream(err_log, prefix, True, want_out, want_out, protocol))
     # Sizes first: the dump stops there and -f goes on from there, so no line is lost
     # or printed twice while the shards keep writing.
-    sizes = {path: (os.path.getsize(path) if os.path.exists(path) else 0) for path, _ in files}
-    streams = [_lines(_log_files(path), prefix, sizes[path]) for path, prefix in files]
-    merged = (text for _, text in heapq.merge(*streams, key=lambda t: t[0]))
+    sizes = {
+        st.path: (os.path.getsize(st.path) if os.path.exists(st.path) else 0) for st in streams
+    }
+    merged = (
+        text
+        for _, text in heapq.merge(
+            *(_lines(st, _log_files(st.path), sizes[st.path]) for st in streams),
+            key=lambda t: t[0],
+        )
+    )
     out = sys.stdout
     if tail is not None:
         for text in deque(merged, maxlen=max(0, tail)):
@@ -89,22 +142,25 @@ def logs(
             out.write(text)
     out.flush()
     if follow:
-        _follow(run_dir, files, sizes)
+        _follow(run_dir, streams, sizes)
     return RET_OK
 
 
 def _follow(
-    run_dir: RunDir, files: list[tuple[str, str]], offsets: dict[str, int], poll_s: float = 0.2
+    run_dir: RunDir, streams: list[_Stream], offsets: dict[str, int], poll_s: float = 0.2
 ) -> None:
     """Print new lines as they are written, until Ctrl-C or the run ends and goes quiet."""
     offsets = dict(offsets)
-    inodes = {p: (os.stat(p).st_ino if os.path.exists(p) else None) for p, _ in files}
+    inodes = {
+        st.path: (os.stat(st.path).st_ino if os.path.exists(st.path) else None) for st in streams
+    }
     partial: dict[str, str] = {}
     while True:
         # Looked at before reading, so the lines written just before the end are never missed.
         over = _run_over(run_dir)
         wrote = False
-        for path, prefix in files:
+        for stream in streams:
+            path = stream.path
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -122,8 +178,10 @@ def _follow(
             if lines[-1]:
                 partial[path] = lines[-1]
             for ln in lines[:-1]:
-                sys.stdout.write(prefix + ln + "\n")
-                wrote = True
+                shown = stream.render(ln + "\n")
+                if shown is not None:
+                    sys.stdout.write(shown)
+                    wrote = True
         if wrote:
             sys.stdout.flush()
         elif over:

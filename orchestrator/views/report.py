@@ -1,7 +1,7 @@
 """What ``orch status`` says: run and shard records built from the state database.
 
-The JSON schema produced here is a contract (docs/status-json.md); fields
-are only ever added. Times are ISO 8601 in UTC; durations are seconds with
+The JSON schema produced here is a contract (docs/cli.md, "orch status
+--json"); fields are only ever added. Times are ISO 8601 in UTC; durations are seconds with
 an ``_s`` suffix; sizes are bytes with a ``_bytes`` suffix.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from orchestrator import procfs
 from orchestrator.runs import RunDir, run_state
 from orchestrator.store import Store
-from orchestrator.views.figures import eta_s, rate_between, total_rate
+from orchestrator.views.figures import UNFINISHED, eta_s, lost_counts, rate_between, total_rate
 
 SCHEMA_VERSION = 1
 
@@ -25,7 +25,14 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
 
 
-def shard_record(row: dict[str, Any], run_dir: RunDir, now: float, live: bool) -> dict[str, Any]:
+def shard_record(
+    row: dict[str, Any], run_dir: RunDir, now: float, live: bool, lost: bool = False
+) -> dict[str, Any]:
+    """One shard as ``orch status`` shows it. In a ``lost`` run a shard the dead master
+    was running (or stopping, or about to restart) is ``lost``: no pid, rate or ETA,
+    since nothing runs it until ``orch resume``."""
+    if lost and row.get("state") in UNFINISHED:
+        row = {**row, "state": "lost", "pid": None, "heartbeat_at": None}
     done, total = row.get("done"), row.get("total")
     rate = None
     if row.get("state") == "running":
@@ -68,11 +75,14 @@ def run_summary(store: Store, run_dir: RunDir) -> dict[str, Any]:
     """The short form used by ``orch status`` (no RUN)."""
     run = store.run()
     counts = store.counts()
+    state = run_state(run)
+    if state == "lost":
+        counts = lost_counts(counts)
     done, total = store.progress_totals()
     return {
         "id": run["id"],
         "name": run.get("name"),
-        "state": run_state(run),
+        "state": state,
         "exit_code": run.get("exit_code"),
         "started_at": iso(run.get("started_at")),
         "ended_at": iso(run.get("ended_at")),
@@ -90,7 +100,8 @@ def run_detail(store: Store, run_dir: RunDir, *, sample: bool = True) -> dict[st
     out = run_summary(store, run_dir)
     live = out["state"] == "running"
     run = store.run()
-    shards = [shard_record(r, run_dir, now, live and sample) for r in store.shards()]
+    lost = out["state"] == "lost"
+    shards = [shard_record(r, run_dir, now, live and sample, lost) for r in store.shards()]
     rate = total_rate(s["rate"] for s in shards)
     end = run.get("ended_at") or now
     out.update(

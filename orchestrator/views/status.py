@@ -76,6 +76,19 @@ def _status_all(*, as_json: bool, show_all: bool, home: str | None) -> int:
     return RET_OK
 
 
+def _why(s: dict[str, Any]) -> str:
+    """The REASON column: why a shard ended or waits; for a live one, its last
+    ``message`` and what ended its previous attempt (the last restart)."""
+    if s["state"] == "done":
+        return ""
+    if s["state"] in ("running", "pending"):
+        parts = [s["message"]] if s["message"] else []
+        if s["attempts"] > 1 and s["reason"]:
+            parts.append(f"last restart: {s['reason']}")
+        return "; ".join(parts)
+    return s["reason"] or ""
+
+
 def _print_detail(d: dict[str, Any]) -> None:
     on = table.colour_enabled(sys.stdout)
     head = (
@@ -107,7 +120,7 @@ def _print_detail(d: dict[str, Any]) -> None:
         hb = format_duration(s["heartbeat_age_s"]) if s["heartbeat_age_s"] is not None else ""
         cpu = f"{s['cpu_percent']:.0f}%" if s["cpu_percent"] is not None else ""
         rss = format_bytes(s["rss_bytes"]) if s["rss_bytes"] is not None else ""
-        reason = "" if s["state"] in ("running", "pending", "done") else (s["reason"] or "")
+        reason = _why(s)
         rows.append(
             [
                 s["id"],

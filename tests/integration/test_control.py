@@ -152,8 +152,9 @@ def _envs(run: Run) -> list[dict[str, str]]:
 
 
 def test_restart_a_running_shard_and_one_in_backoff(denv: Env) -> None:
-    # Shard 1 fails its first attempt and then waits a 60 s backoff; shard 0 runs on.
-    cmd = ('if [ "$ORCH_SHARD_INDEX" = 1 ] && [ "$ORCH_ATTEMPT" = 1 ]; then exit 3; fi; '
+    # Shard 1 fails its first two attempts (the first restart of a streak is immediate)
+    # and then waits a 60 s backoff; shard 0 runs on.
+    cmd = ('if [ "$ORCH_SHARD_INDEX" = 1 ] && [ "$ORCH_ATTEMPT" -le 2 ]; then exit 3; fi; '
            "echo attempt $ORCH_ATTEMPT; exec sleep 60")
     run = Run(denv, start_detached(denv, "--split", "2", "--backoff-initial", "60s",
                                    "--backoff-max", "60s", "--", "sh", "-c", cmd))
@@ -172,15 +173,15 @@ def test_restart_a_running_shard_and_one_in_backoff(denv: Env) -> None:
 
     proc = denv.orch("restart", run.id, "--shard", "1")
     assert proc.returncode == 0, proc.stderr
-    assert poll_for(lambda: run.shards()["1"]["attempts"] == 2
+    assert poll_for(lambda: run.shards()["1"]["attempts"] == 3
                     and run.shards()["1"]["state"] == "running", timeout=10), run.shards()["1"]
     # Far sooner than the 60 s backoff: the restart did not wait for it.
     assert time.monotonic() - t0 < 30
     log = denv.orch("logs", run.id, "--shard", "1")
-    assert "attempt 2" in log.stdout
+    assert "attempt 3" in log.stdout
     # One live attempt per shard, each the newest.
     assert sorted((e["ORCH_SHARD_ID"], e["ORCH_ATTEMPT"]) for e in _envs(run)) == [
-        ("0", "2"), ("1", "2")]
+        ("0", "2"), ("1", "3")]
     assert denv.orch("stop", run.id).returncode == 0
 
 

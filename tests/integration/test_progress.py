@@ -176,7 +176,8 @@ def test_sigstopped_shard_is_replaced_within_heartbeat_timeout(env: Env) -> None
     try:
         run_id, _ = wait_live(env)
         wait_path(env.cwd / "pid1")
-        pid = int((env.cwd / "pid1").read_text())
+        # The file can exist a moment before the shard's write lands in it.
+        pid = int(poll_for(lambda: (env.cwd / "pid1").read_text().strip(), DEADLINE_S))
         started = process_start(pid)
         assert started is not None
         # The timeout applies once the shard has been heard from.
@@ -195,8 +196,9 @@ def test_sigstopped_shard_is_replaced_within_heartbeat_timeout(env: Env) -> None
         assert first["signal"] in (signal.SIGTERM, signal.SIGKILL), first
         assert finish(env, proc) == 0, orch_output(env)
     finally:
-        if (env.cwd / "pid1").exists():  # never leave a frozen process behind
-            pid = int((env.cwd / "pid1").read_text())
+        text = (env.cwd / "pid1").read_text().strip() if (env.cwd / "pid1").exists() else ""
+        if text:  # never leave a frozen process behind
+            pid = int(text)
             if started is not None and pid_alive(pid, started):
                 os.kill(pid, signal.SIGKILL)
     shard = env.status(run_id)["shards"][0]

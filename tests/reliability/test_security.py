@@ -306,7 +306,8 @@ def test_shard_values_arrive_byte_for_byte(env: Env) -> None:
     assert len(logs) == 2 * len(records), logs
     assert all(os.sep not in n and not n.startswith(".") for n in logs), logs
     outside = {p.name for p in run.dir.iterdir()} - {"logs", "state.db", "state.db-wal",
-                                                     "state.db-shm", "task.json", "master.lock"}
+                                                     "state.db-shm", "task.json", "master.lock",
+                                                     "environ.json"}
     assert outside == set(), outside
     assert not (env.home / "escaped.out").exists() and not (env.cwd.parent / "escaped").exists()
 

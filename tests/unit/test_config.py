@@ -293,8 +293,8 @@ def test_all_keys_convert() -> None:
     assert dict(config.env) == {"A": "1"}
 
 
-def test_zero_switches_off_stall_timeout_and_max_memory() -> None:
-    config = _build({**_MIN, "stall_timeout": 0, "max_memory": "0"})
+def test_zero_switches_off_max_memory_and_none_switches_off_timeouts() -> None:
+    config = _build({**_MIN, "stall_timeout": "none", "max_memory": "0"})
     assert config.stall_timeout_s is None
     assert config.max_memory_bytes is None
 
@@ -511,7 +511,8 @@ _task_configs = st.builds(
     backoff_reset_s=st.floats(0, 1e6),
     stop_timeout_s=st.floats(0, 1e6),
     heartbeat_interval_s=st.floats(0.001, 1e3),
-    heartbeat_timeout_s=st.floats(0.001, 1e3),
+    heartbeat_timeout_s=st.none() | st.floats(0.001, 1e3),
+    heartbeat_timeout_set=st.booleans(),
     stall_timeout_s=st.none() | st.floats(0.001, 1e6),
     require_heartbeat=st.booleans(),
     max_memory_bytes=st.none() | st.integers(1, 2**62),

@@ -3,7 +3,8 @@
 Each history is a list of ``(event, now, expected state, expected actions)``
 replayed through the real ``lifecycle.step`` (honcho's HISTORIES style): no
 processes, no sleeps, no os calls. ``rand`` is fixed, so backoff delays are
-exact: with ``rand() == 0`` a delay is its nominal value.
+exact: with ``rand() == 0`` a delay is its nominal value. The first restart
+of a streak has no wait; later ones back off 1, 2, 4, 8 s (capped).
 """
 
 from __future__ import annotations
@@ -84,11 +85,16 @@ def replay(
 def fail_cycle(
     t: float, attempt: int, delay: float, ran_s: float = 0.1, code: int = 1
 ) -> list[Step]:
-    """Start at ``t``, exit ``code`` after ``ran_s``, back off ``delay``, become pending."""
+    """Start at ``t``, exit ``code`` after ``ran_s``, back off ``delay``, become pending.
+
+    ``delay`` 0 is an immediate restart: pending at once, no timer.
+    """
     end = t + ran_s
+    started: list[Step] = [(Start(), t, R, [Spawn(attempt)]), (Spawned(), t, R, [])]
+    if delay == 0.0:
+        return [*started, (Exited(code), end, P, [])]
     return [
-        (Start(), t, R, [Spawn(attempt)]),
-        (Spawned(), t, R, []),
+        *started,
         (Exited(code), end, B, [backoff_at(end + delay)]),
         (BackoffElapsed(), end + delay, P, []),
     ]
@@ -97,15 +103,15 @@ def fail_cycle(
 # --- backoff ------------------------------------------------------------------
 
 
-def test_backoff_doubles_from_initial_and_is_capped_at_max() -> None:
+def test_first_restart_is_immediate_then_backoff_doubles_and_is_capped_at_max() -> None:
     history: list[Step] = []
     t = 0.0
-    for attempt, delay in enumerate([1.0, 2.0, 4.0, 8.0, 8.0], start=1):
+    for attempt, delay in enumerate([0.0, 1.0, 2.0, 4.0, 8.0, 8.0], start=1):
         history += fail_cycle(t, attempt, delay)
         t += 0.1 + delay
-    shard = replay(history)
-    assert shard.attempt == 5
-    assert shard.failures == 5
+    shard = replay(history, replace(POLICY, max_restarts=6))
+    assert shard.attempt == 6
+    assert shard.failures == 6
     assert shard.reason == "exit 1"
 
 
@@ -117,33 +123,47 @@ def test_jitter_only_adds_and_is_bounded(level: int, u: float) -> None:
     assert nominal <= delay <= nominal * (1 + POLICY.backoff_jitter)
 
 
-def test_jitter_is_applied_to_the_timer() -> None:
+def test_jitter_is_applied_to_the_timer_but_not_to_the_immediate_restart() -> None:
     replay([
         (Start(), 0.0, R, [Spawn(1)]),
-        (Exited(1), 0.5, B, [backoff_at(0.5 + 1.0 * 1.1)]),  # u=0.5: +10%
+        (Exited(1), 0.5, P, []),
+        (Start(), 0.5, R, [Spawn(2)]),
+        (Exited(1), 1.0, B, [backoff_at(1.0 + 1.0 * 1.1)]),  # u=0.5: +10%
     ], rand=0.5)
 
 
 def test_backoff_resets_after_a_healthy_stretch() -> None:
-    history = fail_cycle(0.0, 1, 1.0) + fail_cycle(1.1, 2, 2.0) + fail_cycle(3.2, 3, 4.0)
-    t = 3.2 + 0.1 + 4.0
-    # attempt 4 runs for the whole reset window: its failure is the first of a new streak
-    history += fail_cycle(t, 4, 1.0, ran_s=60.0)
+    history = fail_cycle(0.0, 1, 0.0) + fail_cycle(0.1, 2, 1.0) + fail_cycle(1.2, 3, 2.0)
+    t = 1.2 + 0.1 + 2.0
+    # attempt 4 runs for the whole reset window: its failure is the first of a new
+    # streak, restarted at once; the next failure waits the initial backoff again
+    history += fail_cycle(t, 4, 0.0, ran_s=60.0)
+    history += fail_cycle(t + 60.0, 5, 1.0)
     shard = replay(history)
-    assert (shard.failures, shard.level) == (1, 1)
+    assert (shard.failures, shard.level) == (2, 2)
+
+
+def test_a_crash_after_a_healthy_stretch_restarts_at_once_every_time() -> None:
+    """A long-running crawler that dies once an hour is never made to wait."""
+    history: list[Step] = []
+    for attempt in range(1, 6):
+        t = (attempt - 1) * 3600.0
+        history += fail_cycle(t, attempt, 0.0, ran_s=3600.0, code=-9)
+    shard = replay(history, replace(POLICY, max_restarts=1))
+    assert shard.state is P and shard.failures == 1
 
 
 def test_a_healthy_stretch_also_resets_the_give_up_count() -> None:
     policy = replace(POLICY, max_restarts=2)
-    history = fail_cycle(0.0, 1, 1.0) + fail_cycle(1.1, 2, 2.0)
-    history += fail_cycle(3.2, 3, 1.0, ran_s=61.0)  # would be failure 3 > 2 without the reset
-    history += fail_cycle(65.3, 4, 2.0)
+    history = fail_cycle(0.0, 1, 0.0) + fail_cycle(0.1, 2, 1.0)
+    history += fail_cycle(1.2, 3, 0.0, ran_s=61.0)  # would be failure 3 > 2 without the reset
+    history += fail_cycle(62.2, 4, 1.0)
     shard = replay(history, policy)
     assert shard.state is P and shard.failures == 2
 
 
 def test_just_short_of_the_reset_window_is_not_healthy() -> None:
-    history = fail_cycle(0.0, 1, 1.0) + fail_cycle(1.1, 2, 2.0, ran_s=59.9)
+    history = fail_cycle(0.0, 1, 0.0) + fail_cycle(0.1, 2, 1.0, ran_s=59.9)
     replay(history)
 
 
@@ -152,10 +172,10 @@ def test_just_short_of_the_reset_window_is_not_healthy() -> None:
 
 def test_gives_up_after_max_restarts_failures_in_a_row() -> None:
     policy = replace(POLICY, max_restarts=2)
-    history = fail_cycle(0.0, 1, 1.0) + fail_cycle(1.1, 2, 2.0)
+    history = fail_cycle(0.0, 1, 0.0) + fail_cycle(0.1, 2, 1.0)
     history += [
-        (Start(), 3.2, R, [Spawn(3)]),
-        (Exited(3), 3.3, FAILED, []),  # N+1 = 3 attempts in all
+        (Start(), 1.2, R, [Spawn(3)]),
+        (Exited(3), 1.3, FAILED, []),  # N+1 = 3 attempts in all
         (Start(), 4.0, FAILED, []),  # terminal: nothing starts it again
         (BackoffElapsed(), 5.0, FAILED, []),
     ]
@@ -184,8 +204,8 @@ def test_exit_0_is_done_and_never_restarted() -> None:
 
 
 def test_done_after_failures() -> None:
-    history = fail_cycle(0.0, 1, 1.0) + [
-        (Start(), 1.1, R, [Spawn(2)]),
+    history = fail_cycle(0.0, 1, 0.0) + [
+        (Start(), 0.1, R, [Spawn(2)]),
         (Exited(0), 2.0, DONE, []),
     ]
     assert replay(history).attempt == 2
@@ -198,26 +218,27 @@ def test_restart_always_restarts_after_exit_0_with_growing_backoff_and_never_giv
     policy = replace(POLICY, restart=Restart.ALWAYS, max_restarts=1)
     history: list[Step] = []
     t = 0.0
-    for attempt, delay in enumerate([1.0, 2.0, 4.0, 8.0, 8.0, 8.0], start=1):
+    for attempt, delay in enumerate([0.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0], start=1):
         history += fail_cycle(t, attempt, delay, ran_s=0.0, code=0)
         t += delay
     shard = replay(history, policy)
     assert shard.failures == 0 and shard.reason == "exit 0"
 
 
-def test_restart_always_service_that_ran_long_restarts_at_initial_backoff() -> None:
+def test_restart_always_service_that_ran_long_restarts_at_once() -> None:
     policy = replace(POLICY, restart=Restart.ALWAYS)
-    history = fail_cycle(0.0, 1, 1.0, ran_s=0.0, code=0)
-    history += fail_cycle(1.0, 2, 2.0, ran_s=0.0, code=0)
-    history += fail_cycle(3.0, 3, 1.0, ran_s=3600.0, code=0)
+    history = fail_cycle(0.0, 1, 0.0, ran_s=0.0, code=0)
+    history += fail_cycle(0.0, 2, 1.0, ran_s=0.0, code=0)
+    history += fail_cycle(1.0, 3, 0.0, ran_s=3600.0, code=0)
+    history += fail_cycle(3601.0, 4, 1.0, ran_s=0.0, code=0)
     replay(history, policy)
 
 
 def test_restart_always_still_gives_up_on_failures() -> None:
     policy = replace(POLICY, restart=Restart.ALWAYS, max_restarts=1)
-    replay(fail_cycle(0.0, 1, 1.0) + [
-        (Start(), 1.1, R, [Spawn(2)]),
-        (Exited(2), 1.2, FAILED, []),
+    replay(fail_cycle(0.0, 1, 0.0) + [
+        (Start(), 0.1, R, [Spawn(2)]),
+        (Exited(2), 0.2, FAILED, []),
     ], policy)
 
 
@@ -232,8 +253,8 @@ def test_restart_never_fails_at_once_on_failure_and_is_done_on_exit_0() -> None:
 
 
 def test_stop_during_backoff_cancels_the_timer_and_ends_stopped() -> None:
-    shard = replay([
-        (Start(), 0.0, R, [Spawn(1)]),
+    shard = replay(fail_cycle(-1.0, 1, 0.0) + [
+        (Start(), 0.0, R, [Spawn(2)]),
         (Exited(1), 0.1, B, [backoff_at(1.1)]),
         (StopRequested(), 0.5, STOPPED, [CANCEL_BACKOFF]),
         (BackoffElapsed(), 1.1, STOPPED, []),  # a late timer changes nothing
@@ -298,11 +319,14 @@ def test_hung_kill_counts_as_a_failure_whatever_the_exit_status() -> None:
         (Start(), 0.0, R, [Spawn(1)]),
         (Kill(Intent.HUNG, reason), 30.0, S, [TERM, grace_at(40.0)]),
         (GraceElapsed(), 40.0, S, [KILL]),
-        (Exited(0), 40.1, B, [CANCEL_GRACE, backoff_at(41.1)]),
-        (BackoffElapsed(), 41.1, P, []),
+        (Exited(0), 40.1, P, [CANCEL_GRACE]),  # first of a streak: at once
+        (Start(), 40.1, R, [Spawn(2)]),
+        (Kill(Intent.HUNG, reason), 50.0, S, [TERM, grace_at(60.0)]),
+        (Exited(-15), 50.1, B, [CANCEL_GRACE, backoff_at(51.1)]),
+        (BackoffElapsed(), 51.1, P, []),
     ])
     assert shard.reason == reason
-    assert shard.failures == 1
+    assert shard.failures == 2
 
 
 def test_hung_kills_give_up_after_max_restarts() -> None:
@@ -310,8 +334,7 @@ def test_hung_kills_give_up_after_max_restarts() -> None:
     shard = replay([
         (Start(), 0.0, R, [Spawn(1)]),
         (Kill(Intent.STALLED, "stalled: no progress for 5s"), 6.0, S, [TERM, grace_at(16.0)]),
-        (Exited(-15), 6.1, B, [CANCEL_GRACE, backoff_at(7.1)]),
-        (BackoffElapsed(), 7.1, P, []),
+        (Exited(-15), 6.1, P, [CANCEL_GRACE]),
         (Start(), 7.1, R, [Spawn(2)]),
         (Kill(Intent.MEMORY, "rss over 1 GiB"), 8.0, S, [TERM, grace_at(18.0)]),
         (Exited(-15), 8.1, FAILED, [CANCEL_GRACE]),
@@ -323,7 +346,9 @@ def test_kill_of_a_shard_not_running_is_ignored() -> None:
     replay([
         (Kill(Intent.HUNG, "hung"), 0.0, P, []),
         (Start(), 0.0, R, [Spawn(1)]),
-        (Exited(1), 0.1, B, [backoff_at(1.1)]),
+        (Exited(1), 0.1, P, []),
+        (Start(), 0.1, R, [Spawn(2)]),
+        (Exited(1), 0.2, B, [backoff_at(1.2)]),
         (Kill(Intent.HUNG, "hung"), 0.5, B, []),
     ])
 
@@ -342,25 +367,25 @@ def test_stop_overrides_a_hung_kill_under_way() -> None:
 
 
 def test_user_restart_during_backoff_resets_the_backoff() -> None:
-    history = fail_cycle(0.0, 1, 1.0) + fail_cycle(1.1, 2, 2.0) + [
-        (Start(), 3.2, R, [Spawn(3)]),
-        (Exited(1), 3.3, B, [backoff_at(7.3)]),
-        (RestartRequested(), 4.0, P, [CANCEL_BACKOFF]),
-        (BackoffElapsed(), 7.3, P, []),
+    history = fail_cycle(0.0, 1, 0.0) + fail_cycle(0.1, 2, 1.0) + [
+        (Start(), 1.2, R, [Spawn(3)]),
+        (Exited(1), 1.3, B, [backoff_at(3.3)]),
+        (RestartRequested(), 2.0, P, [CANCEL_BACKOFF]),
+        (BackoffElapsed(), 3.3, P, []),
     ]
-    history += fail_cycle(4.0, 4, 1.0)  # back to the initial backoff
+    history += fail_cycle(4.0, 4, 0.0)  # a new streak: an immediate restart again
     shard = replay(history)
     assert shard.failures == 1
 
 
 def test_user_restart_while_running_stops_then_starts_fresh() -> None:
-    history = fail_cycle(0.0, 1, 1.0) + fail_cycle(1.1, 2, 2.0) + [
+    history = fail_cycle(0.0, 1, 0.0) + fail_cycle(0.1, 2, 1.0) + [
         (Start(), 3.2, R, [Spawn(3)]),
         (RestartRequested(), 4.0, S, [TERM, grace_at(14.0)]),
         (RestartRequested(), 4.1, S, []),
         (Exited(-15), 4.2, P, [CANCEL_GRACE]),
     ]
-    history += fail_cycle(4.2, 4, 1.0)
+    history += fail_cycle(4.2, 4, 0.0) + fail_cycle(4.3, 5, 1.0)
     replay(history)
 
 
@@ -393,10 +418,9 @@ def test_spawn_failure_transient_backs_off_and_counts_as_a_failure() -> None:
     policy = replace(POLICY, max_restarts=1)
     shard = replay([
         (Start(), 0.0, R, [Spawn(1)]),
-        (SpawnFailed("out of resources", transient=True), 0.0, B, [backoff_at(1.0)]),
-        (BackoffElapsed(), 1.0, P, []),
-        (Start(), 1.0, R, [Spawn(2)]),
-        (SpawnFailed("out of resources", transient=True), 1.0, FAILED, []),
+        (SpawnFailed("out of resources", transient=True), 0.0, P, []),
+        (Start(), 0.0, R, [Spawn(2)]),
+        (SpawnFailed("out of resources", transient=True), 0.0, FAILED, []),
     ], policy)
     assert "out of resources" in (shard.reason or "")
 
@@ -502,12 +526,11 @@ def test_node_loss_re_places_the_shard_without_counting_a_failure() -> None:
     shard = replay(
         [
             (Start(), 0.0, R, [Spawn(1)]),
-            (lc.Lost("node lost: n1"), 5.0, B, [backoff_at(6.0)]),
-            (BackoffElapsed(), 6.0, P, []),
-            (Start(), 6.0, R, [Spawn(2)]),
-            (lc.Lost("node lost: n2"), 7.0, B, [backoff_at(9.0)]),  # usual backoff grows
-            (BackoffElapsed(), 9.0, P, []),
-            (Start(), 9.0, R, [Spawn(3)]),
+            (lc.Lost("node lost: n1"), 5.0, P, []),  # the first restart of a streak: at once
+            (Start(), 5.0, R, [Spawn(2)]),
+            (lc.Lost("node lost: n2"), 7.0, B, [backoff_at(8.0)]),  # then the usual backoff
+            (BackoffElapsed(), 8.0, P, []),
+            (Start(), 8.0, R, [Spawn(3)]),
             (Exited(0), 10.0, DONE, []),
         ],
         policy,
@@ -519,7 +542,7 @@ def test_node_loss_with_restart_never_still_re_places() -> None:
     shard = replay(
         [
             (Start(), 0.0, R, [Spawn(1)]),
-            (lc.Lost("node lost: n1"), 1.0, B, [backoff_at(2.0)]),
+            (lc.Lost("node lost: n1"), 1.0, P, []),
         ],
         replace(POLICY, restart=Restart.NEVER),
     )
@@ -531,7 +554,7 @@ def test_node_loss_of_a_shard_killed_as_hung_is_not_a_failure() -> None:
         [
             (Start(), 0.0, R, [Spawn(1)]),
             (Kill(Intent.HUNG, "no heartbeat"), 10.0, S, [TERM, grace_at(20.0)]),
-            (lc.Lost("node lost: n1"), 15.0, B, [CANCEL_GRACE, backoff_at(16.0)]),
+            (lc.Lost("node lost: n1"), 15.0, P, [CANCEL_GRACE]),
         ],
         replace(POLICY, max_restarts=0),
     )
@@ -573,3 +596,27 @@ def test_reattached_runs_the_same_attempt_without_spawning() -> None:
 def test_reattached_needs_an_attempt_and_a_pending_shard() -> None:
     replay([(lc.Reattached(), 0.0, P, [])])  # never started: nothing to take back
     replay([(lc.Reattached(), 0.0, DONE, [])], shard=Shard(state=DONE, attempt=1))
+
+
+def test_a_crash_loop_under_default_settings_is_paced_and_gives_up() -> None:
+    """Defaults: at once, then 1, 2, 4, 8 s; the sixth failure in a row gives up."""
+    policy = Policy()
+    history: list[Step] = []
+    t = 0.0
+    for attempt, delay in enumerate([0.0, 1.0, 2.0, 4.0, 8.0], start=1):
+        history += fail_cycle(t, attempt, delay, ran_s=0.01)
+        t += 0.01 + delay
+    history += [(Start(), t, R, [Spawn(6)]), (Exited(1), t + 0.01, FAILED, [])]
+    shard = replay(history, policy)
+    assert shard.reason == "gave up after 6 attempts (last: exit 1)"
+    assert t == pytest.approx(15.05)  # 5 restarts in 15 s, not 6 in a few ms
+
+
+def test_transient_spawn_failures_back_off_after_the_first_retry() -> None:
+    replay([
+        (Start(), 0.0, R, [Spawn(1)]),
+        (SpawnFailed("out of resources", transient=True), 0.0, P, []),
+        (Start(), 0.0, R, [Spawn(2)]),
+        (SpawnFailed("out of resources", transient=True), 0.0, B, [backoff_at(1.0)]),
+        (BackoffElapsed(), 1.0, P, []),
+    ])

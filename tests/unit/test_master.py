@@ -459,16 +459,19 @@ def test_nonzero_exit_backs_off_then_restarts(make: Any) -> None:
     h = make(n=1, backoff_initial_s=2.0)
     h.open()
     h.wait(1.0)
-    h.exit(0, 3)
-    assert h.states(0) == ["running", "backoff"]
+    h.exit(0, 3)  # the first failure of a streak is restarted at once
+    assert h.states(0) == ["running", "pending", "running"]
+    assert h.actions() == [("start", "0", 1), ("start", "0", 2)]
+    h.exit(0, 3)  # the second waits backoff_initial
+    assert h.states(0)[-1] == "backoff"
     assert h.timer(0, TimerKind.BACKOFF) == pytest.approx(3.0)
     assert h.row(0)["last_error"] == "exit 3"
     h.wait(1.99)
-    assert h.actions() == [("start", "0", 1)]
-    h.wait(0.02)
     assert h.actions() == [("start", "0", 1), ("start", "0", 2)]
-    assert h.states(0) == ["running", "backoff", "pending", "running"]
-    assert [a["reason"] for a in h.store.attempts(0)] == ["exit 3", None]
+    h.wait(0.02)
+    assert h.actions() == [("start", "0", 1), ("start", "0", 2), ("start", "0", 3)]
+    assert h.states(0) == ["running", "pending", "running", "backoff", "pending", "running"]
+    assert [a["reason"] for a in h.store.attempts(0)] == ["exit 3", "exit 3", None]
 
 
 def test_exit_by_signal_records_the_signal_not_an_exit_code(make: Any) -> None:
@@ -478,8 +481,7 @@ def test_exit_by_signal_records_the_signal_not_an_exit_code(make: Any) -> None:
     (attempt, *_) = h.store.attempts(0)
     assert (attempt["exit_code"], attempt["signal"]) == (None, 9)
     assert attempt["reason"] == "signal 9 (SIGKILL)"
-    row = h.row(0)
-    assert (row["state"], row["exit_code"], row["signal"]) == ("backoff", None, 9)
+    assert h.states(0) == ["running", "pending", "running"]  # restarted at once
     assert h.view.events == ["shard 0 attempt 1: signal 9 (SIGKILL)"]
 
 
@@ -511,9 +513,12 @@ def test_restart_always_starts_again_after_exit_0(make: Any) -> None:
     h = make(n=1, restart=Restart.ALWAYS, backoff_initial_s=1.0)
     h.open()
     h.exit(0, 0)
-    assert h.states(0) == ["running", "backoff"]
-    h.wait(1.0)
+    assert h.states(0) == ["running", "pending", "running"]
     assert h.actions() == [("start", "0", 1), ("start", "0", 2)]
+    h.exit(0, 0)  # a quick second exit is paced by the backoff
+    assert h.states(0)[-1] == "backoff"
+    h.wait(1.0)
+    assert h.actions()[-1] == ("start", "0", 3)
 
 
 # --- hung, stalled, memory ---
@@ -538,11 +543,9 @@ def test_late_heartbeat_means_hung_sigterm_grace_then_sigkill(make: Any) -> None
     h.wait(0.2)
     assert h.actions()[-1] == ("signal", "0", 1, "SIGKILL")
     h.exit(0, -9)
-    assert h.states(0) == ["running", "stopping", "backoff"]
-    assert h.row(0)["reason"] == "hung: no heartbeat for 10s (since the last one)"
+    assert h.states(0) == ["running", "stopping", "pending", "running"]
     assert h.store.attempts(0)[0]["reason"] == "hung: no heartbeat for 10s (since the last one)"
-    h.wait(1.0)
-    assert h.actions()[-1] == ("start", "0", 2)
+    assert h.actions()[-1] == ("start", "0", 2)  # the first restart of a streak: at once
 
 
 def test_heartbeats_in_time_keep_the_attempt(make: Any) -> None:
@@ -580,8 +583,8 @@ def test_stall_timeout_kills_an_attempt_that_beats_without_progress(make: Any) -
     h.wait(0.2)
     assert h.actions()[-1] == ("signal", "0", 1, "SIGTERM")
     h.exit(0, -15)
-    assert h.row(0)["reason"] == "stalled: no progress for 5s"
-    assert h.row(0)["state"] == "backoff"
+    assert h.store.attempts(0)[0]["reason"] == "stalled: no progress for 5s"
+    assert h.actions()[-1] == ("start", "0", 2)
 
 
 def test_memory_over_the_limit_restarts_the_attempt(make: Any) -> None:
@@ -593,7 +596,8 @@ def test_memory_over_the_limit_restarts_the_attempt(make: Any) -> None:
     reason = h.master.shard_runs[0].life.reason
     assert reason is not None and reason.startswith("memory: rss ")
     h.exit(0, -15)
-    assert h.row(0)["state"] == "backoff" and h.row(0)["reason"] == reason
+    assert h.store.attempts(0)[0]["reason"] == reason
+    assert h.actions()[-1] == ("start", "0", 2)
     assert h.master.shard_runs[1].rss == 10
 
 
@@ -710,15 +714,16 @@ def test_stdout_protocol_lines_report_progress_and_checkpoints(make: Any) -> Non
 def test_stop_during_backoff_stops_the_shard_and_cancels_the_timer(make: Any) -> None:
     h = make(n=1, backoff_initial_s=5.0)
     h.open()
-    h.exit(0, 1)
+    h.exit(0, 1)  # restarted at once
+    h.exit(0, 1)  # then backs off
     assert h.timer(0, TimerKind.BACKOFF) == pytest.approx(5.0)
     h.master.stop_shard(0)
     h.settle()
-    assert h.states(0) == ["running", "backoff", "stopped"]
+    assert h.states(0) == ["running", "pending", "running", "backoff", "stopped"]
     assert h.row(0)["reason"] == "stopped by user"
     assert h.loop.timers.at((0, TimerKind.BACKOFF)) is None
     h.wait(10.0)
-    assert h.actions() == [("start", "0", 1)]
+    assert h.actions() == [("start", "0", 1), ("start", "0", 2)]
     assert h.master.run_state() == "stopped" and h.close() == RET_FAILED
 
 
@@ -894,11 +899,11 @@ def test_spawn_failure_ends_the_shard_failed_and_siblings_go_on(make: Any) -> No
 def test_transient_spawn_failure_is_retried_with_backoff(make: Any) -> None:
     h = make(n=1, backoff_initial_s=1.0)
     h.backend.fail[0] = SpawnError("out of resources: EMFILE", transient=True)
-    h.open()
+    h.open()  # the first failure retries at once, the second backs off
     assert h.row(0)["state"] == "backoff"
     del h.backend.fail[0]
     h.wait(1.0)
-    assert h.actions() == [("start", "0", 1), ("start", "0", 2)]
+    assert h.actions() == [("start", "0", 1), ("start", "0", 2), ("start", "0", 3)]
     assert h.row(0)["state"] == "running"
 
 
@@ -973,15 +978,18 @@ def test_lost_attempts_are_re_placed_without_counting_against_max_restarts(make:
     assert h.row(0)["node"] == "node-a"
     h.wait(2.0)
     h.lose(0, "node-a")
-    assert h.states(0) == ["running", "backoff"]
-    row = h.row(0)
-    assert (row["reason"], row["last_error"]) == ("node lost: node-a", "node lost: node-a")
-    (first,) = h.store.attempts(0)
+    assert h.states(0) == ["running", "pending", "running"]  # first restart: at once
+    assert h.actions() == [("start", "0", 1), ("start", "0", 2)]
+    assert h.row(0)["last_error"] == "node lost: node-a"
+    first = h.store.attempts(0)[0]
     assert (first["signal"], first["reason"]) == (9, "node lost: node-a")
     assert h.view.events == ["shard 0 attempt 1: node lost: node-a"]
+    h.wait(0.5)
+    h.lose(0, "node-b")  # lost again: still not the shard's fault, with the usual backoff
+    assert h.states(0)[-1] == "backoff"
+    assert h.row(0)["reason"] == "node lost: node-b"
+    assert h.timer(0, TimerKind.BACKOFF) == pytest.approx(2.5 + 1.0)
     h.wait(1.0)
-    h.lose(0, "node-b")  # lost again: still not the shard's fault
-    h.wait(2.0)
     assert h.actions() == [("start", "0", 1), ("start", "0", 2), ("start", "0", 3)]
     assert h.row(0)["state"] == "running"
     h.exit(0, 1)  # a real failure counts: max_restarts = 0 gives up at once
