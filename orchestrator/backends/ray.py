@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 NAMESPACE = "orch"
 #: How long one poll waits in the actor for output or an exit.
 POLL_WAIT_S = 1.0
+#: How long an actor waits without a poll before it stops its group, when the run's
+#: heartbeat timeout is off (``heartbeat_timeout = 0``); else the heartbeat timeout.
+MASTER_GONE_S = 10.0
 #: How long the reachability check waits for the cluster's address to answer.
 CONNECT_TIMEOUT_S = 10.0
 INSTALL_HINT = "--backend ray needs Ray: pip install 'orch[ray]'"
@@ -196,7 +199,7 @@ class RayBackend(Backend):
         *,
         cluster: Cluster,
         run_id: str,
-        heartbeat_timeout_s: float,
+        heartbeat_timeout_s: float | None,
         stop_timeout_s: float,
         num_cpus: float = 1.0,
         memory_bytes: int | None = None,
@@ -211,7 +214,9 @@ class RayBackend(Backend):
         self._loop = loop
         self.cluster = cluster
         self.run_id = run_id
-        self._master_timeout_s = heartbeat_timeout_s
+        # With the heartbeat timeout off, the actors still stop their groups when the
+        # master's polls stop: after MASTER_GONE_S.
+        self._master_timeout_s = heartbeat_timeout_s or MASTER_GONE_S
         self._stop_timeout_s = stop_timeout_s
         self._options: dict[str, Any] = {
             "lifetime": "detached",
