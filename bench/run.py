@@ -38,6 +38,7 @@ FAMILIES = {
     "status": ("bench.m_status", "status"),
     "recovery": ("bench.m_recovery", "recovery"),
     "scale": ("bench.m_scale", "scale"),
+    "web": ("bench.m_web", "web"),
 }
 RESULTS = REPO / "bench" / "results" / "latest.json"
 DOC = REPO / "docs" / "performance.md"

@@ -72,7 +72,8 @@ def build_master(
     """
     if task.cwd:
         os.chdir(task.cwd)
-    jobs = default_jobs(len(shards), task.jobs)
+    # The concurrency in force: `orch scale` records it, so a resumed run keeps it.
+    jobs = default_jobs(len(shards), store.run().get("jobs") or task.jobs)
     hb_path = ipc_path(run_dir, run_id, "hb.sock")
     if task.backend == "ray":
         # Attempts on a cluster: the actors stop their own groups if the master dies (no

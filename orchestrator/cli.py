@@ -87,6 +87,22 @@ def cli() -> None:
 @click.option("--shard-cpus", type=float, metavar="N", help="CPUs each attempt reserves (ray).")
 @click.option("--shard-memory", metavar="SIZE", help="Memory each attempt reserves (ray).")
 @click.option("--name", metavar="NAME", help="A name to refer to the run by.")
+@click.option(
+    "--allow-concurrent",
+    is_flag=True,
+    help="Start even while a run of this name is live (default: refused, exit 2).",
+)
+@click.option(
+    "--final-exit-codes",
+    metavar="CODES",
+    help="Exit codes that fail a shard at once, without restarts (4,44).",
+)
+@click.option(
+    "--max-failed",
+    type=int,
+    metavar="N",
+    help="Once more than N shards failed, stop the rest; the run ends failed.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Stream child output, prefixed by shard id.")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; print the run id.")
 @_home_option
@@ -177,13 +193,19 @@ def stop(run_key: str, shard: str | None, home: str | None) -> None:
 
 @cli.command()
 @click.argument("run_key", metavar="RUN")
-@click.option("--shard", metavar="ID", required=True, help="The shard to restart.")
+@click.option("--shard", metavar="ID", help="Only this shard (default: every running shard).")
+@click.option(
+    "--rolling",
+    type=click.IntRange(min=1, max=2**63 - 1),
+    metavar="K",
+    help="Restart at most K at a time, the next once a restarted one runs again.",
+)
 @_home_option
-def restart(run_key: str, shard: str, home: str | None) -> None:
-    """Start a new attempt of one shard now, with its backoff reset."""
+def restart(run_key: str, shard: str | None, rolling: int | None, home: str | None) -> None:
+    """Start new attempts now, backoff reset: of one shard, or of every running shard."""
     from orchestrator import steer  # lazy: start-up time (see above)
 
-    sys.exit(steer.restart(run_key, shard, home))
+    sys.exit(steer.restart(run_key, shard, home, rolling=rolling))
 
 
 @cli.command()
@@ -269,6 +291,79 @@ def _permission_problem(exc: PermissionError) -> str:
             )
         break
     return line
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=int, default=9001, show_default=True, help="Port (0 picks a free one)."
+)
+@click.option("--config", "config_path", metavar="FILE", help="Tasks a front end may start.")
+@click.option(
+    "--token", metavar="TOKEN", help="The access token (default $ORCH_TOKEN, else random)."
+)
+@click.option("--read-only", is_flag=True, help="Refuse every change (403).")
+@click.option("--no-auth", is_flag=True, help="No token (loopback hosts only).")
+@_home_option
+def serve(
+    host: str,
+    port: int,
+    config_path: str | None,
+    token: str | None,
+    read_only: bool,
+    no_auth: bool,
+    home: str | None,
+) -> None:
+    """Serve the web dashboard, JSON API, events and /metrics for every run."""
+    from orchestrator.serve import main as serve_main
+
+    sys.exit(
+        serve_main.serve(
+            host=host,
+            port=port,
+            config=config_path,
+            home=home,
+            token=token,
+            read_only=read_only,
+            no_auth=no_auth,
+        )
+    )
+
+
+@cli.command("import")
+@click.argument("file", metavar="FILE")
+def import_(file: str) -> None:
+    """Print an orch.toml equivalent to a supervisord.conf or pm2 ecosystem file."""
+    from orchestrator.migrate import import_file
+
+    click.echo(import_file(file), nl=False)
+
+
+@cli.command()
+@click.option("--keep", type=int, metavar="N", help="Keep the N newest finished runs.")
+@click.option("--older-than", metavar="DUR", help="Only runs that ended more than DUR ago.")
+@click.option("-n", "--dry-run", is_flag=True, help="Only show what would be removed.")
+@_home_option
+def gc(keep: int | None, older_than: str | None, dry_run: bool, home: str | None) -> None:
+    """Delete finished runs (never a live one) and print what that freed."""
+    from orchestrator.prune import gc_command
+
+    sys.exit(gc_command(home, keep, older_than, dry_run))
+
+
+@cli.group()
+def notify() -> None:
+    """Notification channels ([notify.NAME] in orch.toml)."""
+
+
+@notify.command("test")
+@click.argument("channel", metavar="CHANNEL")
+@click.option("--config", "config_path", metavar="FILE", help="Task file (default ./orch.toml).")
+def notify_test(channel: str, config_path: str | None) -> None:
+    """Send a test message to CHANNEL and print the receiver's answer."""
+    from orchestrator.notify.command import notify_test
+
+    sys.exit(notify_test(channel, config_path))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,9 +104,14 @@ class TaskConfig:
     resources: tuple[tuple[str, float], ...] = default("resources")
     shard_cpus: float = default("shard_cpus")
     shard_memory_bytes: int | None = default("shard_memory_bytes")
+    final_exit_codes: tuple[int, ...] = default("final_exit_codes")
+    max_failed: int | None = default("max_failed")
+    concurrency: int = default("concurrency")
+    autostart: bool = default("autostart")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
+        object.__setattr__(self, "final_exit_codes", tuple(self.final_exit_codes))
         if isinstance(self.resources, Mapping):
             pairs = self.resources.items()
         else:
@@ -120,6 +125,7 @@ class TaskConfig:
         """A JSON-ready dict (the run snapshot); ``from_json`` gives back an equal config."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["command"] = list(self.command)
+        out["final_exit_codes"] = list(self.final_exit_codes)
         out["env"] = dict(self.env)
         out["restart"] = str(self.restart)
         out["resources"] = dict(self.resources)
@@ -345,6 +351,8 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
         if not isinstance(value, str) or not value.strip():
             raise _expected(origin, "HOST:PORT or 'auto'", value)
         return value.strip()
+    if kind is Kind.CODES:
+        return _codes(value, origin)
     if kind is Kind.RANGE:
         try:
             first, last = parse_range(value, where=where)
@@ -361,6 +369,30 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
     if key == "cwd" and not os.path.isdir(path):
         raise ConfigError(f"{where}: no such directory {path!r}")
     return path
+
+
+def _codes(value: object, origin: _Origin) -> tuple[int, ...]:
+    """Exit statuses 1..255, from an array or from "4,44" (the command line)."""
+    what = "exit codes from 1 to 255 (an array, or 4,44 on the command line)"
+    items: list[object]
+    if isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            part = part.strip()
+            if not part.isdigit():
+                raise ConfigError(f"{origin.where}: expected {what}, got {value!r}")
+            items.append(int(part))
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise _expected(origin, what, value)
+    codes: list[int] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 255:
+            raise ConfigError(f"{origin.where}: expected {what}, got {item!r}")
+        if item not in codes:
+            codes.append(item)
+    return tuple(codes)
 
 
 def _expected(origin: _Origin, what: str, value: object) -> ConfigError:

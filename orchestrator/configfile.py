@@ -10,16 +10,32 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError, closest
 from orchestrator.settings import KEYS
+
+if TYPE_CHECKING:
+    from orchestrator.opsconfig import OpsConfig
 
 CONFIG_NAME = "orch.toml"
 
 #: A task name: letters, digits, "_", "-", ".".
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: Top-level tables besides [tasks.NAME]: [notify.NAME] channels, [gc] pruning.
+TABLES = ("tasks", "notify", "gc")
+#: Task keys read by their own modules (notifications, schedules), not by ``build_task``;
+#: kept apart in ``ConfigFile.extras`` so ``ConfigFile.tasks`` holds only ``KEYS``.
+TASK_EXTRAS = (
+    "notify",
+    "schedule",
+    "every",
+    "overlap",
+    "catch_up",
+    "starting_deadline",
+    "on_incomplete",
+)
 
 
 # ----------------------------------------------------------------------------- the file
@@ -31,6 +47,11 @@ class ConfigFile:
 
     path: str
     tasks: Mapping[str, Mapping[str, Any]]
+    #: Per task, its ``TASK_EXTRAS`` keys; and the top-level tables other than ``tasks``.
+    extras: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tables: Mapping[str, Any] = field(default_factory=dict)
+    #: Notify channels, schedules and ``[gc]``, parsed and validated when the file was read.
+    ops: OpsConfig | None = None
 
     def task(self, name: str) -> Mapping[str, Any]:
         """The raw table of task ``name``; an unknown name fails with a did-you-mean."""
@@ -76,10 +97,10 @@ def load_config(path: str) -> ConfigFile:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(_toml_error(shown, str(exc))) from None
     for key in doc:
-        if key != "tasks":
+        if key not in TABLES:
             raise ConfigError(
                 f"{shown}{_line_of(text, key, None)}: unknown top-level key {key!r} (orch.toml "
-                f"holds [tasks.NAME] tables{did_you_mean(key, ['tasks'], sep='; ')})"
+                f"holds [tasks.NAME] tables{did_you_mean(key, list(TABLES), sep='; ')})"
             )
     tasks = doc.get("tasks", {})
     if not isinstance(tasks, dict):
@@ -91,12 +112,20 @@ def load_config(path: str) -> ConfigFile:
         if not NAME_RE.fullmatch(name):
             raise ConfigError(f"{where}: task name {name!r}: use letters, digits, '_', '-', '.'")
         for key in table:
-            if key not in KEYS:
+            if key not in KEYS and key not in TASK_EXTRAS:
                 raise ConfigError(
                     f"{shown}{_line_of(text, key, name)}: unknown key {key!r} in [tasks.{name}]"
-                    f"{did_you_mean(key, list(KEYS), sep=' (', end=')')}"
+                    f"{did_you_mean(key, [*KEYS, *TASK_EXTRAS], sep=' (', end=')')}"
                 )
-    return ConfigFile(path=os.path.abspath(path), tasks=tasks)
+    from orchestrator.opsconfig import check_ops  # notify, schedules, gc: validated on every read
+
+    extras = {n: {k: v for k, v in t.items() if k in TASK_EXTRAS} for n, t in tasks.items()}
+    tables = {key: value for key, value in doc.items() if key != "tasks"}
+    ops = check_ops(tables, extras, shown)
+    tasks = {n: {k: v for k, v in t.items() if k not in TASK_EXTRAS} for n, t in tasks.items()}
+    return ConfigFile(
+        path=os.path.abspath(path), tasks=tasks, extras=extras, tables=tables, ops=ops
+    )
 
 
 def _toml_error(shown: str, message: str) -> str:

@@ -8,7 +8,12 @@ true, ...}`` or ``{"v": 1, "ok": false, "error": "..."}``. Operations:
 - ``ping``: ``{"pid": ...}``
 - ``status``: live counts, jobs, items done/total
 - ``stop``: ``{"shard": ID}`` stops one shard, without it the whole run
-- ``restart``: ``{"shard": ID}``: a new attempt now, backoff reset
+- ``restart``: ``{"shard": ID}``: a new attempt now, backoff reset; without
+  ``shard``, every running shard (``{"restarting": N}``), and with
+  ``{"rolling": K}`` at most K at a time, the next once a restarted one runs
+  again
+- ``scale``: below the number running, the newest surplus attempts are
+  stopped (SIGTERM, grace) and go back to pending
 - ``scale``: ``{"jobs": K}``: change concurrency live (K >= 1)
 - ``subscribe``: ``{"events": ENDPOINT}``: a ZeroMQ PUB endpoint that
   publishes one JSON object per shard state change
@@ -147,8 +152,13 @@ class ControlServer:
 
     def op_restart(self, req: dict[str, Any]) -> dict[str, Any]:
         idx = self._shard(req)
+        rolling = req.get("rolling")
+        if rolling is not None and (type(rolling) is not int or not 1 <= rolling <= MAX_JOBS):
+            raise _BadRequest(f"'rolling' must be an integer from 1 to {MAX_JOBS}")
         if idx is None:
-            raise _BadRequest("restart needs 'shard'")
+            return {"restarting": self.master.restart_all(rolling)}
+        if rolling is not None:
+            raise _BadRequest("'rolling' restarts every running shard: give it without 'shard'")
         self.master.restart_shard(idx)
         return {}
 

@@ -34,13 +34,22 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import environ, procfs
-from orchestrator.errors import RET_FAILED, RET_OK, OrchError
-from orchestrator.runs import OpenedRun, RunDir, master_alive, private
+from orchestrator.errors import RET_FAILED, RET_OK, OrchError, UsageError
+from orchestrator.runs import (
+    OpenedRun,
+    RunDir,
+    home_dir,
+    live_runs,
+    master_alive,
+    names_lock,
+    private,
+)
 from orchestrator.store import Store
 from orchestrator.views.summary import print_summary
 
 if TYPE_CHECKING:
     from orchestrator.master import View
+    from orchestrator.ports import EventSink
 
 START_TIMEOUT_S = 15.0
 #: How long resume waits for SIGKILLed leftovers to be gone (a process in D state can linger).
@@ -79,18 +88,55 @@ def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
         view=view,
         retry_failed=retry_failed,
         base_env=run.environ,
+        sinks=_notify_sinks(run),
     )
     return master.run()
+
+
+def _notify_sinks(run: OpenedRun) -> list[EventSink]:
+    """The run's notifier, when ``orch run`` recorded channels for it (notify.json)."""
+    if not os.path.exists(os.path.join(run.dir.path, "notify.json")):
+        return []
+    from orchestrator.notify.sink import NotifySink
+
+    return [NotifySink.for_run(run.store, run.dir.path)]
 
 
 def run_command(head: str | None, command: tuple[str, ...], opts: dict[str, Any]) -> int:
     """``orch run``: check everything, create the run, start its master; the exit code."""
     # orch run's preparation (orch.toml, templates, executables): not needed to resume.
-    from orchestrator.start import prepare
+    from orchestrator.start import notify_channels, prepare
 
     task, shards = prepare(head, command, opts)
-    run = OpenedRun.create(task, shards, home=opts.get("home"), name=opts.get("name"))
+    channels = notify_channels(head, opts)
+    home = home_dir(opts.get("home"))
+    name = opts.get("name") or task.name
+    # One live run per task (a task of orch.toml) or per --name; ad-hoc runs are unchecked.
+    checked = not opts.get("allow_concurrent") and (
+        opts.get("name") is not None or (head is not None and ":" not in head)
+    )
+    with names_lock(home):
+        if checked:
+            refuse_live(home, name, task.concurrency)
+        run = OpenedRun.create(task, shards, home=home, name=name)
+    if channels:
+        from orchestrator.notify.deliver import write_channels
+
+        write_channels(run.dir.path, channels, os.environ)
     return start(run, detach=bool(opts.get("detach")), verbose=bool(opts.get("verbose")))
+
+
+def refuse_live(home: str, name: str, concurrency: int) -> None:
+    """One live run per task (``concurrency``: at most N): exit 2 naming the live run."""
+    live = live_runs(home, name)
+    if len(live) >= concurrency:
+        most = "a live run"
+        if concurrency > 1:
+            most = f"{len(live)} live runs (concurrency {concurrency})"
+        raise UsageError(
+            f"{name!r} already has {most}: {live[0].id}; 'orch stop {live[0].id}' it, "
+            "or give --allow-concurrent"
+        )
 
 
 def start(

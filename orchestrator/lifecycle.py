@@ -63,6 +63,8 @@ class Intent(enum.StrEnum):
     HUNG = "hung"  # no heartbeat within the heartbeat timeout
     STALLED = "stalled"  # heartbeats but no progress within the stall timeout
     MEMORY = "memory"  # rss over max_memory
+    ABORT = "abort"  # more shards failed than max_failed: the run stops; the shard ends stopped
+    SCALE = "scale"  # concurrency lowered below the running count: back to pending, no failure
 
 
 _FAILURE_INTENTS = frozenset({Intent.HUNG, Intent.STALLED, Intent.MEMORY})
@@ -80,6 +82,8 @@ class Policy:
     backoff_jitter: float = default("backoff_jitter")
     backoff_reset_s: float = default("backoff_reset_s")
     stop_timeout_s: float = default("stop_timeout_s")
+    #: Exit statuses that end the shard failed at once: restarting cannot help.
+    final_exit_codes: tuple[int, ...] = default("final_exit_codes")
 
     @classmethod
     def from_task(cls, task: TaskConfig) -> Policy:
@@ -311,10 +315,23 @@ def _begin_stop(
     return new, [Signal(signal.SIGTERM), SetTimer(TimerKind.GRACE, now + policy.stop_timeout_s)]
 
 
+_STOP_REASONS = {
+    Intent.STOP: "stopped by user",
+    Intent.SHUTDOWN: "stopped: orch is shutting down",
+    Intent.ABORT: "stopped: more shards failed than max_failed allows",
+}
+_ENDS_STOPPED = frozenset(_STOP_REASONS)
+
+
 def _stop_requested(
     shard: Shard, intent: Intent, now: float, policy: Policy
 ) -> tuple[Shard, list[Action]]:
-    reason = "stopped by user" if intent is Intent.STOP else "stopped: orch is shutting down"
+    if intent is Intent.SCALE:
+        # Only a running attempt makes room; anything else has no slot to give back.
+        if shard.state is State.RUNNING:
+            return _begin_stop(shard, intent, now, policy, "scaled down: waiting for a slot")
+        return shard, []
+    reason = _STOP_REASONS.get(intent, _STOP_REASONS[Intent.SHUTDOWN])
     match shard.state:
         case State.RUNNING:
             return _begin_stop(shard, intent, now, policy, reason)
@@ -361,11 +378,14 @@ def _exited(
     if shard.state is State.STOPPING:
         actions.append(CancelTimer(TimerKind.GRACE))
         intent = shard.intent
-        if intent in (Intent.STOP, Intent.SHUTDOWN):
+        if intent in _ENDS_STOPPED:
             return replace(shard, state=State.STOPPED, intent=None), actions
         if intent is Intent.RESTART:
             fresh = replace(shard, state=State.PENDING, failures=0, level=0, intent=None)
             return fresh, actions
+        if intent is Intent.SCALE:
+            # Not a failure: the streak and backoff level stay as they were.
+            return replace(shard, state=State.PENDING, intent=None), actions
         # hung, stalled, memory: a failure whatever the exit status says
         return _schedule_restart(
             shard, now, policy, rand, shard.reason or str(intent), True, actions
@@ -374,6 +394,8 @@ def _exited(
     what = describe_exit(code)
     if code == 0 and policy.restart is not Restart.ALWAYS:
         return replace(shard, state=State.DONE, reason="exit 0"), actions
+    if code in policy.final_exit_codes:
+        return replace(shard, state=State.FAILED, reason=f"{what} (a final exit code)"), actions
     if policy.restart is Restart.NEVER:
         return replace(shard, state=State.FAILED, reason=what), actions
     return _schedule_restart(shard, now, policy, rand, what, code != 0, actions)

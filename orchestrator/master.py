@@ -30,7 +30,7 @@ from orchestrator.config import TaskConfig
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK
 from orchestrator.lifecycle import Intent, State
 from orchestrator.loop import raise_fd_limit
-from orchestrator.ports import Ports
+from orchestrator.ports import FanOut, Ports
 from orchestrator.progress import MEMORY_CHECK_S, Tracker
 from orchestrator.shard import ShardRun
 from orchestrator.sources import ShardList
@@ -96,7 +96,8 @@ class Master:
         self.loop = ports.loop
         self.backend = ports.backend
         self.channel = ports.channel
-        self.events = ports.events
+        # A FanOut carries the recording sinks' calls (ending, committed, tick) too.
+        self.events = ports.events if isinstance(ports.events, FanOut) else FanOut([ports.events])
         self.view = view or View()
         self.jobs = jobs
         self.retry_failed = retry_failed
@@ -114,6 +115,12 @@ class Master:
         self.store_error: str | None = None
         self._store_failing_since: float | None = None
         self._store_retry_s = STORE_RETRY_DELAYS_S[0]
+        #: Set once more shards failed than max_failed allows: the rest are stopped.
+        self.aborted = False
+        #: A rolling restart: shards still to restart, and those restarted not running yet.
+        self._rolling: deque[ShardRun] = deque()
+        self._rolling_out: set[ShardRun] = set()
+        self._rolling_k = 0
         self.tracker = Tracker(
             loop=self.loop,
             store=store,
@@ -195,6 +202,7 @@ class Master:
                 self.attempts.reattach(run)
         self.view.started(self)
         loop.timers.set("tick", loop.clock() + self.view.tick_s, self._tick)
+        self._sinks_tick()
         if self.task.max_memory_bytes is not None:
             loop.timers.set("memory", loop.clock() + MEMORY_CHECK_S, self._check_memory)
         self._schedule()
@@ -220,6 +228,8 @@ class Master:
         code = self.exit_code()
         self.store.set_run(state=self.run_state(), exit_code=code, ended_at=ports.wall())
         self.tracker.flush_counters()
+        end = {"run": self.run_state(), "exit_code": code}
+        self.events.ending(end)  # a notifier stages its rows in the commit that records the end
         try:
             self.store.commit()
         except StoreUnwritable as exc:
@@ -227,7 +237,10 @@ class Master:
             # which `orch resume` finishes once the disk has room again.
             self._give_up_store(exc)
             code = self.exit_code()
-        self.events.publish({"run": self.run_state(), "exit_code": code})
+            end = {"run": self.run_state(), "exit_code": code}
+        else:
+            self.events.committed()
+        self.events.publish(end)
         ports.control.close()
         self.events.close()
         self.channel.close()
@@ -295,9 +308,40 @@ class Master:
         self._restarted.add(run)
         self.apply(run, lc.RestartRequested())
 
+    def restart_all(self, rolling: int | None = None) -> int:
+        """Restart every running shard; with ``rolling`` K, at most K at a time, the next
+        one once a restarted one is running again. Returns how many will be restarted."""
+        live = [r for r in self.shard_runs if r.life.state is State.RUNNING]
+        if rolling is None:
+            for run in live:
+                self.restart_shard(run.index)
+            return len(live)
+        self._rolling = deque(live)
+        self._rolling_out.clear()
+        self._rolling_k = rolling
+        self._roll()
+        return len(live)
+
+    def _roll(self) -> None:
+        while self._rolling and len(self._rolling_out) < self._rolling_k:
+            run = self._rolling.popleft()
+            if run.life.state is not State.RUNNING:
+                continue  # ended or stopped meanwhile: nothing to restart
+            self._rolling_out.add(run)
+            self.restart_shard(run.index)
+
     def scale(self, jobs: int) -> None:
+        """Change concurrency; below the number running, the newest surplus attempts are
+        stopped (SIGTERM, grace) and go back to pending, to resume when a slot frees."""
         self.jobs = jobs
-        self.store.set_run(jobs=jobs)  # `orch status` shows the limit in force
+        self.store.set_run(jobs=jobs)  # `orch status` shows the limit in force; resume keeps it
+        running = [r for r in self.shard_runs if r.life.state is State.RUNNING]
+        surplus = len(running) - jobs
+        if surplus > 0:
+            newest = sorted(running, key=lambda r: (r.life.started_at or 0.0, r.index))
+            for run in reversed(newest[-surplus:]):
+                self._restarted.add(run)  # first in line when capacity returns
+                self.apply(run, lc.StopRequested(Intent.SCALE))
         self.loop.call_when_idle(self._commit)
         self._schedule()
 
@@ -362,6 +406,9 @@ class Master:
             "reason": new.reason,
             "updated_at": self.ports.wall(),
         }
+        if run in self._rolling_out and (new.state is State.RUNNING or new.state.terminal):
+            self._rolling_out.discard(run)
+            self.loop.call_when_idle(self._roll)
         if new.state is State.PENDING:
             if run in self._restarted:
                 self._restarted.discard(run)
@@ -372,6 +419,10 @@ class Master:
             self.view.event(f"shard {run.id} failed: {new.reason}")
             if run.notes:
                 fields["last_error"] = "\n".join(run.notes)
+            limit = self.task.max_failed
+            if limit is not None and not self.aborted and self._counts["failed"] > limit:
+                self.aborted = True  # from now on nothing starts; the rest stop when idle
+                self.loop.call_when_idle(self._abort)
         self.store.set_shard(run.index, **fields)
         self.events.publish(
             {
@@ -382,12 +433,24 @@ class Master:
                 "state": new.state.value,
                 "attempt": new.attempt,
                 "reason": new.reason,
+                "intent": new.intent.value if new.intent is not None else None,
             }
         )
         self.loop.call_when_idle(self._schedule)
         self.loop.call_when_idle(self._commit)
 
     # --- dispatch and the group commit -------------------------------------------------
+
+    def _abort(self) -> None:
+        """More shards failed than ``max_failed``: stop the others; the run ends failed."""
+        self.view.event(
+            f"{self._counts['failed']} shards failed (max_failed {self.task.max_failed}): "
+            "stopping the run"
+        )
+        self.ready.clear()
+        self._rolling.clear()
+        for run in self.shard_runs:
+            self.apply(run, lc.StopRequested(Intent.ABORT))
 
     def _schedule(self) -> None:
         ready = self.ready
@@ -396,6 +459,7 @@ class Master:
             and self.running < self.jobs
             and self.interrupted is None
             and self.store_error is None
+            and not self.aborted
         ):
             run = ready.popleft()
             if run.life.state is State.PENDING:
@@ -416,6 +480,7 @@ class Master:
             except StoreUnwritable as exc:
                 self._store_refused(exc)
                 return  # no acknowledgement for what is not saved
+            self.events.committed()
             if self._store_failing_since is not None:
                 self._store_failing_since = None
                 self._store_retry_s = STORE_RETRY_DELAYS_S[0]
@@ -459,6 +524,15 @@ class Master:
         if self.store.dirty:
             self.loop.call_when_idle(self._commit)
         self.loop.timers.set("tick", self.loop.clock() + self.view.tick_s, self._tick)
+
+    def _sinks_tick(self) -> None:
+        """A recording sink's timer (a notifier's digests): what it staged goes in the next
+        group commit; it never waits."""
+        deadline = self.events.tick(self.loop.clock())
+        if self.store.dirty:
+            self.loop.call_when_idle(self._commit)
+        if deadline is not None:
+            self.loop.timers.set("sinks", deadline, self._sinks_tick)
 
     def _check_memory(self) -> None:
         self.tracker.check_memory(self.shard_runs)

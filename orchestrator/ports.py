@@ -52,6 +52,7 @@ class Steerable(Protocol):
     def stop_all(self) -> None: ...
     def stop_shard(self, idx: int) -> None: ...
     def restart_shard(self, idx: int) -> None: ...
+    def restart_all(self, rolling: int | None = None) -> int: ...
     def scale(self, jobs: int) -> None: ...
 
 
@@ -65,10 +66,28 @@ class ControlPort(Protocol):
 
 
 class EventSink(Protocol):
-    """Receives one dict per shard state change and, last, the run's end."""
+    """Receives one dict per shard state change and, last, the run's end.
+
+    A shard change is published when it is staged in the store, before the
+    commit that records it; the run's end after its commit.
+    """
 
     def publish(self, event: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
+
+
+class RecordingSink(EventSink, Protocol):
+    """A sink that writes into the run's store with the changes it follows (a notifier).
+
+    Besides ``publish`` (shard changes, staged alongside them), the master calls
+    ``ending(event)`` with the run's end before the commit that records it,
+    ``committed()`` right after every commit, and ``tick(now)`` when the deadline it
+    last returned (monotonic seconds; None: no timer) has come. None may block.
+    """
+
+    def ending(self, event: dict[str, Any]) -> None: ...
+    def committed(self) -> None: ...
+    def tick(self, now: float) -> float | None: ...
 
 
 class Guard(Protocol):
@@ -83,14 +102,33 @@ class Guard(Protocol):
 
 
 class FanOut:
-    """An ``EventSink`` that hands every event to several sinks (a PUB feed, a notifier)."""
+    """An ``EventSink`` that hands every event to several sinks (a PUB feed, a notifier),
+    and the ``RecordingSink`` calls to the sinks that have them."""
 
     def __init__(self, sinks: Iterable[EventSink] = ()) -> None:
         self.sinks = list(sinks)
+        self._recording: list[RecordingSink] = [
+            sink  # type: ignore[misc]
+            for sink in self.sinks
+            if all(callable(getattr(sink, m, None)) for m in ("ending", "committed", "tick"))
+        ]
 
     def publish(self, event: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.publish(event)
+
+    def ending(self, event: dict[str, Any]) -> None:
+        for sink in self._recording:
+            sink.ending(event)
+
+    def committed(self) -> None:
+        for sink in self._recording:
+            sink.committed()
+
+    def tick(self, now: float) -> float | None:
+        """Every recording sink's tick; the earliest next deadline."""
+        deadlines = [d for d in (sink.tick(now) for sink in self._recording) if d is not None]
+        return min(deadlines, default=None)
 
     def close(self) -> None:
         for sink in self.sinks:

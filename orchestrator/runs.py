@@ -24,12 +24,13 @@ master and ``orch resume``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -296,20 +297,29 @@ def _started_key(run_dir: RunDir) -> tuple[str, int, str]:
     return name.rsplit("-", 1)[0], written, name
 
 
-def resolve_run(home: str, key: str, names: Mapping[str, str] | None = None) -> RunDir:
+def resolve_run(
+    home: str,
+    key: str,
+    names: Mapping[str, str] | None = None,
+    live: Collection[str] = (),
+) -> RunDir:
     """The run for ``key``: a run id, a unique id prefix, or a ``--name``.
 
     ``names`` maps run directory path -> name (read from the databases); a
-    name given to several runs means the newest of them.
+    name given to several runs means the live one (``live``: paths of live
+    runs), else the newest of them.
     """
     exact = RunDir(os.path.join(runs_root(home), key))
     if key and "/" not in key and os.path.exists(exact.state_db):
         return exact
     dirs = list_runs(home)
     if names:
-        for d in dirs:  # newest first
-            if names.get(d.path) == key:
+        named = [d for d in dirs if names.get(d.path) == key]  # newest first
+        for d in named:
+            if d.path in live:
                 return d
+        if named:
+            return named[0]
     prefixed = [d for d in dirs if d.id.startswith(key)] if key else []
     if len(prefixed) == 1:
         return prefixed[0]
@@ -326,28 +336,64 @@ def find_run(key: str, home: str | None) -> RunDir:
     try:
         return resolve_run(root, key)
     except RunNotFound:
-        named = _named(root, key)
-        if not named:
-            raise
-    live = [d for d, is_live in named if is_live]
-    return live[0] if live else named[0][0]
+        names, live = _names(root)
+        return resolve_run(root, key, names, live)
 
 
-def _named(home: str, name: str) -> list[tuple[RunDir, bool]]:
-    """(run directory, live) of the runs called ``name``, newest first."""
-    out: list[tuple[RunDir, bool]] = []
+def _names(home: str) -> tuple[dict[str, str], set[str]]:
+    """Every run's name by path, and the paths of the live runs."""
+    out: dict[str, str] = {}
+    live: set[str] = set()
     for d in list_runs(home):
         try:
             store = d.read()
         except OrchError:
             continue
         try:
-            run = store.run()
-            if (run.get("name") or "") == name:
-                out.append((d, run_state(run) == "running"))
+            row = store.run()
         finally:
             store.close()
-    return out
+        out[d.path] = row.get("name") or ""
+        if run_is_live(row, d):
+            live.add(d.path)
+    return out, live
+
+
+def run_is_live(run: Mapping[str, Any], run_dir: RunDir) -> bool:
+    """Running with its master alive, or pending while its creator holds the run lock.
+
+    A pending run whose lock nobody holds is a creation that died before its
+    master started: not live. (The probe takes the lock for an instant.)
+    """
+    state = str(run.get("state") or "running")
+    if state == "running":
+        return master_alive(run)
+    if state != "pending":
+        return False
+    fd = run_dir.lock()
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def live_runs(home: str, name: str) -> list[RunDir]:
+    """The live runs named ``name`` (``--name``, or the task's name), newest first."""
+    names, live = _names(home)
+    return [d for d in list_runs(home) if d.path in live and names.get(d.path) == name]
+
+
+@contextlib.contextmanager
+def names_lock(home: str) -> Iterator[None]:
+    """Held while ``orch run`` checks for live runs of a name and creates its own, so two
+    starting together cannot both find none (``names.lock`` in orch's home, flock)."""
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(home, "names.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def ipc_path(run_dir: str, run_id: str, name: str) -> str:

@@ -39,6 +39,7 @@ class Kind(enum.Enum):
     PATH = "path"  # relative to orch.toml (or to the working directory for flags)
     TEXT = "text"  # a non-empty string, kept as written (an address)
     RESOURCES = "resources"  # a table of names to numbers >= 0 (Ray custom resources)
+    CODES = "codes"  # exit statuses 1..255: an array, or "4,44" on the command line
 
 
 class Zero(enum.Enum):
@@ -114,6 +115,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("resources", Kind.RESOURCES, ()),
     Setting("shard_cpus", Kind.NUMBER, 1.0, option="shard_cpus", minimum=0.0),
     Setting("shard_memory", Kind.SIZE, None, option="shard_memory", zero=Zero.OFF),
+    # operating jobs (docs/config.md): failure policy, live runs per task, services
+    Setting("final_exit_codes", Kind.CODES, (), option="final_exit_codes"),
+    Setting("max_failed", Kind.INT, None, option="max_failed", minimum=0),
+    Setting("concurrency", Kind.INT, 1, minimum=1),
+    Setting("autostart", Kind.BOOL, False),
 )
 
 #: orch.toml key -> its setting.

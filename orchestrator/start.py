@@ -15,6 +15,8 @@ from typing import Any
 from orchestrator.backends.local import resolve_executable
 from orchestrator.config import CALLABLE, TaskConfig, build_task, find_config, load_config
 from orchestrator.errors import ConfigError, SpawnError, UsageError
+from orchestrator.notifyconfig import Channel
+from orchestrator.opsconfig import ops_config
 from orchestrator.settings import cli_overrides
 from orchestrator.sources import ShardList, load_shards
 from orchestrator.template import CommandTemplate, check_fields, compile_command
@@ -61,6 +63,23 @@ def resolve_task(head: str | None, command: tuple[str, ...], opts: dict[str, Any
     if command:
         overrides["command"] = list(command)
     return build_task(name=name, file_task=file_task, file_path=path, overrides=overrides, cwd=cwd)
+
+
+def notify_channels(head: str | None, opts: dict[str, Any]) -> tuple[Channel, ...]:
+    """The notification channels of task ``head`` (orch.toml ``notify``), secrets checked.
+
+    An unset ``secret_env`` is a ConfigError here, before the run exists.
+    """
+    path = find_config(opts.get("config_path"), os.getcwd())
+    if head is None or path is None:
+        return ()
+    cfg = load_config(path)
+    if head not in cfg.tasks:
+        return ()
+    channels = ops_config(cfg).notify.for_task(head)
+    for channel in channels:
+        channel.resolved_secret()
+    return channels
 
 
 def preflight(task: TaskConfig, template: CommandTemplate, shards: ShardList) -> None:

@@ -15,7 +15,14 @@ from typing import Any
 import orjson
 
 from orchestrator.control import follow_events, request
-from orchestrator.errors import RET_OK, MasterUnreachable, OrchError, RunLost, WaitTimeout
+from orchestrator.errors import (
+    RET_OK,
+    MasterUnreachable,
+    OrchError,
+    RunLost,
+    UsageError,
+    WaitTimeout,
+)
 from orchestrator.runs import RunDir, find_run, run_state
 from orchestrator.units import format_duration
 
@@ -52,10 +59,18 @@ def stop(run_key: str, shard: str | None, home: str | None) -> int:
     return RET_OK
 
 
-def restart(run_key: str, shard: str, home: str | None) -> int:
+def restart(run_key: str, shard: str | None, home: str | None, rolling: int | None = None) -> int:
     run_dir = find_run(run_key, home)
-    _call(run_dir, "restart", shard=shard)
-    print(f"orch: restarting shard {shard} of {run_dir.id}")
+    if shard is not None:
+        if rolling is not None:
+            raise UsageError("--rolling restarts every running shard: give it without --shard")
+        _call(run_dir, "restart", shard=shard)
+        print(f"orch: restarting shard {shard} of {run_dir.id}")
+        return RET_OK
+    reply = _call(run_dir, "restart", **({"rolling": rolling} if rolling is not None else {}))
+    count = reply.get("restarting", 0)
+    how = f", {rolling} at a time" if rolling is not None else ""
+    print(f"orch: restarting {count} running shard{'s' if count != 1 else ''} of {run_dir.id}{how}")
     return RET_OK
 
 

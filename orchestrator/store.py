@@ -37,7 +37,7 @@ import orjson
 
 from orchestrator.errors import OrchError
 
-__all__ = ["SCHEMA_VERSION", "RunRow", "Store", "StoreError", "StoreUnwritable"]
+__all__ = ["OUTBOX_DDL", "SCHEMA_VERSION", "RunRow", "Store", "StoreError", "StoreUnwritable"]
 
 #: Bumped on any incompatible schema change; stored in ``PRAGMA user_version``.
 SCHEMA_VERSION = 1
@@ -122,6 +122,17 @@ CREATE TABLE attempts (
   PRIMARY KEY (shard_idx, attempt)
 );
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+"""
+# The notification outbox (orchestrator/notify): the master appends rows in the commit of
+# the state change that caused them; the deliverer process claims, sends and marks them.
+# Created by every writer open, so a run created by an older orch gains it on resume.
+OUTBOX_DDL = """
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, event TEXT NOT NULL,
+  body BLOB NOT NULL, created_at REAL NOT NULL, next_at REAL NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, claimed_by TEXT, claim_until REAL,
+  delivered_at REAL, given_up_at REAL, last_error TEXT, answer TEXT
+)
 """
 # Built after the bulk insert (faster than maintaining it row by row).
 _INDEXES = "CREATE INDEX shards_state ON shards (state)"
@@ -299,6 +310,7 @@ class Store:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT_BYTES}")
+        self._conn.execute(OUTBOX_DDL)
 
     def close(self) -> None:
         """Close the connection; anything staged and not committed is rolled back."""
@@ -451,6 +463,15 @@ class Store:
             "INSERT INTO counters (name, value) VALUES (?, ?)"
             " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             (name, delta),
+        )
+
+    def add_notification(
+        self, channel: str, event: str, body: Mapping[str, Any], created_at: float
+    ) -> None:
+        """Stage an outbox row (due at once); it commits with the state change that caused it."""
+        self._write(
+            "INSERT INTO outbox (channel, event, body, created_at, next_at) VALUES (?, ?, ?, ?, ?)",
+            (channel, event, orjson.dumps(body), created_at, created_at),
         )
 
     def commit(self) -> None:

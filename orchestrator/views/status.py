@@ -95,6 +95,8 @@ def _print_detail(d: dict[str, Any]) -> None:
         f"run {d['id']} ({d['name'] or '-'}): {table.state(d['state'], on)}, "
         f"{d['shard_count']} shards, {format_duration(d['duration_s'])}"
     )
+    if d["jobs"] is not None:
+        head += f", jobs {d['jobs']}"
     if d["exit_code"] is not None:
         head += f", exit code {d['exit_code']}"
     line = counts_text(d["counts"])

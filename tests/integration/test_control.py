@@ -212,12 +212,11 @@ def test_scale_changes_how_many_shards_run(denv: Env) -> None:
     assert detail["jobs"] == 4, "status shows the limit in force"
     assert len({e["ORCH_SHARD_ID"] for e in _envs(run)}) == 4
 
-    # Scaling down stops nothing; a freed slot is simply not refilled past the new limit.
+    # Scaling down stops the newest surplus at once, back to pending (not failed).
     proc = denv.orch("scale", run.id, "--jobs", "1")
     assert proc.returncode == 0, proc.stderr
-    assert denv.orch("stop", run.id, "--shard", "0").returncode == 0
-    assert poll_for(lambda: run.states()["0"] == "stopped", timeout=10)
-    assert run.count("running") == 3 and run.count("pending") == 2
+    assert poll_for(lambda: run.count("running") == 1 and run.count("pending") == 5, timeout=10)
+    assert run.count("failed") == 0
 
     bad = denv.orch("scale", run.id, "--jobs", "0")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -484,7 +483,9 @@ GARBAGE: list[tuple[bytes, str]] = [
     (b'{"v": 1, "op": "stop", "shard": 5}', "shard"),
     (b'{"v": 1, "op": "stop", "shard": ["0"]}', "shard"),
     (b'{"v": 1, "op": "restart", "shard": {"id": "0"}}', "shard"),
-    (b'{"v": 1, "op": "restart"}', "shard"),
+    (b'{"v": 1, "op": "restart", "rolling": 0}', "rolling"),
+    (b'{"v": 1, "op": "restart", "rolling": "2"}', "rolling"),
+    (b'{"v": 1, "op": "restart", "shard": "0", "rolling": 1}', "rolling"),
     (b'{"v": 1, "op": "stop", "shard": "no-such-shard"}', "no shard"),
     (b'{"v": 1, "op": "restart", "shard": "no-such-shard"}', "no shard"),
 ]

@@ -588,7 +588,7 @@ sys.stdout.write(f"no newline at the end {me}")
     assert [ISO_LINE.sub("", ln) for ln in err.stdout.splitlines()][1] == "err a"
     assert "out a" not in err.stdout
 
-    tail = env.orch("logs", "mylogs", "--shard", "b", "--tail", "2")
+    tail = env.orch("logs", "mylogs", "--shard", "b", "--stdout", "--tail", "2")
     assert tail.returncode == 0, tail.stderr
     lines = [ISO_LINE.sub("", ln) for ln in tail.stdout.splitlines()]
     assert len(lines) == 2

@@ -119,6 +119,9 @@ def check_intact(path: str) -> None:
     conn = sqlite3.connect(uri, uri=True)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        # one read transaction: every count below sees the same snapshot, even when the
+        # writer is live and commits between two of them
+        conn.execute("BEGIN")
         # each transaction is all-or-nothing: every done shard has its ended attempt,
         # and the done counter, bumped in the same transaction, agrees with the states
         (ended_ok,) = conn.execute(

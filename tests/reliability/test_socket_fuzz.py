@@ -355,7 +355,8 @@ _requests = st.fixed_dictionaries(
 
 def _harmless(data: bytes) -> bool:
     """False for a request the master would carry out and that changes the run (``stop``,
-    ``restart`` of a real shard, a valid ``scale``): the fuzzer never sends those."""
+    ``restart`` of a real shard or of every shard, a valid ``scale``): the fuzzer never
+    sends those."""
     try:
         req = orjson.loads(data)  # as the master reads it
     except orjson.JSONDecodeError:
@@ -366,7 +367,7 @@ def _harmless(data: bytes) -> bool:
     if op == "stop":
         return shard is not None and shard not in IDS
     if op == "restart":
-        return shard not in IDS
+        return shard is not None and shard not in IDS
     if op == "scale":
         return not (type(jobs) is int and 1 <= jobs <= I64)
     return True

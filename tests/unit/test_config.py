@@ -585,3 +585,42 @@ def test_ray_defaults() -> None:
 def test_bad_ray_keys_name_file_task_and_key(key: str, value: Any, expected: str) -> None:
     error = _build_error(None, {**_MIN, key: value}, "/x/orch.toml")
     assert "[tasks.crawl]" in error and key in error and expected in error, error
+# ----------------------------------------------------------------------------- operating keys
+
+
+def test_operating_keys_defaults_and_conversion() -> None:
+    plain = _build(_MIN)
+    assert (plain.final_exit_codes, plain.max_failed, plain.concurrency, plain.autostart) == (
+        (),
+        None,
+        1,
+        False,
+    )
+    task = _build(
+        {"final_exit_codes": "4, 44,4", "max_failed": 0},
+        {**_MIN, "concurrency": 3, "autostart": True, "final_exit_codes": [9]},
+    )
+    assert task.final_exit_codes == (4, 44)  # the flag wins; repeats dropped
+    assert (task.max_failed, task.concurrency, task.autostart) == (0, 3, True)
+    assert _build({}, {**_MIN, "final_exit_codes": [4, 44]}).final_exit_codes == (4, 44)
+    assert TaskConfig.from_json(orjson.loads(orjson.dumps(task.to_json()))) == task
+
+
+@pytest.mark.parametrize(
+    ("overrides", "file_task", "message"),
+    [
+        ({"final_exit_codes": "4,x"}, {}, "--final-exit-codes: expected exit codes from 1 to 255"),
+        ({"final_exit_codes": "0"}, {}, "--final-exit-codes: expected exit codes from 1 to 255"),
+        ({}, {"final_exit_codes": [256]}, "[tasks.crawl] final_exit_codes: expected exit codes"),
+        ({}, {"final_exit_codes": 4}, "[tasks.crawl] final_exit_codes: expected exit codes"),
+        ({}, {"final_exit_codes": [True]}, "[tasks.crawl] final_exit_codes: expected exit codes"),
+        ({"max_failed": -1}, {}, "--max-failed: must be at least 0, got -1"),
+        ({}, {"concurrency": 0}, "[tasks.crawl] concurrency: must be at least 1, got 0"),
+        ({}, {"autostart": "yes"}, "[tasks.crawl] autostart: expected true or false"),
+    ],
+)
+def test_operating_keys_errors_name_the_key(
+    overrides: dict[str, Any], file_task: dict[str, Any], message: str
+) -> None:
+    error = _build_error({**overrides}, {**_MIN, **file_task}, "orch.toml")
+    assert message in error

@@ -620,3 +620,106 @@ def test_transient_spawn_failures_back_off_after_the_first_retry() -> None:
         (SpawnFailed("out of resources", transient=True), 0.0, B, [backoff_at(1.0)]),
         (BackoffElapsed(), 1.0, P, []),
     ])
+
+
+# --- failure policy: final exit codes; stopping the rest; scaling down ---------------------
+
+FINAL = replace(POLICY, final_exit_codes=(4, 44))
+
+
+@pytest.mark.parametrize("code", [4, 44])
+def test_a_final_exit_code_fails_at_once_without_restarts(code: int) -> None:
+    shard = replay([(Start(), 0.0, R, [Spawn(1)]), (Exited(code), 0.1, FAILED, [])], FINAL)
+    assert shard.reason == f"exit {code} (a final exit code)"
+    assert shard.attempt == 1
+
+
+def test_other_exit_codes_still_restart_under_final_exit_codes() -> None:
+    shard = replay([*fail_cycle(0.0, 1, 0.0, code=3), *fail_cycle(0.2, 2, 1.0, code=3)], FINAL)
+    assert shard.state is P and shard.failures == 2
+
+
+def test_a_final_exit_code_after_earlier_failures_still_fails_at_once() -> None:
+    replay(
+        [
+            *fail_cycle(0.0, 1, 0.0, code=1),
+            (Start(), 2.0, R, [Spawn(2)]),
+            (Exited(44), 2.5, FAILED, []),
+        ],
+        FINAL,
+    )
+
+
+def test_final_exit_codes_apply_under_restart_always_too() -> None:
+    policy = replace(FINAL, restart=Restart.ALWAYS)
+    replay([(Start(), 0.0, R, [Spawn(1)]), (Exited(4), 0.1, FAILED, [])], policy)
+
+
+def test_a_stop_after_a_final_exit_code_changes_nothing() -> None:
+    replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (Exited(4), 0.1, FAILED, []),
+            (StopRequested(), 1.0, FAILED, []),
+        ],
+        FINAL,
+    )
+
+
+def test_abort_stops_running_pending_and_backoff_shards_as_stopped() -> None:
+    running = replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (StopRequested(Intent.ABORT), 1.0, S, [TERM, grace_at(11.0)]),
+            (Exited(-15), 1.5, STOPPED, [CANCEL_GRACE]),
+        ]
+    )
+    assert running.reason == "stopped: more shards failed than max_failed allows"
+    pending = replay([(StopRequested(Intent.ABORT), 0.0, STOPPED, []), (Start(), 0.1, STOPPED, [])])
+    assert pending.attempt == 0
+    replay(
+        [
+            *fail_cycle(0.0, 1, 0.0),  # the first restart is immediate, the second backs off
+            (Start(), 0.2, R, [Spawn(2)]),
+            (Exited(1), 0.3, B, [backoff_at(1.3)]),
+            (StopRequested(Intent.ABORT), 0.5, STOPPED, [CANCEL_BACKOFF]),
+        ]
+    )
+
+
+def test_scale_down_stops_a_running_attempt_back_to_pending_not_failed() -> None:
+    shard = replay(
+        [
+            *fail_cycle(0.0, 1, 0.0),  # one failure in the streak before
+            (Start(), 2.0, R, [Spawn(2)]),
+            (StopRequested(Intent.SCALE), 5.0, S, [TERM, grace_at(15.0)]),
+            (GraceElapsed(), 15.0, S, [KILL]),
+            (Exited(-9), 15.1, P, [CANCEL_GRACE]),
+            (Start(), 20.0, R, [Spawn(3)]),
+        ]
+    )
+    assert shard.failures == 1 and shard.level == 1  # not a failure: the streak is unchanged
+
+
+def test_scale_down_leaves_shards_without_a_slot_alone() -> None:
+    replay([(StopRequested(Intent.SCALE), 0.0, P, [])])
+    replay(
+        [
+            *fail_cycle(0.0, 1, 0.0),
+            (Start(), 0.2, R, [Spawn(2)]),
+            (Exited(1), 0.3, B, [backoff_at(1.3)]),
+            (StopRequested(Intent.SCALE), 0.5, B, []),
+        ]
+    )
+
+
+def test_a_user_stop_overrides_a_scale_down_under_way() -> None:
+    shard = replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (StopRequested(Intent.SCALE), 1.0, S, [TERM, grace_at(11.0)]),
+            (StopRequested(), 2.0, S, []),
+            (Exited(-15), 2.5, STOPPED, [CANCEL_GRACE]),
+        ]
+    )
+    assert shard.reason == "stopped by user"

@@ -837,17 +837,44 @@ def test_scale_up_mid_dispatch_starts_the_next_shards_at_once(make: Any) -> None
     assert h.store.run()["jobs"] == 3
 
 
-def test_scale_down_lets_running_attempts_finish(make: Any) -> None:
-    h = make(n=4, jobs=3)
+def test_scale_down_stops_the_newest_surplus_back_to_pending_and_resumes_them_first(
+    make: Any,
+) -> None:
+    h = make(n=5, jobs=3)
     h.open()
+    h.wait(1.0)
+    h.exit(1, 0)  # shard 3 starts a second later: the newest
+    assert h.actions()[-1] == ("start", "3", 1)
+    h.message(CP, "3", 1, seq=1, done=7, checkpoint={"page": 7}, has_checkpoint=True)
+    h.settle()
     h.master.scale(1)
     h.settle()
-    assert len(h.actions()) == 3  # nothing is killed
-    h.exit(0, 0)
-    h.exit(1, 0)
-    assert len(h.actions()) == 3  # two still hold slots over the new limit of 1
+    # The newest first, SIGTERM then a grace like a stop; the oldest keeps running.
+    assert h.actions()[-2:] == [("signal", "3", 1, "SIGTERM"), ("signal", "2", 1, "SIGTERM")]
+    assert h.timer(3, TimerKind.GRACE) == pytest.approx(1.0 + 10.0)
+    h.exit(3, -15)
+    h.exit(2, -15)
+    assert h.states(3) == ["running", "stopping", "pending"]  # not failed, not backoff
+    assert h.row(3)["reason"] == "scaled down: waiting for a slot"
+    assert h.master.counts() == {"done": 1, "running": 1, "pending": 3}
+    assert h.actions()[-1] == ("signal", "2", 1, "SIGTERM")  # no slot: nothing starts
+    assert h.store.run()["jobs"] == 1
+    h.exit(0, 0)  # the slot frees: the scaled-down shards resume before shard 4, queued since
     h.exit(2, 0)
-    assert h.actions()[-1] == ("start", "3", 1)
+    h.exit(3, 0)
+    assert [a[1:] for a in h.actions() if a[0] == "start"][-3:] == [("2", 2), ("3", 2), ("4", 1)]
+    spec3 = h.backend.specs[-2]
+    assert spec3.env["ORCH_CHECKPOINT"] == '{"page":7}'  # it resumes from its checkpoint
+    assert h.master.shard_runs[3].life.failures == 0  # a scale-down is no failure
+
+
+def test_scale_down_to_the_running_count_or_above_stops_nothing(make: Any) -> None:
+    h = make(n=4, jobs=3)
+    h.open()
+    h.master.scale(3)
+    h.master.scale(5)
+    h.settle()
+    assert [a[0] for a in h.actions()] == ["start"] * 4  # scaling up started shard 3
 
 
 def test_restart_shard_puts_it_at_the_front_of_the_queue(make: Any) -> None:
@@ -1056,3 +1083,169 @@ def test_run_state_and_exit_code_while_running_and_when_mixed(make: Any) -> None
     assert h.master.counts() == {"done": 1, "failed": 1}
     assert (h.master.run_state(), h.master.exit_code()) == ("failed", RET_FAILED)
     assert h.master.status()["counts"] == {"done": 1, "failed": 1}
+
+
+# --- failure policy: final exit codes, max_failed --------------------------------------
+
+
+def test_final_exit_code_fails_the_shard_at_once_and_siblings_go_on(make: Any) -> None:
+    h = make(n=2, jobs=1, final_exit_codes=(4, 44))
+    h.open()
+    h.exit(0, 44)
+    assert h.states(0) == ["running", "failed"]
+    assert h.timer(0, TimerKind.BACKOFF) is None
+    assert h.row(0)["reason"] == "exit 44 (a final exit code)"
+    assert h.actions() == [("start", "0", 1), ("start", "1", 1)]
+    h.exit(1, 3)  # any other code: the usual restart (the first of a streak at once)
+    assert h.states(1) == ["running", "pending", "running"]
+
+
+def test_max_failed_stops_the_rest_and_the_run_ends_failed(make: Any) -> None:
+    h = make(n=5, jobs=2, restart=Restart.NEVER, max_failed=1)
+    h.open()
+    h.exit(0, 1)  # one failed: not more than 1
+    assert h.actions()[-1] == ("start", "2", 1)
+    h.exit(1, 1)  # two failed: more than max_failed
+    assert h.actions()[-1] == ("signal", "2", 1, "SIGTERM")
+    assert h.timer(2, TimerKind.GRACE) == pytest.approx(10.0)
+    assert [h.row(i)["state"] for i in range(5)] == [
+        "failed",
+        "failed",
+        "stopping",
+        "stopped",
+        "stopped",
+    ]
+    assert h.row(3)["reason"] == "stopped: more shards failed than max_failed allows"
+    assert any("max_failed 1" in e for e in h.view.events)
+    h.exit(2, -15)
+    starts = [a for a in h.actions() if a[0] == "start"]
+    assert starts == [("start", "0", 1), ("start", "1", 1), ("start", "2", 1)]  # 3, 4 never
+    assert h.master.finished
+    assert (h.master.run_state(), h.close()) == ("failed", RET_FAILED)
+    assert h.store.run()["state"] == "failed"
+
+
+def test_max_failed_zero_stops_at_the_first_failure(make: Any) -> None:
+    h = make(n=3, jobs=3, final_exit_codes=(4,), max_failed=0)
+    h.open()
+    h.exit(1, 4)
+    assert sorted(a[1] for a in h.actions() if a[0] == "signal") == ["0", "2"]
+
+
+def test_failures_up_to_max_failed_let_the_run_go_on(make: Any) -> None:
+    h = make(n=3, jobs=1, restart=Restart.NEVER, max_failed=2)
+    h.open()
+    h.exit(0, 1)
+    h.exit(1, 1)
+    h.exit(2, 0)
+    assert [a[0] for a in h.actions()] == ["start"] * 3
+    assert h.master.counts() == {"failed": 2, "done": 1}
+
+
+# --- restarting every shard, rolling ------------------------------------------------------
+
+
+def test_restart_without_a_shard_restarts_every_running_shard_at_once(make: Any) -> None:
+    h = make(n=4, jobs=3)
+    h.open()
+    assert h.master.restart_all() == 3
+    h.settle()
+    assert [a for a in h.actions() if a[0] == "signal"] == [
+        ("signal", "0", 1, "SIGTERM"),
+        ("signal", "1", 1, "SIGTERM"),
+        ("signal", "2", 1, "SIGTERM"),
+    ]
+    for i in range(3):
+        h.exit(i, -15)
+    starts = [a[1:] for a in h.actions() if a[0] == "start"]
+    assert starts[-3:] == [("0", 2), ("1", 2), ("2", 2)]  # each as soon as it is gone
+    assert h.master.counts() == {"running": 3, "pending": 1}
+
+
+def test_rolling_restart_restarts_k_at_a_time_each_next_once_one_runs_again(make: Any) -> None:
+    h = make(n=3, jobs=3)
+    h.open()
+    h.trace.clear()
+    assert h.master.restart_all(rolling=1) == 3
+    h.settle()
+    assert h.actions() == [("signal", "0", 1, "SIGTERM")]
+    h.wait(5.0)  # shard 1 waits while shard 0 is still stopping
+    assert h.actions() == [("signal", "0", 1, "SIGTERM")]
+    h.exit(0, -15)  # 0 is running again: now 1
+    assert h.actions() == [
+        ("signal", "0", 1, "SIGTERM"),
+        ("start", "0", 2),
+        ("signal", "1", 1, "SIGTERM"),
+    ]
+    h.exit(1, -15)
+    h.exit(2, -15)
+    assert h.actions()[3:] == [
+        ("start", "1", 2),
+        ("signal", "2", 1, "SIGTERM"),
+        ("start", "2", 2),
+    ]
+    assert h.master.counts() == {"running": 3}
+
+
+def test_rolling_restart_with_k_2_and_a_shard_that_ends_meanwhile(make: Any) -> None:
+    h = make(n=4, jobs=4)
+    h.open()
+    h.trace.clear()
+    h.master.restart_all(rolling=2)
+    h.settle()
+    assert h.actions() == [("signal", "0", 1, "SIGTERM"), ("signal", "1", 1, "SIGTERM")]
+    h.exit(2, 0)  # shard 2 ends done before its turn: it is skipped
+    h.exit(0, -15)
+    assert h.actions()[2:] == [("start", "0", 2), ("signal", "3", 1, "SIGTERM")]
+    assert h.row(2)["state"] == "done"
+
+
+# --- a notifier among the sinks -------------------------------------------------------------
+
+
+def test_notifier_rows_go_out_in_the_commit_of_their_state_change(make: Any) -> None:
+    from orchestrator.notify.notifier import Notifier, store_facts
+    from orchestrator.notify.sink import NotifySink
+    from orchestrator.notifyconfig import Channel, Kind
+    from orchestrator.ports import FanOut
+
+    h = make(n=2, jobs=2, restart=Restart.NEVER)
+    launched: list[int] = []
+
+    def launch() -> None:
+        h.trace.append(("launch",))
+        launched.append(len(outbox(h.db)))
+
+    channel = Channel(name="ops", kind=Kind.WEBHOOK, url="http://127.0.0.1:9/hook")
+    notifier = Notifier(
+        h.store, [channel], lambda: store_facts(h.store), wall=h.clock.wall, launch=launch
+    )
+    h.master.events = FanOut([h.events, NotifySink(notifier)])
+    h.open()
+    h.trace.clear()
+    h.exit(0, 3)  # gave up: a row staged with the failure, committed with it, then launched
+    assert h.trace[-2:] == [("commit",), ("launch",)]
+    assert launched == [1]
+    assert [(r[0], r[1]) for r in outbox(h.db)] == [("ops", "gave_up")]
+    h.exit(1, 0)
+    h.trace.clear()
+    assert h.close() == RET_FAILED
+    commits = [t for t in h.trace if t[0] in ("commit", "launch")]
+    assert commits == [("commit",), ("launch",)]  # the end's row, in the end's commit
+    rows = outbox(h.db)
+    assert [(r[0], r[1]) for r in rows] == [("ops", "gave_up"), ("ops", "failed")]
+    assert rows[1][2]["state"] == "failed" and rows[1][2]["failed_count"] == 1
+    assert launched == [1, 2]
+
+
+def outbox(db: str) -> list[tuple[str, str, dict[str, Any]]]:
+    import sqlite3
+
+    import orjson
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        got = conn.execute("SELECT channel, event, body FROM outbox ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return [(c, e, orjson.loads(b)) for c, e, b in got]
