@@ -407,11 +407,13 @@ def _lost(
     actions: list[Action] = []
     if shard.state is State.STOPPING:
         actions.append(CancelTimer(TimerKind.GRACE))
-        if shard.intent in (Intent.STOP, Intent.SHUTDOWN):
+        if shard.intent in _ENDS_STOPPED:
             return replace(shard, state=State.STOPPED, intent=None), actions
         if shard.intent is Intent.RESTART:
             fresh = replace(shard, state=State.PENDING, failures=0, level=0, intent=None)
             return fresh, actions
+        if shard.intent is Intent.SCALE:
+            return replace(shard, state=State.PENDING, intent=None), actions
     # Running, or being killed as hung (its heartbeats stopped with the node): re-place it.
     return _schedule_restart(shard, now, policy, rand, reason, False, actions)
 

@@ -571,6 +571,17 @@ def test_node_loss_while_stopping_ends_stopped() -> None:
     )
 
 
+def test_node_loss_while_scaled_down_goes_back_to_pending_unchanged() -> None:
+    shard = replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (StopRequested(Intent.SCALE), 1.0, S, [TERM, grace_at(11.0)]),
+            (lc.Lost("node lost: n1"), 2.0, P, [CANCEL_GRACE]),
+        ]
+    )
+    assert shard.failures == 0 and shard.level == 0
+
+
 def test_node_loss_in_backoff_or_done_changes_nothing() -> None:
     replay(
         [
