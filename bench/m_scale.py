@@ -59,7 +59,7 @@ from bench.common import running as sleeps
 from bench.m_progress import SENDER, _finish, _run_info
 from bench.peers import PEER_NAMES, Fleet, Spec, start
 
-#: orch's count of descriptors per live attempt (orchestrator/master.py FDS_PER_ATTEMPT).
+#: orch's count of descriptors per live attempt (orchestrator/loop.py FDS_PER_ATTEMPT).
 FDS_PER_ATTEMPT = 4
 FD_RESERVE = 64
 PEER_TIMEOUT_S = 300.0

@@ -24,9 +24,9 @@ from orchestrator.channel import Channel
 from orchestrator.config import TaskConfig
 from orchestrator.control import ControlServer, Events
 from orchestrator.guardian import Guardian
-from orchestrator.loop import Loop
-from orchestrator.master import Master, View, default_jobs
-from orchestrator.ports import EventSink, FanOut, Guard, NoGuard, Ports
+from orchestrator.loop import Loop, default_jobs
+from orchestrator.master import Master
+from orchestrator.ports import EventSink, FanOut, Guard, NoGuard, Ports, View
 from orchestrator.runs import ipc_path
 from orchestrator.sources import ShardList
 from orchestrator.store import Store

@@ -48,8 +48,7 @@ from orchestrator.store import Store
 from orchestrator.views.summary import print_summary
 
 if TYPE_CHECKING:
-    from orchestrator.master import View
-    from orchestrator.ports import EventSink
+    from orchestrator.ports import EventSink, View
 
 START_TIMEOUT_S = 15.0
 #: How long resume waits for SIGKILLed leftovers to be gone (a process in D state can linger).

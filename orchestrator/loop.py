@@ -209,3 +209,17 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+#: Default ceiling on children alive at once when --jobs is not given.
+DEFAULT_MAX_JOBS = 1000
+#: File descriptors one live attempt costs the master: two pipes, two log files.
+FDS_PER_ATTEMPT = 4
+
+
+def default_jobs(count: int, requested: int | None) -> int:
+    """--jobs, or one per shard within what the open-files limit allows (raised first)."""
+    if requested is not None:
+        return requested
+    fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
+    return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))

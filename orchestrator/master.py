@@ -10,15 +10,16 @@ that depends on it (checkpoint acks) goes out.
 
 The master owns the loop, the ready queue, dispatch, the group commit and
 the signals. Each shard is a ``ShardRun``; starting attempts and hearing
-them end is ``Attempts``, what they report is ``Tracker``. Everything it
-reaches the world through arrives in ``Ports`` (see orchestrator.assemble).
+them end is ``Attempts``, what they report is ``Tracker``; the queue is a
+``ReadyQueue``, the counts a ``Tally``, a rolling restart a ``RollingRestart``
+and a disk that refuses commits a ``StoreRetry``. Everything it reaches the
+world through arrives in ``Ports`` (see orchestrator.assemble).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections import Counter, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,49 +28,19 @@ from orchestrator import procfs
 from orchestrator.attempts import Attempts
 from orchestrator.backends import AttemptHandle, Stream
 from orchestrator.config import TaskConfig
-from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK
 from orchestrator.lifecycle import Intent, State
-from orchestrator.loop import raise_fd_limit
-from orchestrator.ports import FanOut, Ports
+from orchestrator.ports import FanOut, Ports, View
 from orchestrator.progress import MEMORY_CHECK_S, Tracker
+from orchestrator.ready import ReadyQueue
+from orchestrator.rolling import RollingRestart
 from orchestrator.shard import ShardRun
 from orchestrator.sources import ShardList
 from orchestrator.store import Store, StoreUnwritable
+from orchestrator.storeretry import StoreRetry
+from orchestrator.tally import Tally, items
 from orchestrator.template import compile_command
 
-__all__ = ["DEFAULT_MAX_JOBS", "FDS_PER_ATTEMPT", "Master", "View", "default_jobs"]
-
-#: Default ceiling on children alive at once when --jobs is not given.
-DEFAULT_MAX_JOBS = 1000
-#: File descriptors one live attempt costs the master: two pipes, two log files.
-FDS_PER_ATTEMPT = 4
-
-
-def default_jobs(count: int, requested: int | None) -> int:
-    """--jobs, or one per shard within what the open-files limit allows (raised first)."""
-    if requested is not None:
-        return requested
-    fd_cap = max(1, (raise_fd_limit() - 64) // FDS_PER_ATTEMPT)
-    return max(1, min(count, DEFAULT_MAX_JOBS, fd_cap))
-
-
-class View:
-    """What the master tells the person watching; the base class says nothing."""
-
-    def started(self, master: Master) -> None: ...
-    def event(self, text: str) -> None: ...
-    def line(self, shard_id: str, stream: Stream, data: bytes) -> None: ...
-    def tick(self, master: Master) -> None: ...
-    def finished(self, master: Master) -> None: ...
-
-    verbose = False
-    tick_s = 1.0
-
-
-#: How long state writes the disk refuses are retried before the run is stopped.
-STORE_RETRY_S = 10.0
-#: Delay between those retries: doubling from the first, up to the last.
-STORE_RETRY_DELAYS_S = (0.1, 2.0)
+__all__ = ["Master"]
 
 
 class Master:
@@ -104,23 +75,20 @@ class Master:
         self.policy = lc.Policy.from_task(task)
         self.shard_runs: list[ShardRun] = []  # by index, like the store and the shard list
         self._by_id: dict[str, ShardRun] = {}
-        self.ready: deque[ShardRun] = deque()
-        #: Shards a user restarted: "a new attempt now" puts them at the front of the queue.
-        self._restarted: set[ShardRun] = set()
-        self.running = 0  # shards holding a slot (running or stopping)
-        self._unfinished = 0
-        self._counts: Counter[str] = Counter()
+        self.ready = ReadyQueue()
+        self.tally = Tally()
         self.interrupted: int | None = None
-        #: Set when the run's state could not be saved for STORE_RETRY_S: the run stops.
-        self.store_error: str | None = None
-        self._store_failing_since: float | None = None
-        self._store_retry_s = STORE_RETRY_DELAYS_S[0]
+        #: Commits the disk refuses are retried; its ``error`` is set when the run gave up.
+        self.store_retry = StoreRetry(
+            loop=self.loop,
+            view=self.view,
+            run_id=run_id,
+            commit=self._commit,
+            stop=self._stop_for_store,
+        )
         #: Set once more shards failed than max_failed allows: the rest are stopped.
         self.aborted = False
-        #: A rolling restart: shards still to restart, and those restarted not running yet.
-        self._rolling: deque[ShardRun] = deque()
-        self._rolling_out: set[ShardRun] = set()
-        self._rolling_k = 0
+        self.rolling = RollingRestart(lambda run: self.restart_shard(run.index))
         self.tracker = Tracker(
             loop=self.loop,
             store=store,
@@ -170,7 +138,7 @@ class Master:
 
     @property
     def finished(self) -> bool:
-        return self._unfinished == 0 and self.running == 0
+        return self.tally.finished
 
     def open(self) -> None:
         """Take the shards over from the store, record the run as running, start dispatch."""
@@ -198,8 +166,9 @@ class Master:
         if ports.reattach:
             # Attempts a previous master left alive (a Ray actor survives its master)
             # are taken back before anything is scheduled.
-            for run in list(self.ready):
-                self.attempts.reattach(run)
+            for run in self.shard_runs:
+                if run.life.state is State.PENDING:
+                    self.attempts.reattach(run)
         self.view.started(self)
         loop.timers.set("tick", loop.clock() + self.view.tick_s, self._tick)
         self._sinks_tick()
@@ -214,10 +183,9 @@ class Master:
             run = ShardRun.from_row(row, self.retry_failed)
             self.shard_runs.append(run)
             self._by_id[run.id] = run
-            self._counts[run.life.state.value] += 1
+            self.tally.add(run.life.state)
             if not run.life.state.terminal:
-                self._unfinished += 1
-                self.ready.append(run)
+                self.ready.push(run)
                 if row[2] != pending:
                     self.store.set_shard(run.index, state=pending, pid=None)
 
@@ -235,18 +203,13 @@ class Master:
         except StoreUnwritable as exc:
             # The run stays "running" in the database, its master gone: `lost`,
             # which `orch resume` finishes once the disk has room again.
-            self._give_up_store(exc)
+            self.store_retry.give_up(exc)
             code = self.exit_code()
             end = {"run": self.run_state(), "exit_code": code}
         else:
             self.events.committed()
         self.events.publish(end)
-        ports.control.close()
-        self.events.close()
-        self.channel.close()
-        self.backend.close()
-        ports.guardian.close(clean=not self.backend.live())
-        self.loop.close()
+        ports.close()
         return code
 
     # --- what the backend reports (the channel's messages go to the tracker) ---------------
@@ -300,12 +263,12 @@ class Master:
 
     def stop_shard(self, idx: int) -> None:
         run = self.shard_runs[idx]
-        self._restarted.discard(run)
+        self.ready.forget(run)
         self.apply(run, lc.StopRequested(Intent.STOP))
 
     def restart_shard(self, idx: int) -> None:
         run = self.shard_runs[idx]
-        self._restarted.add(run)
+        self.ready.first_next_time(run)
         self.apply(run, lc.RestartRequested())
 
     def restart_all(self, rolling: int | None = None) -> int:
@@ -316,19 +279,8 @@ class Master:
             for run in live:
                 self.restart_shard(run.index)
             return len(live)
-        self._rolling = deque(live)
-        self._rolling_out.clear()
-        self._rolling_k = rolling
-        self._roll()
+        self.rolling.begin(live, rolling)
         return len(live)
-
-    def _roll(self) -> None:
-        while self._rolling and len(self._rolling_out) < self._rolling_k:
-            run = self._rolling.popleft()
-            if run.life.state is not State.RUNNING:
-                continue  # ended or stopped meanwhile: nothing to restart
-            self._rolling_out.add(run)
-            self.restart_shard(run.index)
 
     def scale(self, jobs: int) -> None:
         """Change concurrency; below the number running, the newest surplus attempts are
@@ -340,7 +292,7 @@ class Master:
         if surplus > 0:
             newest = sorted(running, key=lambda r: (r.life.started_at or 0.0, r.index))
             for run in reversed(newest[-surplus:]):
-                self._restarted.add(run)  # first in line when capacity returns
+                self.ready.first_next_time(run)  # first in line when capacity returns
                 self.apply(run, lc.StopRequested(Intent.SCALE))
         self.loop.call_when_idle(self._commit)
         self._schedule()
@@ -390,52 +342,28 @@ class Master:
                 self.loop.timers.cancel((run.index, kind))
 
     def _changed(self, run: ShardRun, old: lc.Shard, new: lc.Shard) -> None:
-        self._counts[old.state.value] -= 1
-        self._counts[new.state.value] += 1
-        if new.state.holds_slot and not old.state.holds_slot:
-            self.running += 1
-        elif old.state.holds_slot and not new.state.holds_slot:
-            self.running -= 1
+        self.tally.change(old.state, new.state)
         if new.state.terminal and not old.state.terminal:
-            self._unfinished -= 1
             run.close_logs()
-        elif old.state.terminal and not new.state.terminal:
-            self._unfinished += 1
         fields: dict[str, Any] = {
             "state": new.state.value,
             "reason": new.reason,
             "updated_at": self.ports.wall(),
         }
-        if run in self._rolling_out and (new.state is State.RUNNING or new.state.terminal):
-            self._rolling_out.discard(run)
-            self.loop.call_when_idle(self._roll)
+        if self.rolling.settled(run, new.state):
+            self.loop.call_when_idle(self.rolling.roll)
         if new.state is State.PENDING:
-            if run in self._restarted:
-                self._restarted.discard(run)
-                self.ready.appendleft(run)
-            else:
-                self.ready.append(run)
+            self.ready.push(run)
         if new.state is State.FAILED:
             self.view.event(f"shard {run.id} failed: {new.reason}")
             if run.notes:
                 fields["last_error"] = "\n".join(run.notes)
             limit = self.task.max_failed
-            if limit is not None and not self.aborted and self._counts["failed"] > limit:
+            if limit is not None and not self.aborted and self.tally.by_state["failed"] > limit:
                 self.aborted = True  # from now on nothing starts; the rest stop when idle
                 self.loop.call_when_idle(self._abort)
         self.store.set_shard(run.index, **fields)
-        self.events.publish(
-            {
-                "t": fields["updated_at"],
-                "shard": run.id,
-                "index": run.index,
-                "from": old.state.value,
-                "state": new.state.value,
-                "attempt": new.attempt,
-                "reason": new.reason,
-                "intent": new.intent.value if new.intent is not None else None,
-            }
-        )
+        self.events.publish(run.change_event(old, fields["updated_at"]))
         self.loop.call_when_idle(self._schedule)
         self.loop.call_when_idle(self._commit)
 
@@ -444,11 +372,11 @@ class Master:
     def _abort(self) -> None:
         """More shards failed than ``max_failed``: stop the others; the run ends failed."""
         self.view.event(
-            f"{self._counts['failed']} shards failed (max_failed {self.task.max_failed}): "
+            f"{self.tally.by_state['failed']} shards failed (max_failed {self.task.max_failed}): "
             "stopping the run"
         )
         self.ready.clear()
-        self._rolling.clear()
+        self.rolling.cancel()
         for run in self.shard_runs:
             self.apply(run, lc.StopRequested(Intent.ABORT))
 
@@ -458,10 +386,10 @@ class Master:
             ready
             and self.running < self.jobs
             and self.interrupted is None
-            and self.store_error is None
+            and self.store_retry.error is None
             and not self.aborted
         ):
-            run = ready.popleft()
+            run = ready.pop()
             if run.life.state is State.PENDING:
                 self.apply(run, lc.Start())
 
@@ -473,46 +401,20 @@ class Master:
             assert handle.create_time is not None
             self.store.attempt_identity(handle.spec.index, handle.spec.attempt, handle.create_time)
         if self.store.dirty:
-            if "store-retry" in self.loop.timers:
+            if self.store_retry.waiting:
                 return  # the disk is refusing writes: wait for the retry
             try:
                 self.store.commit()
             except StoreUnwritable as exc:
-                self._store_refused(exc)
+                self.store_retry.refused(exc)
                 return  # no acknowledgement for what is not saved
             self.events.committed()
-            if self._store_failing_since is not None:
-                self._store_failing_since = None
-                self._store_retry_s = STORE_RETRY_DELAYS_S[0]
-                if self.store_error is None:
-                    self.view.event(f"{self.store.path}: writing again")
+            self.store_retry.committed(self.store.path)
         if self.tracker.acks:
             self.tracker.acks.send()
 
-    def _store_refused(self, exc: StoreUnwritable) -> None:
-        """The disk refused the run's state: retry with backoff (everything staged is
-        kept), and stop the run cleanly when it still refuses after STORE_RETRY_S."""
-        now = self.loop.clock()
-        if self._store_failing_since is None:
-            self._store_failing_since = now
-        elif now - self._store_failing_since >= STORE_RETRY_S and self.store_error is None:
-            self._give_up_store(exc)
-        delay, self._store_retry_s = (
-            self._store_retry_s,
-            min(self._store_retry_s * 2, STORE_RETRY_DELAYS_S[1]),
-        )
-        self.loop.timers.set("store-retry", now + delay, self._commit)
-
-    def _give_up_store(self, exc: StoreUnwritable) -> None:
-        """Stop every shard: a run whose progress and checkpoints cannot be saved must
-        not go on. One line says where and why, and how to finish the run."""
-        if self.store_error is not None:
-            return
-        self.store_error = exc.reason
-        self.view.event(
-            f"{exc.path}: {exc.reason}; stopping the run "
-            f"(free some space, then 'orch resume {self.run_id}')"
-        )
+    def _stop_for_store(self) -> None:
+        """The run gave up on its disk: stop every shard still going."""
         if not self.finished:
             self.stop_all(Intent.SHUTDOWN)
 
@@ -538,40 +440,22 @@ class Master:
         self.tracker.check_memory(self.shard_runs)
         self.loop.timers.set("memory", self.loop.clock() + MEMORY_CHECK_S, self._check_memory)
 
-    # --- the run's figures ----------------------------------------------------------------
+    # --- the run's figures (kept by the tally) ---------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return self.tally.running
 
     def items(self) -> tuple[int, int | None]:
-        """(items done, items in all) over every shard; None while a total is unknown."""
-        done, total, known = 0, 0, True
-        for run in self.shard_runs:
-            done += run.done or 0
-            if run.total is None:
-                known = known and run.life.state.terminal
-            else:
-                total += run.total
-        return done, (total if known and total else None)
+        return items(self.shard_runs)
 
     def counts(self) -> dict[str, int]:
-        """Shards by state (states with none left out), kept up to date by ``_changed``."""
-        return {state: n for state, n in self._counts.items() if n}
+        return self.tally.counts()
 
     def run_state(self) -> str:
-        if not self.finished:
-            return "running"
-        counts = self.counts()
-        if self.interrupted is not None or self.store_error is not None:
-            return "stopped"
-        if counts.get("failed"):
-            return "failed"
-        if counts.get("stopped"):
-            return "stopped"
-        return "done"
+        stopped = self.interrupted is not None or self.store_retry.error is not None
+        return self.tally.run_state(stopped=stopped)
 
     def exit_code(self) -> int:
-        if self.store_error is not None:
-            return RET_FAILED
-        if self.interrupted == signal.SIGINT:
-            return RET_INTERRUPTED
-        if self.interrupted is not None:
-            return 128 + self.interrupted
-        return RET_OK if self.run_state() == "done" else RET_FAILED
+        store_failed = self.store_retry.error is not None
+        return self.tally.exit_code(interrupted=self.interrupted, store_failed=store_failed)

@@ -16,11 +16,14 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.backends import Backend, Stream
 from orchestrator.loop import Loop
 from shards.protocol import Message
+
+if TYPE_CHECKING:  # annotations only: the master is built on these ports
+    from orchestrator.master import Master
 
 #: ``on_message(identity, message)``: a decoded protocol message from a shard.
 OnMessage = Callable[[bytes, Message], None]
@@ -160,9 +163,19 @@ class Ports:
     #: backend whose attempts outlive their master: ray); decided by assemble.
     reattach: bool = False
 
+    def close(self) -> None:
+        """Close every port, the loop last; process groups are left to the guardian only
+        when attempts are still alive."""
+        self.control.close()
+        self.events.close()
+        self.channel.close()
+        self.backend.close()
+        self.guardian.close(clean=not self.backend.live())
+        self.loop.close()
+
 
 class Reporter(Protocol):
-    """What the master's parts tell the person watching (``master.View`` is one)."""
+    """What the master's parts tell the person watching (``View`` is one)."""
 
     verbose: bool
 
@@ -171,3 +184,20 @@ class Reporter(Protocol):
 
     def line(self, shard_id: str, stream: Stream, data: bytes) -> None:
         """Output of an attempt (shown with --verbose)."""
+
+
+class View:
+    """What the master tells the person watching; the base class says nothing.
+
+    The command line hands one to the master (orchestrator.views.live has the
+    terminal ones); ``started``, ``tick`` and ``finished`` read the master's figures.
+    """
+
+    def started(self, master: Master) -> None: ...
+    def event(self, text: str) -> None: ...
+    def line(self, shard_id: str, stream: Stream, data: bytes) -> None: ...
+    def tick(self, master: Master) -> None: ...
+    def finished(self, master: Master) -> None: ...
+
+    verbose = False
+    tick_s = 1.0

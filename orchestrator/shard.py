@@ -123,3 +123,17 @@ class ShardRun:
         if self.logs is not None:
             self.logs.close()
             self.logs = None
+
+    def change_event(self, old: lc.Shard, t: float) -> dict[str, Any]:
+        """What the event feed says about this shard's change from ``old`` to its state now."""
+        new = self.life
+        return {
+            "t": t,
+            "shard": self.id,
+            "index": self.index,
+            "from": old.state.value,
+            "state": new.state.value,
+            "attempt": new.attempt,
+            "reason": new.reason,
+            "intent": new.intent.value if new.intent is not None else None,
+        }

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from orchestrator.store import OUTBOX_DDL
+from orchestrator.storefile import OUTBOX_DDL
 
 __all__ = ["Outbox", "OutboxRow"]
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.backends import Stream
 from orchestrator.lifecycle import State
 from orchestrator.logs import pick_error
-from orchestrator.master import View
+from orchestrator.ports import View
 from orchestrator.units import format_duration
 from orchestrator.views.figures import Rate, counts_text, eta_s, plural
 

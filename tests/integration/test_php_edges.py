@@ -300,7 +300,9 @@ def test_status_by_shared_name_prefers_the_live_run(denv: Env) -> None:
     script = denv.script("gate.sh", GATED.format(gate=gate))
     live = start_detached(denv, "--name", "nightly", "--split", "1", "--", "sh", script)
     # A second live run of one name needs --allow-concurrent (one live run per name).
-    second = denv.orch("run", "--name", "nightly", "--allow-concurrent", "--split", "1", "--", "true")
+    second = denv.orch(
+        "run", "--name", "nightly", "--allow-concurrent", "--split", "1", "--", "true"
+    )
     assert second.returncode == 0, second.stderr
     assert _detail(denv, "nightly")["id"] == live  # the live one, not the newer done one
     gate.touch()

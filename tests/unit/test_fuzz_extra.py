@@ -347,7 +347,7 @@ def test_control_handle_never_raises(
     master.store.commit()  # the store is never left with a statement it cannot commit
     holding = sum(run.life.state.holds_slot for run in master.shard_runs)
     assert master.running == holding <= max(master.jobs, holding)
-    assert master._unfinished == sum(not run.life.state.terminal for run in master.shard_runs)
+    assert master.tally.unfinished == sum(not run.life.state.terminal for run in master.shard_runs)
 
 
 # --- numbers and ids past what the store holds ----------------------------------------------------

@@ -24,8 +24,8 @@ from orchestrator.config import Restart, TaskConfig
 from orchestrator.errors import RET_FAILED, RET_INTERRUPTED, RET_OK, SpawnError
 from orchestrator.lifecycle import TimerKind
 from orchestrator.loop import Loop
-from orchestrator.master import Master, View
-from orchestrator.ports import Ports, Steerable
+from orchestrator.master import Master
+from orchestrator.ports import Ports, Steerable, View
 from orchestrator.progress import PROGRESS_FLUSH_S
 from orchestrator.sources import load_shards
 from orchestrator.store import RunRow, Store

@@ -1,37 +1,20 @@
-"""The one place ``orch serve`` touches orch's internals.
-
-Everything the web server knows about runs comes through the small functions
-here: listing and resolving runs, the status records (the same objects as
-``orch status --json``), shard pages, attempts, log slices, the control
-client, the event feed, and starting or resuming a run. The rest of
-``orchestrator/serve`` imports only this module, so a change inside the core
-is absorbed here.
-
-Everything is read-only: stores are opened with ``mode=ro`` (WAL readers
-never block the master), and starting or resuming a run goes through the same
-``python -m orchestrator`` entry point a user would type, detached.
-
-Environment values never leave this module: every object built here has its
-task's ``env`` values replaced by ``REDACTED``.
-"""
+"""Runs as serve sees them: listing and resolving run directories, the status records
+(the same objects as ``orch status --json``), the live facts of a run, aggregates and
+pages of shards read straight from its store (read-only)."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from orchestrator import __version__, control, procfs, runs
-from orchestrator.configfile import CONFIG_NAME, load_config
-from orchestrator.errors import RET_OK, MasterUnreachable, OrchError, RunNotFound, UsageError
+from orchestrator import __version__, procfs, runs
+from orchestrator.configfile import CONFIG_NAME
+from orchestrator.errors import RET_OK, OrchError, RunNotFound, UsageError
 from orchestrator.runs import RunDir
 from orchestrator.views import report
 from orchestrator.views.figures import eta_s, rate_between
@@ -238,7 +221,7 @@ def run_facts(run_dir: RunDir) -> RunFacts | None:
 # --- direct read-only queries (aggregates and pages the Store has no method for) ----
 
 
-def _connect(run_dir: RunDir) -> sqlite3.Connection:
+def connect(run_dir: RunDir) -> sqlite3.Connection:
     path = run_dir.state_db
     uri = Path(path).absolute().as_uri() + "?mode=ro"
     try:
@@ -249,8 +232,8 @@ def _connect(run_dir: RunDir) -> sqlite3.Connection:
     return conn
 
 
-def _query(run_dir: RunDir, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    conn = _connect(run_dir)
+def query(run_dir: RunDir, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    conn = connect(run_dir)
     try:
         return conn.execute(sql, params).fetchall()
     except sqlite3.Error as exc:
@@ -261,7 +244,7 @@ def _query(run_dir: RunDir, sql: str, params: tuple[Any, ...] = ()) -> list[sqli
 
 def aggregates(run_dir: RunDir) -> dict[str, Any]:
     """Counts, items and timestamps of one run for /metrics and the live progress feed."""
-    conn = _connect(run_dir)
+    conn = connect(run_dir)
     try:
         counts = dict(conn.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall())
         done, total, unknown, hb_oldest = conn.execute(
@@ -299,7 +282,7 @@ def aggregates(run_dir: RunDir) -> dict[str, Any]:
 
 def aggregates_light(run_dir: RunDir) -> dict[str, Any]:
     """Counts and items of one run: what the live progress feed reads once a second."""
-    conn = _connect(run_dir)
+    conn = connect(run_dir)
     try:
         counts = dict(conn.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall())
         done, total, unknown, known, n = conn.execute(
@@ -326,18 +309,18 @@ def aggregates_light(run_dir: RunDir) -> dict[str, Any]:
 
 def running_progress(run_dir: RunDir) -> list[tuple[int, int | None, float | None]]:
     """(index, done, started_at) of each running shard: the hub tracks when ``done`` moves."""
-    rows = _query(run_dir, "SELECT idx, done, started_at FROM shards WHERE state = 'running'")
+    rows = query(run_dir, "SELECT idx, done, started_at FROM shards WHERE state = 'running'")
     return [(r[0], r[1], r[2]) for r in rows]
 
 
 def shard_states(run_dir: RunDir) -> list[str]:
     """The state of every shard, by index: the dashboard's grid (10,000 cells)."""
-    return [r[0] for r in _query(run_dir, "SELECT state FROM shards ORDER BY idx")]
+    return [r[0] for r in query(run_dir, "SELECT state FROM shards ORDER BY idx")]
 
 
 def shard_metrics(run_dir: RunDir) -> list[sqlite3.Row]:
     """Per-shard figures for /metrics on small runs."""
-    return _query(
+    return query(
         run_dir, "SELECT id, state, attempts, done, total, heartbeat_at FROM shards ORDER BY idx"
     )
 
@@ -365,7 +348,7 @@ def shard_page(
     order = SORTS[sort]
     if desc:
         order = ", ".join(f"{part} DESC" for part in order.split(", "))
-    conn = _connect(run_dir)
+    conn = connect(run_dir)
     try:
         (total,) = conn.execute(f"SELECT count(*) FROM shards{where}", params).fetchone()
         rows = conn.execute(
@@ -395,210 +378,3 @@ def shard_page(
     if live:
         SAMPLER.fill(out)
     return out, int(total)
-
-
-def _shard_row(run_dir: RunDir, key: str) -> sqlite3.Row:
-    rows = _query(run_dir, "SELECT * FROM shards WHERE id = ?", (key,))
-    if not rows and key.isdigit():
-        rows = _query(run_dir, "SELECT * FROM shards WHERE idx = ?", (int(key),))
-    if not rows:
-        raise NotFound(f"no shard {key!r} in run {run_dir.id}")
-    return rows[0]
-
-
-def shard_id(run_dir: RunDir, key: str) -> str:
-    """The shard's id for a shard id or index (like ``orch logs --shard``)."""
-    return str(_shard_row(run_dir, key)["id"])
-
-
-def shard_detail(run_dir: RunDir, key: str, live: bool) -> dict[str, Any]:
-    """One shard's ``orch status`` record plus its attempts, oldest first."""
-    row = dict(_shard_row(run_dir, key))
-    row["checkpoint"] = orjson.loads(row["checkpoint"]) if row["checkpoint"] else None
-    row.pop("record", None)
-    rec = report.shard_record(row, run_dir, time.time(), live)
-    rec["attempt_list"] = attempts(run_dir, row["idx"])
-    return rec
-
-
-def attempts(run_dir: RunDir, idx: int) -> list[dict[str, Any]]:
-    rows = _query(
-        run_dir,
-        "SELECT attempt, pid, started_at, ended_at, exit_code, signal, reason FROM attempts"
-        " WHERE shard_idx = ? ORDER BY attempt",
-        (idx,),
-    )
-    return [
-        {
-            "attempt": r["attempt"],
-            "pid": r["pid"],
-            "started_at": report.iso(r["started_at"]),
-            "ended_at": report.iso(r["ended_at"]),
-            "exit_code": r["exit_code"],
-            "signal": r["signal"],
-            "reason": r["reason"],
-        }
-        for r in rows
-    ]
-
-
-def attention(run_dir: RunDir, limit: int, tail_bytes: int) -> list[dict[str, Any]]:
-    """Shards that need a look: failed, backing off after a failure, hung or stalled."""
-    rows = _query(
-        run_dir,
-        "SELECT idx, id, state, attempts, reason, last_error FROM shards"
-        " WHERE state IN ('failed', 'backoff')"
-        " OR (reason IS NOT NULL AND (reason LIKE '%heartbeat%' OR reason LIKE '%stall%'"
-        " OR reason LIKE '%progress%') AND state NOT IN ('done', 'stopped'))"
-        " ORDER BY state = 'failed' DESC, idx LIMIT ?",
-        (limit,),
-    )
-    out = []
-    for r in rows:
-        path = log_path(run_dir, r["idx"], r["id"], "stderr")
-        tail = read_log(path, None, tail_bytes)["data"]
-        out.append(
-            {
-                "id": r["id"],
-                "index": r["idx"],
-                "state": r["state"],
-                "attempts": r["attempts"],
-                "reason": r["reason"],
-                "stderr_tail": tail or (r["last_error"] or ""),
-            }
-        )
-    return out
-
-
-# --- logs ----------------------------------------------------------------------------
-
-
-def log_path(run_dir: RunDir, idx: int, shard: str, stream: str) -> str:
-    return run_dir.log_path(idx, shard, ".err" if stream == "stderr" else ".out")
-
-
-def log_slice(
-    run_dir: RunDir, key: str, stream: str, offset: int | None, limit: int
-) -> dict[str, Any]:
-    row = _shard_row(run_dir, key)
-    return read_log(log_path(run_dir, row["idx"], row["id"], stream), offset, limit)
-
-
-def read_log(path: str, offset: int | None, limit: int) -> dict[str, Any]:
-    """``limit`` bytes of a log from ``offset`` (the tail without one), like supervisor's tail.
-
-    An offset past the end (the log was rotated) starts again from the new file's top.
-    """
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if offset is None:
-                start = max(0, size - limit)
-            elif offset > size:
-                start = 0
-            else:
-                start = offset
-            f.seek(start)
-            data = f.read(limit)
-    except FileNotFoundError:
-        return {"data": "", "offset": offset or 0, "next_offset": offset or 0, "size": 0}
-    if offset is None and start > 0:
-        nl = data.find(b"\n")  # begin the tail at a line
-        if 0 <= nl < len(data) - 1:
-            data, start = data[nl + 1 :], start + nl + 1
-    return {
-        "data": data.decode("utf-8", "replace"),
-        "offset": start,
-        "next_offset": start + len(data),
-        "size": size,
-    }
-
-
-# --- steering ------------------------------------------------------------------------
-
-
-def send(control_endpoint: str, op: str, **fields: Any) -> dict[str, Any]:
-    """One control request to a live master; MasterUnreachable when it does not answer."""
-    return control.request(control_endpoint, op, **fields)
-
-
-def follow_events(control_endpoint: str) -> Iterator[dict[str, Any]]:
-    """The master's state changes until its run ends; MasterUnreachable when it dies."""
-    reply = control.request(control_endpoint, "subscribe")
-    if not reply.get("ok") or not isinstance(reply.get("events"), str):
-        raise MasterUnreachable(f"the master at {control_endpoint} refused to subscribe")
-    yield from control.follow_events(reply["events"], control_endpoint)
-
-
-def _orch(
-    args: list[str], home: str, timeout_s: float, cwd: str | None = None
-) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "ORCH_HOME"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args, "--home", home],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=timeout_s,
-        env=env,
-        cwd=cwd,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1].removeprefix("orch: ") if lines else ""
-
-
-class StartFailed(OrchError):
-    """Raised when ``orch run -d`` or ``orch resume -d`` refused or failed."""
-
-    def __init__(self, message: str, usage: bool) -> None:
-        super().__init__(message)
-        self.usage = usage
-
-
-def start_task(config_path: str, name: str, home: str, timeout_s: float = 30.0) -> str:
-    """``orch run NAME --config FILE -d``: the new run's id."""
-    code, out, err = _orch(
-        ["run", name, "--config", config_path, "-d"],
-        home,
-        timeout_s,
-        cwd=os.path.dirname(config_path) or None,
-    )
-    if code != 0:
-        raise StartFailed(_last_line(err) or f"orch run exited {code}", usage=code == 2)
-    return _last_line(out)
-
-
-def resume_run(run_id: str, home: str, timeout_s: float = 30.0) -> None:
-    """``orch resume RUN -d``."""
-    code, _, err = _orch(["resume", run_id, "-d"], home, timeout_s)
-    if code != 0:
-        raise StartFailed(_last_line(err) or f"orch resume exited {code}", usage=code == 2)
-
-
-def task_list(config_path: str) -> list[dict[str, Any]]:
-    """The tasks of orch.toml a front end may start (env values redacted)."""
-    cfg = load_config(config_path)
-    out = []
-    for name, table in cfg.tasks.items():
-        item: dict[str, Any] = {"name": name}
-        for key in ("command", "call", "shards", "split", "range", "jobs", "restart"):
-            if key in table:
-                item[key] = table[key]
-        if isinstance(table.get("env"), dict):
-            item["env"] = {k: REDACTED for k in table["env"]}
-        out.append(item)
-    return out
-
-
-def check_config(config_path: str) -> None:
-    """A missing or broken orch.toml is a one-line error (``OrchError``) now, not at a POST."""
-    load_config(config_path)
-
-
-def task_names(config_path: str) -> list[str]:
-    return list(load_config(config_path).tasks)
