@@ -48,6 +48,10 @@ PROTOCOL_ENV = frozenset(
         proto.ENV_CHECKPOINT_DONE,
         proto.ENV_MASTER_PID,
         proto.ENV_SDK_PID,
+        proto.ENV_CURVE_SERVER,
+        proto.ENV_CURVE_PUBLIC,
+        proto.ENV_CURVE_SECRET,
+        proto.ENV_NODE,
     }
 )
 
@@ -111,6 +115,29 @@ class Attempts:
             self._record_end(run, attempt, None, f"cannot start: {exc}", at)
             self._apply(run, lc.SpawnFailed(str(exc), getattr(exc, "transient", False)))
             return
+        self._adopt(run, attempt, handle)
+        self._record_start(run, attempt, handle, self._wall())
+
+    def reattach(self, run: ShardRun) -> bool:
+        """On resume: take back the shard's last attempt if the backend finds it still
+        alive (a previous master's Ray actor); the shard runs again without a new attempt."""
+        attempt = run.life.attempt
+        if attempt == 0:
+            return False
+        spec = AttemptSpec(index=run.index, shard_id=run.id, attempt=attempt, argv=(), env={})
+        handle = self._backend.reattach(spec)
+        if handle is None:
+            return False
+        self._apply(run, lc.Reattached())
+        self._adopt(run, attempt, handle)
+        self._store.reopen_attempt(run.index, attempt)
+        self._store.set_shard(
+            run.index, attempts=attempt, ended_at=None, exit_code=None, signal=None
+        )
+        return True
+
+    def _adopt(self, run: ShardRun, attempt: int, handle: AttemptHandle) -> None:
+        """Make ``handle`` the shard's live attempt: guardian, liveness watch, logs."""
         task = self._task
         if handle.pgid is not None:
             self._guardian.watch(handle.pgid)
@@ -138,7 +165,6 @@ class Attempts:
             )
         run.logs.begin(attempt, handle.pid)
         self._tracker.arm_watch(run)
-        self._record_start(run, attempt, handle, self._wall())
 
     def _record_start(
         self, run: ShardRun, attempt: int, handle: AttemptHandle | None, at: float
@@ -223,11 +249,23 @@ class Attempts:
         if block and self._view.verbose:
             self._view.line(handle.spec.shard_id, stream, block)
 
-    def exited(self, run: ShardRun, handle: AttemptHandle, code: int) -> None:
-        """The attempt's whole process group is gone: record it, then step the lifecycle."""
+    def placed(self, run: ShardRun, handle: AttemptHandle, node: str) -> None:
+        """Where the attempt runs (backends with nodes): ``node`` in status."""
+        if run.handle is handle:
+            run.node = node
+            self._store.set_shard(run.index, node=node)
+
+    def exited(
+        self, run: ShardRun, handle: AttemptHandle, code: int, lost: str | None = None
+    ) -> None:
+        """The attempt's whole process group is gone: record it, then step the lifecycle.
+
+        ``lost``: it went with its node (``node lost: <node>``); recorded like a SIGKILL,
+        stepped as ``Lost``: re-placed without counting against ``max_restarts``.
+        """
         if run.handle is not handle:
             return
-        what = lc.describe_exit(code)
+        what = lost or lc.describe_exit(code)
         logs = run.logs
         if logs is not None:
             # A last protocol line without a newline (PHP's echo adds none) still counts.
@@ -242,8 +280,14 @@ class Attempts:
             self._guardian.forget(handle.pgid)
         self._tracker.disarm_watch(run)
         self._tracker.flush_one(run)
-        reason = run.life.reason if run.life.state is State.STOPPING else what
+        stopping = run.life.state is State.STOPPING and not lost
+        reason = run.life.reason if stopping else what
         self._record_end(run, handle.spec.attempt, code, reason, self._wall())
+        if lost:
+            self._view.event(f"shard {run.id} attempt {handle.spec.attempt}: {lost}")
+            self._store.set_shard(run.index, last_error=lost)
+            self._apply(run, lc.Lost(lost))
+            return
         if code != 0:
             # The tail of stderr, or at least how it ended: a failed shard always says why.
             self._store.set_shard(run.index, last_error="\n".join(run.notes) if run.notes else what)

@@ -41,6 +41,11 @@ _RCVMORE, _NOBLOCK = int(zmq.RCVMORE), int(zmq.NOBLOCK)
 COALESCE_S = 0.01
 #: Queued messages per connection; a heartbeat is worth nothing once a newer one exists.
 RCVHWM_PER_PEER = 1000
+SOCKET_OPTIONS: dict[int, int] = {
+    zmq.LINGER: 0,
+    zmq.MAXMSGSIZE: MAX_FRAME_BYTES,
+    zmq.RCVHWM: RCVHWM_PER_PEER,
+}
 
 
 def bind_ipc(kind: int, path: str, options: dict[int, int]) -> zmq.Socket[bytes]:
@@ -73,7 +78,15 @@ def _unbound(identity: bytes, msg: Message) -> None:
 class Channel:
     """The local ``HeartbeatChannel`` (see orchestrator.ports)."""
 
-    def __init__(self, loop: Loop, path: str, run_id: str) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        path: str,
+        run_id: str,
+        bound: tuple[zmq.Socket[bytes], str] | None = None,
+    ) -> None:
+        """Bind on ``ipc://path``, or take ``bound``: a socket a backend bound elsewhere
+        (the CURVE TCP socket of ``orchestrator.curve``) and the endpoint shards use."""
         self._loop = loop
         self._run_id = run_id
         self._on_message: Callable[[bytes, Message], None] = _unbound
@@ -83,15 +96,10 @@ class Channel:
         self.received = 0
         self.garbage = 0
         self._scheduled = False
-        sock = bind_ipc(
-            zmq.ROUTER,
-            path,
-            {
-                zmq.LINGER: 0,
-                zmq.MAXMSGSIZE: MAX_FRAME_BYTES,
-                zmq.RCVHWM: RCVHWM_PER_PEER,
-            },
-        )
+        if bound is not None:
+            sock, self.endpoint = bound
+        else:
+            sock = bind_ipc(zmq.ROUTER, path, SOCKET_OPTIONS)
         self._sock = sock
         self._fd: int = int(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         self._watching = True
@@ -193,6 +201,8 @@ class Channel:
             self._loop.remove_reader(self._fd)
         self._loop.timers.cancel(("channel", self.path))
         self._sock.close(0)
+        if not self.endpoint.startswith("ipc://"):
+            return
         try:
             os.unlink(self.path)
         except OSError:

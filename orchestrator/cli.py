@@ -78,6 +78,14 @@ def cli() -> None:
 @click.option(
     "--shell", is_flag=True, default=None, help="Run the command with /bin/sh -c, values quoted."
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    help="Where attempts run: local children (default) or a Ray cluster (docs/scale-out.md).",
+)
+@click.option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to use (default: auto).")
+@click.option("--shard-cpus", type=float, metavar="N", help="CPUs each attempt reserves (ray).")
+@click.option("--shard-memory", metavar="SIZE", help="Memory each attempt reserves (ray).")
 @click.option("--name", metavar="NAME", help="A name to refer to the run by.")
 @click.option(
     "--allow-concurrent",

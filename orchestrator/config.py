@@ -98,6 +98,12 @@ class TaskConfig:
     max_memory_bytes: int | None = default("max_memory_bytes")
     log_max_bytes: int = default("log_max_bytes")
     log_backups: int = default("log_backups")
+    backend: str = default("backend")
+    ray_address: str | None = default("ray_address")
+    #: Custom Ray resources each attempt needs, as sorted (name, amount) pairs.
+    resources: tuple[tuple[str, float], ...] = default("resources")
+    shard_cpus: float = default("shard_cpus")
+    shard_memory_bytes: int | None = default("shard_memory_bytes")
     final_exit_codes: tuple[int, ...] = default("final_exit_codes")
     max_failed: int | None = default("max_failed")
     concurrency: int = default("concurrency")
@@ -106,6 +112,11 @@ class TaskConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
         object.__setattr__(self, "final_exit_codes", tuple(self.final_exit_codes))
+        if isinstance(self.resources, Mapping):
+            pairs = self.resources.items()
+        else:
+            pairs = (tuple(pair) for pair in self.resources)  # type: ignore[assignment]
+        object.__setattr__(self, "resources", tuple(sorted((str(k), float(v)) for k, v in pairs)))
         if not isinstance(self.env, FrozenEnv):
             object.__setattr__(self, "env", FrozenEnv(self.env))
         object.__setattr__(self, "restart", Restart(self.restart))
@@ -117,6 +128,7 @@ class TaskConfig:
         out["final_exit_codes"] = list(self.final_exit_codes)
         out["env"] = dict(self.env)
         out["restart"] = str(self.restart)
+        out["resources"] = dict(self.resources)
         return out
 
     @classmethod
@@ -333,6 +345,12 @@ def _convert(key: str, value: Any, origin: _Origin) -> Any:
                 f"{did_you_mean(value, list(choices), sep='; ')}"
             )
         return value
+    if kind is Kind.RESOURCES:
+        return _resources(value, origin)
+    if kind is Kind.TEXT:
+        if not isinstance(value, str) or not value.strip():
+            raise _expected(origin, "HOST:PORT or 'auto'", value)
+        return value.strip()
     if kind is Kind.CODES:
         return _codes(value, origin)
     if kind is Kind.RANGE:
@@ -379,6 +397,22 @@ def _codes(value: object, origin: _Origin) -> tuple[int, ...]:
 
 def _expected(origin: _Origin, what: str, value: object) -> ConfigError:
     return ConfigError(f"{origin.where}: expected {what}, got {kind_of(value)}")
+
+
+def _resources(value: object, origin: _Origin) -> dict[str, float]:
+    """A table of custom Ray resource names to amounts (``resources = {nodeA = 1}``)."""
+    if not isinstance(value, Mapping):
+        raise _expected(origin, "a table of resource names to numbers", value)
+    out: dict[str, float] = {}
+    for key, amount in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{origin.where}: invalid resource name {key!r}")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
+            raise ConfigError(
+                f"{origin.where}.{key}: expected a number >= 0, got {kind_of(amount)}"
+            )
+        out[key] = float(amount)
+    return out
 
 
 def _command(value: object, origin: _Origin, shell: bool) -> tuple[str, ...]:

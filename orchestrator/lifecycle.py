@@ -155,6 +155,28 @@ class Exited:
 
 
 @dataclass(frozen=True, slots=True)
+class Reattached:
+    """A resumed master found the shard's last attempt still alive and took it back.
+
+    The shard runs again without a new attempt (same number, nothing spawned):
+    the previous master's attempt is the one live attempt.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The attempt is gone with the machine it ran on (``node lost: <node>``).
+
+    Its processes died with their node, so it is as ended as an ``Exited``
+    one; but it was not the shard's fault: the shard is re-placed with its
+    usual backoff, whatever its restart policy, and the loss is not counted
+    against ``max_restarts``.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Kill:
     """Liveness or memory watch says the running attempt must go."""
 
@@ -187,6 +209,8 @@ Event = (
     | Spawned
     | SpawnFailed
     | Exited
+    | Reattached
+    | Lost
     | Kill
     | StopRequested
     | RestartRequested
@@ -260,6 +284,8 @@ def step(
             )
         case Spawned():
             return shard, []
+        case Reattached() if state is State.PENDING and shard.attempt > 0:
+            return replace(shard, state=State.RUNNING, started_at=now, intent=None), []
         case SpawnFailed(reason=reason, transient=transient) if state is State.RUNNING:
             what = f"cannot start: {reason}"
             if transient and policy.restart is not Restart.NEVER:
@@ -267,6 +293,8 @@ def step(
             return replace(shard, state=State.FAILED, reason=what), []
         case Exited(code=code) if state in (State.RUNNING, State.STOPPING):
             return _exited(shard, code, now, policy, rand)
+        case Lost(reason=reason) if state in (State.RUNNING, State.STOPPING):
+            return _lost(shard, reason, now, policy, rand)
         case Kill(intent=intent, reason=reason) if state is State.RUNNING:
             return _begin_stop(shard, intent, now, policy, reason)
         case StopRequested(intent=intent):
@@ -371,6 +399,23 @@ def _exited(
     if policy.restart is Restart.NEVER:
         return replace(shard, state=State.FAILED, reason=what), actions
     return _schedule_restart(shard, now, policy, rand, what, code != 0, actions)
+
+
+def _lost(
+    shard: Shard, reason: str, now: float, policy: Policy, rand: Rand
+) -> tuple[Shard, list[Action]]:
+    actions: list[Action] = []
+    if shard.state is State.STOPPING:
+        actions.append(CancelTimer(TimerKind.GRACE))
+        if shard.intent in _ENDS_STOPPED:
+            return replace(shard, state=State.STOPPED, intent=None), actions
+        if shard.intent is Intent.RESTART:
+            fresh = replace(shard, state=State.PENDING, failures=0, level=0, intent=None)
+            return fresh, actions
+        if shard.intent is Intent.SCALE:
+            return replace(shard, state=State.PENDING, intent=None), actions
+    # Running, or being killed as hung (its heartbeats stopped with the node): re-place it.
+    return _schedule_restart(shard, now, policy, rand, reason, False, actions)
 
 
 def _schedule_restart(

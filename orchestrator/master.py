@@ -193,6 +193,12 @@ class Master:
             ended_at=None,
         )
         self.store.commit()
+        if ports.reattach:
+            # Attempts a previous master left alive (a Ray actor survives its master)
+            # are taken back before anything is scheduled.
+            for run in self.shard_runs:
+                if run.life.state is State.PENDING:
+                    self.attempts.reattach(run)
         self.view.started(self)
         loop.timers.set("tick", loop.clock() + self.view.tick_s, self._tick)
         self._sinks_tick()
@@ -246,6 +252,13 @@ class Master:
 
     def on_exit(self, handle: AttemptHandle, code: int) -> None:
         self.attempts.exited(self.shard_runs[handle.spec.index], handle, code)
+
+    def on_node(self, handle: AttemptHandle, node: str) -> None:
+        self.attempts.placed(self.shard_runs[handle.spec.index], handle, node)
+        self.loop.call_when_idle(self._commit)
+
+    def on_lost(self, handle: AttemptHandle, reason: str) -> None:
+        self.attempts.exited(self.shard_runs[handle.spec.index], handle, -signal.SIGKILL, reason)
 
     # --- signals ------------------------------------------------------------------
 

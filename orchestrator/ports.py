@@ -165,6 +165,9 @@ class Ports:
     guardian: Guard
     wall: Callable[[], float] = time.time  # wall clock, only for what is recorded or shown
     rand: Callable[[], float] = random.random  # backoff jitter
+    #: On start, ask the backend for attempts a previous master left alive (resume on a
+    #: backend whose attempts outlive their master: ray); decided by assemble.
+    reattach: bool = False
 
     def close(self) -> None:
         """Close every port, the loop last; process groups are left to the guardian only

@@ -37,6 +37,8 @@ class Kind(enum.Enum):
     CHOICE = "choice"
     RANGE = "range"  # A..B
     PATH = "path"  # relative to orch.toml (or to the working directory for flags)
+    TEXT = "text"  # a non-empty string, kept as written (an address)
+    RESOURCES = "resources"  # a table of names to numbers >= 0 (Ray custom resources)
     CODES = "codes"  # exit statuses 1..255: an array, or "4,44" on the command line
 
 
@@ -107,6 +109,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_memory", Kind.SIZE, None, option="max_memory", zero=Zero.OFF),
     Setting("log_max_size", Kind.SIZE, 10 * MiB, zero=Zero.INVALID, field_name="log_max_bytes"),
     Setting("log_backups", Kind.INT, 3, minimum=0),
+    # Where attempts run (docs/scale-out.md).
+    Setting("backend", Kind.CHOICE, "local", option="backend", choices=("local", "ray")),
+    Setting("ray_address", Kind.TEXT, None, option="ray_address"),
+    Setting("resources", Kind.RESOURCES, ()),
+    Setting("shard_cpus", Kind.NUMBER, 1.0, option="shard_cpus", minimum=0.0),
+    Setting("shard_memory", Kind.SIZE, None, option="shard_memory", zero=Zero.OFF),
     # operating jobs (docs/config.md): failure policy, live runs per task, services
     Setting("final_exit_codes", Kind.CODES, (), option="final_exit_codes"),
     Setting("max_failed", Kind.INT, None, option="max_failed", minimum=0),

@@ -50,6 +50,7 @@ class ShardRun:
     notes: list[str] | None = None  # stderr tail of the last failed attempt
     bad_lines: int = 0  # malformed ##orch lines of the live attempt
     logs: ShardLogs | None = None  # open from the first attempt until the shard ends
+    node: str | None = None  # where the live attempt runs (backends with nodes: ray)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...], retry_failed: bool) -> ShardRun:
@@ -96,6 +97,7 @@ class ShardRun:
         self.notes = None
         self.bad_lines = 0
         self.done = self.checkpoint_done
+        self.node = None
 
     def end(self) -> None:
         """The live attempt's process group is gone."""

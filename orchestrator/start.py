@@ -102,4 +102,8 @@ def prepare(
         task = dataclasses.replace(task, cwd=os.getcwd())
     shards = load_shards(task.shards, split=task.split, range_=task.range, fmt=task.format)
     preflight(task, compile_command(task), shards)
+    if task.backend == "ray":
+        from orchestrator.backends.ray import check_cluster, join
+
+        join(check_cluster(task.ray_address))  # before the run exists: nothing half-started
     return task, shards

@@ -211,6 +211,16 @@ class Store:
             (idx, attempt, pid, pgid, create_time, started_at),
         )
 
+    def reopen_attempt(self, idx: int, attempt: int) -> None:
+        """A resumed master took the attempt back alive: it has not ended after all."""
+        if not self._dirty:
+            self._begin()
+        self._conn.execute(
+            "UPDATE attempts SET ended_at = NULL, reason = NULL"
+            " WHERE shard_idx = ? AND attempt = ?",
+            (idx, attempt),
+        )
+
     def attempt_ended(
         self,
         idx: int,

@@ -107,7 +107,8 @@ CREATE TABLE shards (
   exit_code INTEGER, signal INTEGER, reason TEXT, last_error TEXT,
   started_at REAL, ended_at REAL, done INTEGER, total INTEGER,
   checkpoint BLOB, checkpoint_done INTEGER, checkpoint_at REAL,
-  heartbeat_at REAL, updated_at REAL, start_done INTEGER, rss_bytes INTEGER, message TEXT
+  heartbeat_at REAL, updated_at REAL, start_done INTEGER, rss_bytes INTEGER, message TEXT,
+  node TEXT
 );
 CREATE TABLE attempts (
   shard_idx INTEGER NOT NULL, attempt INTEGER NOT NULL,

@@ -205,7 +205,12 @@ def _connect(endpoint: str, env: dict[str, str], me: ShardInfo, counters: Counte
     from shards._link import Link
 
     try:
-        link = Link(endpoint, me.run_id, me.shard_id, me.attempt, counters, interval_s, master_pid)
+        keys = (p.ENV_CURVE_SERVER, p.ENV_CURVE_PUBLIC, p.ENV_CURVE_SECRET)
+        curve = tuple(env.get(k, "") for k in keys)
+        link = Link(
+            endpoint, me.run_id, me.shard_id, me.attempt, counters, interval_s, master_pid,
+            curve=curve if all(curve) else None,
+        )  # fmt: skip
     except (zmq.ZMQError, OSError) as exc:  # a bad endpoint must not crash the user's work
         _warn(f"cannot connect to {endpoint!r}: {exc}")
         return None

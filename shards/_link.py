@@ -56,6 +56,7 @@ class Link:
         counters: Counters,
         interval_s: float,
         master_pid: int | None,
+        curve: tuple[str, ...] | None = None,
     ) -> None:
         self.pid = os.getpid()
         self.sent = 0  # messages handed to zmq; read by bench/
@@ -69,6 +70,9 @@ class Link:
         self._stop = False
         self._seq = 0
         self._pending: dict[int, _Request] = {}
+        #: Over TCP (the ray backend) a refusal as stale means a newer attempt of this
+        #: shard runs elsewhere: this one is fenced and stops its process group.
+        self._fence = curve is not None
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._ctx = zmq.Context()
         # Created here so a bad endpoint raises to the caller; the thread start
@@ -77,6 +81,12 @@ class Link:
         self._sock.setsockopt(zmq.LINGER, 0)  # exit never waits on a dead master
         self._sock.setsockopt(zmq.SNDHWM, 1000)
         try:
+            if curve is not None:
+                # A TCP channel (ray backend): CURVE with the run's keys (docs/protocol.md).
+                server_key, public_key, secret_key = curve
+                self._sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+                self._sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key.encode())
+                self._sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode())
             self._sock.connect(endpoint)
         except zmq.ZMQError:
             self._sock.close(0)
@@ -217,6 +227,13 @@ class Link:
                 msg = p.decode(frame)
             except p.ProtocolError:
                 continue
+            if (
+                self._fence
+                and msg.kind is p.Kind.NACK
+                and (msg.message or "").startswith("stale attempt")
+            ):
+                self._master_gone()
+                return
             if msg.kind is p.Kind.ACK or msg.kind is p.Kind.NACK:
                 req = self._pending.pop(msg.seq, None)
                 if req is not None:

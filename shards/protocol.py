@@ -45,6 +45,12 @@ ENV_HEARTBEAT_INTERVAL = "ORCH_HEARTBEAT_INTERVAL"
 ENV_CHECKPOINT = "ORCH_CHECKPOINT"
 ENV_CHECKPOINT_DONE = "ORCH_CHECKPOINT_DONE"
 ENV_MASTER_PID = "ORCH_MASTER_PID"
+#: Over TCP (the ray backend): the master's CURVE public key and the run's client pair.
+ENV_CURVE_SERVER = "ORCH_CURVE_SERVER"
+ENV_CURVE_PUBLIC = "ORCH_CURVE_PUBLIC"
+ENV_CURVE_SECRET = "ORCH_CURVE_SECRET"
+#: The node an attempt runs on (the ray backend; the Ray node id).
+ENV_NODE = "ORCH_NODE"
 #: Set by the SDK itself (never by the master) to the pid of the process that
 #: holds the attempt's connection, so processes it spawns do not connect too.
 ENV_SDK_PID = "ORCH_SDK_PID"

@@ -13,7 +13,15 @@ import abc
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import zmq
+
+    from orchestrator.loop import Loop
+
+    #: A socket bound by a backend, and the endpoint its attempts connect to.
+    BoundSocket = tuple[zmq.Socket[bytes], str]
 
 
 class Stream(enum.IntEnum):
@@ -50,6 +58,12 @@ class Listener(Protocol):
     def on_exit(self, handle: AttemptHandle, code: int) -> None:
         """The attempt and its whole process group are gone; ``code`` is -N for signal N."""
 
+    def on_node(self, handle: AttemptHandle, node: str) -> None:
+        """The attempt was placed on ``node`` (backends that run attempts elsewhere)."""
+
+    def on_lost(self, handle: AttemptHandle, reason: str) -> None:
+        """The attempt is gone with its node (``node lost: <node>``): not the shard's fault."""
+
 
 class Backend(abc.ABC):
     """Start, signal and observe attempts.
@@ -59,6 +73,9 @@ class Backend(abc.ABC):
     """
 
     listener: Listener | None = None
+    #: True when the backend's attempts stop themselves if the master dies, so the
+    #: master needs no local guardian of process groups (ray: each actor watches it).
+    guards_itself = False
 
     def bind(self, listener: Listener) -> None:
         """Report every attempt's output and exit to ``listener`` (the master) from now on."""
@@ -92,6 +109,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def rss(self, handles: Sequence[AttemptHandle]) -> list[int | None]:
         """Resident memory in bytes of each attempt (its whole group), None when unknown."""
+
+    def bind_channel(self, loop: Loop, run_dir: str) -> BoundSocket | None:
+        """The heartbeat channel's socket, bound where this backend's attempts reach it,
+        and the endpoint they connect to; None: the default ipc socket of the run."""
+        return None
+
+    def reattach(self, spec: AttemptSpec) -> AttemptHandle | None:
+        """An attempt a previous master left running, still alive: its handle, else None.
+
+        ``spec`` carries the index, shard id and attempt number only. Backends whose
+        attempts die with their master (local) have nothing to give back.
+        """
+        return None
 
     def close(self) -> None:
         """Release the backend's resources (the master has stopped every attempt)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import Stream
@@ -160,6 +161,12 @@ class LiveView(PlainView):
         elapsed = format_duration(time.monotonic() - self._t0)
         grid.add_row(f"{what}{tail}  [dim]{elapsed}[/]")
         grid.add_row(counts_text(counts, lifecycle_order=True))
+        nodes = Counter(
+            rt.node[:12] for rt in master.shard_runs if rt.node and rt.state is State.RUNNING
+        )
+        if nodes:  # --backend ray: where the running shards are
+            placed = ", ".join(f"{n} {c} running" for n, c in sorted(nodes.items()))
+            grid.add_row(f"nodes: {placed}")
         for text in self._notable(master):
             grid.add_row(text)
         return grid

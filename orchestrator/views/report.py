@@ -50,6 +50,7 @@ def shard_record(
         "state": row["state"],
         "attempts": row.get("attempts") or 0,
         "pid": pid,
+        "node": row.get("node"),
         "exit_code": row.get("exit_code"),
         "signal": row.get("signal"),
         "reason": row.get("reason"),

@@ -111,6 +111,8 @@ def _print_detail(d: dict[str, Any]) -> None:
     if d["state"] == "lost":
         print(f"the master is gone: 'orch resume {d['id']}' finishes the run")
     rows = []
+    # Runs on a cluster (--backend ray) show where each shard runs (the Ray node id, short).
+    with_node = any(s.get("node") for s in d["shards"])
     for s in d["shards"]:
         prog = ""
         if s["done"] is not None:
@@ -134,8 +136,9 @@ def _print_detail(d: dict[str, Any]) -> None:
                 reason,
             ]
         )
-    table.render(
-        ("SHARD", "STATE", "ATT", "PID", "PROGRESS", "HEARTBEAT", "CPU", "RSS", "REASON"),
-        rows,
-        state_col=1,
-    )
+        if with_node:
+            rows[-1].insert(3, (s.get("node") or "")[:12])
+    head_row = ["SHARD", "STATE", "ATT", "PID", "PROGRESS", "HEARTBEAT", "CPU", "RSS", "REASON"]
+    if with_node:
+        head_row.insert(3, "NODE")
+    table.render(tuple(head_row), rows, state_col=1)

@@ -426,9 +426,11 @@ printf '%s' "$1" > got.txt
 
 
 def test_no_distributed_backend_is_promised(env: Env) -> None:
+    """Nothing is promised for later: the Ray backend's transport is documented as it is."""
     text = (DOCS / "protocol.md").read_text()
     assert "specified with the distributed backend" not in text
-    assert "Only the local backend exists today" in text
+    assert "is planned" not in text
+    assert "`tcp://` with CURVE" in text and "ORCH_CURVE_SERVER" in text
 
 
 def test_oversized_frame_is_not_counted_as_documented(denv: Env) -> None:

@@ -549,6 +549,42 @@ def test_from_json_coerces_ints_and_rejects_unknown_keys() -> None:
         TaskConfig.from_json({"restart": "sometimes"})
 
 
+# ----------------------------------------------------------------------------- ray backend keys
+
+
+def test_ray_keys_from_file_and_flags() -> None:
+    task = _build(
+        {"shard_cpus": 0.5, "ray_address": "10.0.0.5:6379"},
+        {**_MIN, "backend": "ray", "resources": {"nodeA": 1}, "shard_memory": "2GiB"},
+        "/x/orch.toml",
+    )
+    assert task.backend == "ray" and task.ray_address == "10.0.0.5:6379"
+    assert task.resources == (("nodeA", 1.0),) and task.shard_cpus == 0.5
+    assert task.shard_memory_bytes == 2 << 30
+    assert TaskConfig.from_json(orjson.loads(orjson.dumps(task.to_json()))) == task
+
+
+def test_ray_defaults() -> None:
+    task = _build(None, _MIN, "/x/orch.toml")
+    assert (task.backend, task.ray_address, task.resources) == ("local", None, ())
+    assert (task.shard_cpus, task.shard_memory_bytes) == (1.0, None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("backend", "k8s", "'k8s' is not one of local, ray"),
+        ("resources", ["nodeA"], "expected a table of resource names to numbers"),
+        ("resources", {"nodeA": "one"}, "resources.nodeA: expected a number >= 0"),
+        ("resources", {"nodeA": -1}, "resources.nodeA: expected a number >= 0"),
+        ("shard_cpus", -1, "must be a number >= 0"),
+        ("shard_memory", "lots", "shard_memory"),
+        ("ray_address", "", "expected HOST:PORT or 'auto'"),
+    ],
+)
+def test_bad_ray_keys_name_file_task_and_key(key: str, value: Any, expected: str) -> None:
+    error = _build_error(None, {**_MIN, key: value}, "/x/orch.toml")
+    assert "[tasks.crawl]" in error and key in error and expected in error, error
 # ----------------------------------------------------------------------------- operating keys
 
 

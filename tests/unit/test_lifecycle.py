@@ -518,6 +518,97 @@ def test_no_timeouts_means_never_stuck() -> None:
     assert verdict(w, 1e9) is None
 
 
+# --- node loss (the ray backend) -----------------------------------------------------
+
+
+def test_node_loss_re_places_the_shard_without_counting_a_failure() -> None:
+    policy = replace(POLICY, max_restarts=0)
+    shard = replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (lc.Lost("node lost: n1"), 5.0, P, []),  # the first restart of a streak: at once
+            (Start(), 5.0, R, [Spawn(2)]),
+            (lc.Lost("node lost: n2"), 7.0, B, [backoff_at(8.0)]),  # then the usual backoff
+            (BackoffElapsed(), 8.0, P, []),
+            (Start(), 8.0, R, [Spawn(3)]),
+            (Exited(0), 10.0, DONE, []),
+        ],
+        policy,
+    )
+    assert shard.failures == 0 and shard.attempt == 3
+
+
+def test_node_loss_with_restart_never_still_re_places() -> None:
+    shard = replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (lc.Lost("node lost: n1"), 1.0, P, []),
+        ],
+        replace(POLICY, restart=Restart.NEVER),
+    )
+    assert shard.reason == "node lost: n1"
+
+
+def test_node_loss_of_a_shard_killed_as_hung_is_not_a_failure() -> None:
+    shard = replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (Kill(Intent.HUNG, "no heartbeat"), 10.0, S, [TERM, grace_at(20.0)]),
+            (lc.Lost("node lost: n1"), 15.0, P, [CANCEL_GRACE]),
+        ],
+        replace(POLICY, max_restarts=0),
+    )
+    assert shard.failures == 0 and shard.reason == "node lost: n1"
+
+
+def test_node_loss_while_stopping_ends_stopped() -> None:
+    replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (StopRequested(), 1.0, S, [TERM, grace_at(11.0)]),
+            (lc.Lost("node lost: n1"), 2.0, STOPPED, [CANCEL_GRACE]),
+        ]
+    )
+
+
+def test_node_loss_while_scaled_down_goes_back_to_pending_unchanged() -> None:
+    shard = replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (StopRequested(Intent.SCALE), 1.0, S, [TERM, grace_at(11.0)]),
+            (lc.Lost("node lost: n1"), 2.0, P, [CANCEL_GRACE]),
+        ]
+    )
+    assert shard.failures == 0 and shard.level == 0
+
+
+def test_node_loss_in_backoff_or_done_changes_nothing() -> None:
+    replay(
+        [
+            (Start(), 0.0, R, [Spawn(1)]),
+            (Exited(0), 1.0, DONE, []),
+            (lc.Lost("node lost: n1"), 2.0, DONE, []),
+        ]
+    )
+
+
+def test_reattached_runs_the_same_attempt_without_spawning() -> None:
+    resumed = Shard(state=P, attempt=3, failures=1, level=1)
+    shard = replay(
+        [
+            (lc.Reattached(), 50.0, R, []),  # no Spawn: the previous master's attempt lives on
+            (Exited(0), 60.0, DONE, []),
+        ],
+        shard=resumed,
+    )
+    assert shard.attempt == 3
+
+
+def test_reattached_needs_an_attempt_and_a_pending_shard() -> None:
+    replay([(lc.Reattached(), 0.0, P, [])])  # never started: nothing to take back
+    replay([(lc.Reattached(), 0.0, DONE, [])], shard=Shard(state=DONE, attempt=1))
+
+
 def test_a_crash_loop_under_default_settings_is_paced_and_gives_up() -> None:
     """Defaults: at once, then 1, 2, 4, 8 s; the sixth failure in a row gives up."""
     policy = Policy()

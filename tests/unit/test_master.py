@@ -84,6 +84,8 @@ class FakeBackend(Backend):
         self.memory: dict[int, int] = {}
         self._pid = 1000
         self._new: list[AttemptHandle] = []
+        #: index -> attempt a previous master left alive (what ``reattach`` finds).
+        self.alive: dict[int, int] = {}
 
     def start(self, spec: AttemptSpec) -> AttemptHandle:
         self.trace.append(("start", spec.shard_id, spec.attempt))
@@ -119,7 +121,24 @@ class FakeBackend(Backend):
     def rss(self, handles: Sequence[AttemptHandle]) -> list[int | None]:
         return [self.memory.get(h.spec.index) for h in handles]
 
+    def reattach(self, spec: AttemptSpec) -> AttemptHandle | None:
+        self.trace.append(("reattach", spec.shard_id, spec.attempt))
+        if self.alive.get(spec.index) != spec.attempt:
+            return None
+        handle = AttemptHandle(spec=spec, pid=None, pgid=None, create_time=None)
+        self.running[spec.index] = handle
+        return handle
+
     # --- what the test makes happen ---
+
+    def place(self, index: int, node: str) -> None:
+        assert self.listener is not None
+        self.listener.on_node(self.running[index], node)
+
+    def lose(self, index: int, node: str) -> None:
+        handle = self.running.pop(index)
+        assert self.listener is not None
+        self.listener.on_lost(handle, f"node lost: {node}")
 
     def exit(self, index: int, code: int) -> None:
         handle = self.running.pop(index)
@@ -251,6 +270,7 @@ class Harness:
         jobs: int | None = None,
         retry_failed: bool = False,
         prepare: Callable[[Store], None] | None = None,
+        reattach: bool = False,
         **settings: Any,
     ) -> None:
         self.clock = Clock()
@@ -302,6 +322,7 @@ class Harness:
                 guardian=self.guard,
                 wall=self.clock.wall,
                 rand=lambda: 0.0,  # no jitter: backoff delays are the nominal ones
+                reattach=reattach,
             ),
             jobs=jobs if jobs is not None else n,
             view=self.view,
@@ -330,6 +351,10 @@ class Harness:
 
     def exit(self, index: int, code: int) -> None:
         self.backend.exit(index, code)
+        self.settle()
+
+    def lose(self, index: int, node: str) -> None:
+        self.backend.lose(index, node)
         self.settle()
 
     def message(self, kind: proto.Kind, shard: str, attempt: int, **fields: Any) -> None:
@@ -936,6 +961,79 @@ def test_resume_with_retry_failed_restarts_failed_shards_too(make: Any) -> None:
     h = make(n=4, prepare=_earlier_run, retry_failed=True)
     h.open()
     assert h.actions() == [("start", "1", 3), ("start", "2", 7), ("start", "3", 2)]
+
+
+def test_resume_without_reattach_never_asks_the_backend(make: Any) -> None:
+    h = make(n=4, prepare=_earlier_run)
+    h.backend.alive = {3: 1}
+    h.open()
+    assert not [t for t in h.trace if t[0] == "reattach"]
+    assert h.actions() == [("start", "1", 3), ("start", "3", 2)]
+
+
+def test_resume_takes_back_an_attempt_still_alive_without_a_new_one(make: Any) -> None:
+    h = make(n=4, prepare=_earlier_run, reattach=True)
+    h.backend.alive = {3: 1}  # shard 3's attempt 1 outlived its master; shard 1's did not
+    h.open()
+    assert [t for t in h.trace if t[0] == "reattach"] == [
+        ("reattach", "1", 2),
+        ("reattach", "3", 1),
+    ]
+    assert h.actions() == [("start", "1", 3)]
+    assert h.states(3) == ["pending", "running"]
+    row = h.row(3)
+    assert (row["state"], row["attempts"], row["ended_at"]) == ("running", 1, None)
+    assert [(a["attempt"], a["ended_at"]) for a in h.store.attempts(3)] == [(1, None)]
+    assert h.master.running == 2
+    h.backend.place(3, "node-b")
+    h.settle()
+    assert h.row(3)["node"] == "node-b"
+    assert h.master.shard_runs[3].node == "node-b"
+    h.exit(3, 0)
+    assert h.row(3)["state"] == "done"
+    assert h.actions() == [("start", "1", 3)]  # the taken-back attempt was the only one
+
+
+# --- a node is lost (backends with nodes) ---
+
+
+def test_lost_attempts_are_re_placed_without_counting_against_max_restarts(make: Any) -> None:
+    h = make(n=1, max_restarts=0, backoff_initial_s=1.0)
+    h.open()
+    h.backend.place(0, "node-a")
+    h.settle()
+    assert h.row(0)["node"] == "node-a"
+    h.wait(2.0)
+    h.lose(0, "node-a")
+    assert h.states(0) == ["running", "pending", "running"]  # first restart: at once
+    assert h.actions() == [("start", "0", 1), ("start", "0", 2)]
+    assert h.row(0)["last_error"] == "node lost: node-a"
+    first = h.store.attempts(0)[0]
+    assert (first["signal"], first["reason"]) == (9, "node lost: node-a")
+    assert h.view.events == ["shard 0 attempt 1: node lost: node-a"]
+    h.wait(0.5)
+    h.lose(0, "node-b")  # lost again: still not the shard's fault, with the usual backoff
+    assert h.states(0)[-1] == "backoff"
+    assert h.row(0)["reason"] == "node lost: node-b"
+    assert h.timer(0, TimerKind.BACKOFF) == pytest.approx(2.5 + 1.0)
+    h.wait(1.0)
+    assert h.actions() == [("start", "0", 1), ("start", "0", 2), ("start", "0", 3)]
+    assert h.row(0)["state"] == "running"
+    h.exit(0, 1)  # a real failure counts: max_restarts = 0 gives up at once
+    assert h.row(0)["state"] == "failed"
+    assert h.row(0)["reason"] == "gave up after 3 attempts (last: exit 1)"
+
+
+def test_lost_while_stopping_ends_the_shard_stopped(make: Any) -> None:
+    h = make(n=1)
+    h.open()
+    h.master.stop_shard(0)
+    h.settle()
+    assert h.actions() == [("start", "0", 1), ("signal", "0", 1, "SIGTERM")]
+    h.lose(0, "node-a")
+    assert h.states(0) == ["running", "stopping", "stopped"]
+    assert h.loop.timers.at((0, TimerKind.GRACE)) is None
+    assert h.actions() == [("start", "0", 1), ("signal", "0", 1, "SIGTERM")]
 
 
 # --- the whole run ---

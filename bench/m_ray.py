@@ -1,0 +1,344 @@
+"""The Ray backend (issue 13), side by side with the local backend on this machine.
+
+    python -m bench.m_ray [--shards 100] [--default-health]
+
+Starts its own two-node Ray cluster on 127.0.0.1 (``ray start`` twice, own
+temp dirs, ``ray stop --force`` at the end) and prints:
+
+1. start-up: ``orch run --split N -- sleep`` until all N sleeps exist, with
+   ``--backend ray --shard-cpus 0`` and with the local backend;
+2. heartbeat ingest over CURVE TCP from 100 DEALER sockets (two sender
+   processes) into the master's real ``Channel``, beside the same over ipc;
+3. node death to re-placement: a node's raylet and everything under it are
+   SIGKILLed; time until its shards run again on the other node, beside the
+   time Ray took to declare the node dead (``--default-health`` keeps Ray's
+   default ~15 s detection, else 0.5 s x 4 health checks as in the tests);
+4. RSS of the Ray actor process per shard on the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+PY = sys.executable
+BIN = Path(PY).parent
+ORCH = str(BIN / "orch")
+RAY = str(BIN / "ray")
+FAST_HEALTH = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "500",
+    "RAY_health_check_failure_threshold": "4",
+    "RAY_health_check_initial_delay_ms": "1000",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    def __init__(self, root: Path, fast: bool, extra: dict[str, str]) -> None:
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+        self.env["RAY_USAGE_STATS_ENABLED"] = "0"
+        self.env.update(extra)
+        if fast:
+            self.env.update(FAST_HEALTH)
+        self.ports: dict[str, int] = {}
+        self.address = f"127.0.0.1:{free_port()}"
+        self._start("nodeA", "--head", f"--port={self.address.split(':')[1]}",
+                    "--include-dashboard=false")  # fmt: skip
+        self._start("nodeB", f"--address={self.address}")
+
+    def _start(self, name: str, *args: str) -> None:
+        temp = self.root / name
+        temp.mkdir()
+        self.ports[name] = free_port()
+        subprocess.run(
+            [RAY, "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             f'--resources={{"{name}": 2}}', f"--temp-dir={temp}",
+             f"--node-manager-port={self.ports[name]}", "--disable-usage-stats"],
+            env=self.env, check=True, capture_output=True,
+        )  # fmt: skip
+
+    def raylet(self, name: str) -> psutil.Process:
+        flag = f"--node_manager_port={self.ports[name]}"
+        return next(
+            p for p in psutil.process_iter(["cmdline"]) if flag in (p.info["cmdline"] or [])
+        )
+
+    def kill(self, name: str) -> float:
+        raylet = self.raylet(name)
+        procs = [raylet, *raylet.children(recursive=True)]
+        t = time.monotonic()
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        return t
+
+    def stop(self) -> None:
+        subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True)
+
+
+def sleeps(marker: str) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if len(cmd) == 2 and cmd[1] == marker and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(proc)
+    return out
+
+
+def startup(n: int, backend: list[str], home: Path, env: dict[str, str]) -> tuple[float, Any]:
+    """Seconds from launching orch to n sleeps running; the orch process (still running)."""
+    marker = f"{1000 + (time.time_ns() % 100_000) / 1e6:.6f}"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [ORCH, "run", "--home", str(home), "--split", str(n), "--jobs", str(n), *backend,
+         "--", "sleep", marker],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = t0 + 300
+    while len(sleeps(marker)) < n:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(
+                f"{len(sleeps(marker))}/{n} running after {time.monotonic() - t0:.0f}s"
+            )
+        time.sleep(0.01)  # allowed-sleep: poll interval
+    return time.monotonic() - t0, (proc, marker)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def actor_rss() -> tuple[int, int]:
+    """(actor processes, their summed RSS in bytes)."""
+    procs = [p for p in psutil.process_iter(["cmdline"])
+             if (p.info["cmdline"] or [""])[0].startswith("ray::AttemptActor")]  # fmt: skip
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs), total
+
+
+SENDER = """
+import sys, time, zmq
+from shards import protocol as p
+endpoint, server, public, secret, n, seconds, first = sys.argv[1:]
+ctx = zmq.Context()
+socks = []
+for i in range(int(n)):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 1000)
+    if server != "-":
+        s.setsockopt(zmq.CURVE_SERVERKEY, server.encode())
+        s.setsockopt(zmq.CURVE_PUBLICKEY, public.encode())
+        s.setsockopt(zmq.CURVE_SECRETKEY, secret.encode())
+    s.connect(endpoint)
+    msg = p.Message(p.Kind.HEARTBEAT, "bench", str(int(first) + i), 1, 1, 1, 100)
+    socks.append((s, p.encode(msg)))
+time.sleep(0.5)
+end = time.monotonic() + float(seconds)
+sent = 0
+while time.monotonic() < end:
+    for s, frame in socks:
+        try:
+            s.send(frame, zmq.NOBLOCK)
+            sent += 1
+        except zmq.Again:
+            pass
+print(sent)
+"""
+
+
+def ingest(curve_on: bool, tmp: Path, shards: int = 100, seconds: float = 3.0) -> float:
+    """Messages a second the master's channel takes in from ``shards`` DEALERs."""
+    from orchestrator import curve
+    from orchestrator.channel import SOCKET_OPTIONS, Channel
+    from orchestrator.loop import Loop
+
+    loop = Loop()
+    count = [0]
+
+    def on_message(identity: bytes, msg: Any) -> None:
+        count[0] += 1
+
+    d = tmp / ("curve" if curve_on else "ipc")
+    d.mkdir()
+    close_zap = None
+    if curve_on:
+        keys = curve.load_or_create_keys(str(d))
+        sock, endpoint, close_zap = curve.bind_curve(
+            loop, keys, "127.0.0.1", 0, "127.0.0.1", SOCKET_OPTIONS
+        )
+        channel = Channel(loop, str(d / "x"), "bench", bound=(sock, endpoint))
+        creds = [keys.server_public.decode(), keys.client_public.decode(),
+                 keys.client_secret.decode()]  # fmt: skip
+    else:
+        channel = Channel(loop, str(d / "hb.sock"), "bench")
+        creds = ["-", "-", "-"]
+    channel.bind(on_message)
+    half = shards // 2
+    senders = [
+        subprocess.Popen(
+            [PY, "-c", SENDER, channel.endpoint, *creds, str(half), str(seconds), str(i * half)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    # Count from the first message to the senders' end.
+    while count[0] == 0:
+        loop.run_once(0.05)
+    t0, c0 = time.monotonic(), count[0]
+    while all(s.poll() is None for s in senders):
+        loop.run_once(0.05)
+    t1, c1 = time.monotonic(), count[0]
+    for s in senders:
+        s.wait()
+    channel.close()
+    if close_zap is not None:
+        close_zap()
+    loop.close()
+    return (c1 - c0) / (t1 - t0)
+
+
+WORK = """
+import os, time, shards
+start = shards.last_checkpoint() or 0
+shards.progress(start, 10_000)
+for i in range(start, 10_000):
+    time.sleep(0.05)
+    shards.advance()
+    if i % 20 == 19:
+        shards.checkpoint(i + 1)
+"""
+
+
+def node_death(cluster: Cluster, home: Path, env: dict[str, str], tmp: Path) -> dict[str, float]:
+    work = tmp / "work.py"
+    work.write_text(WORK)
+    proc = subprocess.Popen(
+        [ORCH, "run", "--home", str(home), "--backend", "ray", "--ray-address", cluster.address,
+         "--split", "4", "--jobs", "4", "--shard-cpus", "0.5", "--backoff-initial", "0.1s",
+         "--heartbeat-timeout", "60s", "--", PY, str(work)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def status() -> dict[str, Any]:
+        runs = sorted((home / "runs").iterdir())
+        out = subprocess.run([ORCH, "status", "--home", str(home), runs[-1].name, "--json"],
+                             capture_output=True, text=True, env=env)  # fmt: skip
+        return dict(json.loads(out.stdout))
+
+    while True:
+        time.sleep(0.2)  # allowed-sleep: poll interval
+        if (home / "runs").exists():
+            shards = status()["shards"]
+            if all(s["state"] == "running" and (s["done"] or 0) > 20 for s in shards):
+                break
+    raylet_args = cluster.raylet("nodeB").cmdline()
+    dead = next(a.split("=", 1)[1] for a in raylet_args if a.startswith("--node_id="))
+    victims = {s["id"] for s in shards if s["node"] == dead}
+    t_kill = cluster.kill("nodeB")
+    lost_at = replaced_at = None
+    while replaced_at is None and time.monotonic() - t_kill < 180:
+        time.sleep(0.05)  # allowed-sleep: poll interval
+        moved = [s for s in status()["shards"] if s["id"] in victims]
+        if lost_at is None and any(s["attempts"] > 1 or s["state"] != "running" for s in moved):
+            lost_at = time.monotonic()
+        if all(s["state"] == "running" and s["node"] not in (dead, None) for s in moved):
+            replaced_at = time.monotonic()
+    stop(proc)
+    return {
+        "lost_s": (lost_at or float("nan")) - t_kill,
+        "replaced_s": (replaced_at or float("nan")) - t_kill,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=100)
+    ap.add_argument("--default-health", action="store_true")
+    ap.add_argument("--only", default="startup,ingest,death", help="comma-separated parts")
+    ap.add_argument(
+        "--startup-concurrency",
+        type=int,
+        help="RAY_worker_maximum_startup_concurrency for the nodes (Ray's default: CPUs)",
+    )
+    args = ap.parse_args()
+    parts = set(args.only.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="orch-bench-ray-", dir="/tmp"))
+    if "ingest" in parts:
+        rate_curve = ingest(True, tmp)
+        rate_ipc = ingest(False, tmp)
+        print(
+            f"heartbeat ingest, 100 DEALERs: CURVE TCP {rate_curve:,.0f} msg/s, ipc "
+            f"{rate_ipc:,.0f} msg/s (ratio {rate_curve / rate_ipc:.2f}; target >= 50,000)"
+        )
+    if not parts & {"startup", "death"}:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    extra = {}
+    if args.startup_concurrency:
+        extra["RAY_worker_maximum_startup_concurrency"] = str(args.startup_concurrency)
+    cluster = Cluster(tmp, fast=not args.default_health, extra=extra)
+    env = dict(cluster.env)
+    n = args.shards
+    try:
+        if "startup" in parts:
+            home = tmp / "home"
+            t_local, (p_local, _) = startup(n, [], home, env)
+            stop(p_local)
+            ray_args = ["--backend", "ray", "--ray-address", cluster.address, "--shard-cpus", "0"]
+            t_ray, (p_ray, _) = startup(n, ray_args, home, env)
+            actors, rss = actor_rss()
+            stop(p_ray)
+            print(
+                f"start-up, {n} sleeps running: ray {t_ray:.2f} s, local {t_local:.2f} s "
+                f"(ratio {t_ray / t_local:.0f}x; target <= 5 s)"
+            )
+            print(f"actor RSS: {actors} actors, {rss / actors / 2**20:.1f} MiB each beside a shard")
+        if "death" in parts:
+            death = node_death(cluster, tmp / "home2", env, tmp)
+            health = "Ray default" if args.default_health else "0.5 s x 4 health checks"
+            print(
+                f"node death ({health}): shards declared lost after {death['lost_s']:.1f} s, "
+                f"running again on the other node after {death['replaced_s']:.1f} s "
+                f"(re-placement {death['replaced_s'] - death['lost_s']:.1f} s after detection)"
+            )
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
