@@ -31,9 +31,22 @@ class World:
             self.loop, self.keys, "127.0.0.1", 0, "127.0.0.1", SOCKET_OPTIONS
         )
         self.channel = Channel(self.loop, str(tmp / "unused.sock"), RUN, bound=(sock, endpoint))
-        self.channel.bind(self.on_message)
+        self.channel.bind(self.on_message, self.on_heartbeat)
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.client_pair = (self.keys.client_public, self.keys.client_secret)
+
+    def on_heartbeat(
+        self,
+        identity: bytes,
+        beat: tuple[str, int, int | None, int | None, int | None],
+        now: float,
+    ) -> None:
+        shard, attempt, done, total, _rss = beat
+        self.received.append(
+            p.Message(
+                kind=p.Kind.HEARTBEAT, run=RUN, shard=shard, attempt=attempt, done=done, total=total
+            )
+        )
 
     def on_message(self, identity: bytes, msg: p.Message) -> None:
         self.received.append(msg)
