@@ -72,21 +72,27 @@ def find_config(explicit: str | None, cwd: str) -> str | None:
     return candidate if os.path.isfile(candidate) else None
 
 
-def load_config(path: str) -> ConfigFile:
-    """Read and parse orch.toml, rejecting unknown keys with their line and a did-you-mean.
-
-    Values are type-checked later, by ``build_task``, for the task being run.
-    """
+def read_file(path: str) -> bytes:
+    """The bytes of a file the user named; what stops the read is one line naming it."""
     shown = display(path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise ConfigError(f"{shown}: no such file") from None
     except IsADirectoryError:
         raise ConfigError(f"{shown}: is a directory, not a config file") from None
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+
+
+def load_config(path: str) -> ConfigFile:
+    """Read and parse orch.toml, rejecting unknown keys with their line and a did-you-mean.
+
+    Values are type-checked later, by ``build_task``, for the task being run.
+    """
+    shown = display(path)
+    data = read_file(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

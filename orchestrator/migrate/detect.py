@@ -22,20 +22,12 @@ def import_file(
     Raises ``ConfigError`` (one line naming the file) when it cannot be read,
     is neither kind, or holds a value that cannot be mapped at all.
     """
-    from orchestrator.configfile import display
+    from orchestrator.configfile import display, read_file
     from orchestrator.migrate import pm2, supervisor
 
     shown = display(path)
     env = os.environ if environ is None else environ
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{shown}: is a directory") from None
-    except OSError as exc:
-        raise ConfigError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    data = read_file(path)
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
