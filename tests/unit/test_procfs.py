@@ -25,16 +25,23 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 @pytest.fixture
 def child() -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "ORCH_TEST_MARK": "procfs-fallback"}
-    # The child blocks reading stdin until the test closes it: no sleep involved.
+    # The child says it runs (its environment is in /proc only after exec), then blocks
+    # reading stdin until the test closes it: no sleep involved.
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, env=env
+        [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
     )
     try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
         yield proc
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def test_a_live_process_exists_with_a_stable_start_time(path: str) -> None:
