@@ -245,3 +245,34 @@ def test_two_runs_on_one_cluster_have_their_own_host_actors(cluster: Cluster, en
     assert poll_for(
         lambda: not [n for n in cluster.named_actors() if any(r in n for r in runs)], timeout=30
     ), "host actors outlived their runs"
+
+
+def test_shards_that_fit_no_node_now_wait_their_turn(cluster: Cluster, env: Env) -> None:
+    # Two nodes of 2 CPUs: two shards of 2 CPUs at a time; the third waits in orch's queue.
+    hold = env.script(
+        "hold.py", "import time\ntime.sleep(1.5)  # allowed-sleep: the shard's work\n"
+    )
+    proc = env.orch(
+        *ray_run_args(cluster, "--split", "3", "--jobs", "3", "--shard-cpus", "2"),
+        "--", "python", hold,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    detail = env.status(env.run_id())
+    assert {s["state"] for s in detail["shards"]} == {"done"}
+    assert {s["attempts"] for s in detail["shards"]} == {1}
+    said = [Path(s["log_stderr"]).read_text() for s in detail["shards"]]
+    waited = [text for text in said if "orch: waiting for a node with CPU 2 free" in text]
+    assert len(waited) == 1, said
+
+
+def test_a_shard_no_node_can_ever_fit_is_refused_before_the_run(cluster: Cluster, env: Env) -> None:
+    proc = env.orch(
+        *ray_run_args(cluster, "--split", "2", "--shard-cpus", "8"), "--", "true", timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and "no node of the Ray cluster can run a shard needing CPU 8" in lines[0]
+    )
+    assert not (env.home / "runs").exists() or not list((env.home / "runs").iterdir())
