@@ -483,7 +483,9 @@ class RayBackend(Backend):
                 return
             report = answer["attempts"]
             acked = [[r[0], r[1]] for r in report if r[4] is not None]
-            if report:
+            if report or self._waiting:
+                # Attempts waiting for room: every answer is a chance to place them (an
+                # exit frees room; the node list, refreshed every NODES_TTL_S, may grow).
                 self._post("poll", host, report)
 
     def _node_alive(self, node: str) -> bool | None:
