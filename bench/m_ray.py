@@ -408,7 +408,7 @@ def main() -> None:
                 summary.append(
                     f"node death ({health}): orch recorded the shards lost {span(rec_lost)} s "
                     f"after the kill and started their next attempts {span(rec_again)} s after "
-                    f"it ({span(after)} s after detection, backoff 0.1 s included); `orch "
+                    f"it ({span(after)} s after detection); `orch "
                     f"status` saw them running on other nodes after {span(back)} s "
                     f"({span(seen)} s after detection; target <= 2 s)"
                 )
