@@ -514,6 +514,7 @@ class RayBackend(Backend):
 
     def _drain(self) -> None:
         listener = self._listener()
+        self._settle_found()  # the resume's reattach pass ran before the loop did
         try:
             while os.read(self._wake_r, 4096):
                 pass
