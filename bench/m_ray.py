@@ -1,6 +1,6 @@
 """The Ray backend (issue 13), side by side with the local backend on this machine.
 
-    python -m bench.m_ray [--shards 100] [--default-health]
+    python -m bench.m_ray [--shards 100] [--repeat 3] [--default-health]
 
 Starts its own two-node Ray cluster on 127.0.0.1 (``ray start`` twice, own
 temp dirs, ``ray stop --force`` at the end) and prints:
@@ -9,11 +9,17 @@ temp dirs, ``ray stop --force`` at the end) and prints:
    ``--backend ray --shard-cpus 0`` and with the local backend;
 2. heartbeat ingest over CURVE TCP from 100 DEALER sockets (two sender
    processes) into the master's real ``Channel``, beside the same over ipc;
-3. node death to re-placement: a node's raylet and everything under it are
-   SIGKILLed; time until its shards run again on the other node, beside the
-   time Ray took to declare the node dead (``--default-health`` keeps Ray's
-   default ~15 s detection, else 0.5 s x 4 health checks as in the tests);
-4. RSS of the Ray actor process per shard on the node.
+3. node death to re-placement: a node added for the measure has its raylet
+   and everything under it SIGKILLed; time until its shards run again on the
+   other nodes, beside the time until orch declared them lost (Ray's
+   detection: ``--default-health`` keeps Ray's default ~15 s, else 0.5 s x 4
+   health checks as in the tests). The loss and the next attempt's start come
+   from the run's own records (``attempts`` table); "running again" is what
+   ``orch status`` sampling saw;
+4. RSS of the run's host actor processes, divided by the shards they run.
+
+Each measure runs ``--repeat`` times; the summary gives min–max and the load
+average around the runs (the machine is shared: absolute figures are noisy).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -93,6 +100,9 @@ class Cluster:
                 pass
         return t
 
+    def add(self, name: str) -> None:
+        self._start(name, f"--address={self.address}")
+
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True)
 
@@ -135,10 +145,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def actor_rss() -> tuple[int, int]:
-    """(actor processes, their summed RSS in bytes)."""
-    procs = [p for p in psutil.process_iter(["cmdline"])
-             if (p.info["cmdline"] or [""])[0].startswith("ray::AttemptActor")]  # fmt: skip
+def actor_rss(roots: list[psutil.Process]) -> tuple[int, int]:
+    """(host actor processes under the cluster's raylets, their summed RSS in bytes)."""
+    procs = []
+    for root in roots:
+        for p in root.children(recursive=True):
+            try:
+                if (p.cmdline() or [""])[0].startswith("ray::HostActor"):
+                    procs.append(p)
+            except psutil.NoSuchProcess:
+                pass
     total = 0
     for p in procs:
         try:
@@ -191,6 +207,9 @@ def ingest(curve_on: bool, tmp: Path, shards: int = 100, seconds: float = 3.0) -
     def on_message(identity: bytes, msg: Any) -> None:
         count[0] += 1
 
+    def on_heartbeat(identity: bytes, beat: Any, now: float) -> None:
+        count[0] += 1
+
     d = tmp / ("curve" if curve_on else "ipc")
     d.mkdir()
     close_zap = None
@@ -205,7 +224,7 @@ def ingest(curve_on: bool, tmp: Path, shards: int = 100, seconds: float = 3.0) -
     else:
         channel = Channel(loop, str(d / "hb.sock"), "bench")
         creds = ["-", "-", "-"]
-    channel.bind(on_message)
+    channel.bind(on_message, on_heartbeat)
     half = shards // 2
     senders = [
         subprocess.Popen(
@@ -243,12 +262,15 @@ for i in range(start, 10_000):
 """
 
 
-def node_death(cluster: Cluster, home: Path, env: dict[str, str], tmp: Path) -> dict[str, float]:
+def node_death(
+    cluster: Cluster, victim: str, home: Path, env: dict[str, str], tmp: Path
+) -> dict[str, float]:
+    cluster.add(victim)
     work = tmp / "work.py"
     work.write_text(WORK)
     proc = subprocess.Popen(
         [ORCH, "run", "--home", str(home), "--backend", "ray", "--ray-address", cluster.address,
-         "--split", "4", "--jobs", "4", "--shard-cpus", "0.5", "--backoff-initial", "0.1s",
+         "--split", "6", "--jobs", "6", "--shard-cpus", "0.5", "--backoff-initial", "0.1s",
          "--heartbeat-timeout", "60s", "--", PY, str(work)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -265,10 +287,14 @@ def node_death(cluster: Cluster, home: Path, env: dict[str, str], tmp: Path) -> 
             shards = status()["shards"]
             if all(s["state"] == "running" and (s["done"] or 0) > 20 for s in shards):
                 break
-    raylet_args = cluster.raylet("nodeB").cmdline()
+    raylet_args = cluster.raylet(victim).cmdline()
     dead = next(a.split("=", 1)[1] for a in raylet_args if a.startswith("--node_id="))
     victims = {s["id"] for s in shards if s["node"] == dead}
-    t_kill = cluster.kill("nodeB")
+    if not victims:
+        stop(proc)
+        raise RuntimeError(f"no shard was placed on {victim}")
+    t_kill = cluster.kill(victim)
+    wall_kill = time.time()
     lost_at = replaced_at = None
     while replaced_at is None and time.monotonic() - t_kill < 180:
         time.sleep(0.05)  # allowed-sleep: poll interval
@@ -277,67 +303,122 @@ def node_death(cluster: Cluster, home: Path, env: dict[str, str], tmp: Path) -> 
             lost_at = time.monotonic()
         if all(s["state"] == "running" and s["node"] not in (dead, None) for s in moved):
             replaced_at = time.monotonic()
+    # orch's own records: when it declared each victim's attempt lost (Ray's detection,
+    # seen by the master) and when it started the next attempt.
+    run_dir = sorted((home / "runs").iterdir())[-1]
+    db = sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True)
+    rows = db.execute(
+        "SELECT s.id, a.attempt, a.started_at, a.ended_at, a.reason FROM attempts a"
+        " JOIN shards s ON s.idx = a.shard_idx"
+    ).fetchall()
+    db.close()
     stop(proc)
+    lost = [r[3] for r in rows if r[0] in victims and (r[4] or "").startswith("node lost")]
+    again = [r[2] for r in rows if r[0] in victims and r[1] == 2]
     return {
         "lost_s": (lost_at or float("nan")) - t_kill,
         "replaced_s": (replaced_at or float("nan")) - t_kill,
+        "lost_rec_s": (max(lost) if lost else float("nan")) - wall_kill,
+        "again_rec_s": (max(again) if len(again) == len(victims) else float("nan")) - wall_kill,
     }
+
+
+def span(values: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if len(values) == 1 else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--default-health", action="store_true")
     ap.add_argument("--only", default="startup,ingest,death", help="comma-separated parts")
-    ap.add_argument(
-        "--startup-concurrency",
-        type=int,
-        help="RAY_worker_maximum_startup_concurrency for the nodes (Ray's default: CPUs)",
-    )
     args = ap.parse_args()
     parts = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-ray-", dir="/tmp"))
+    loads = [load()]
+    summary: list[str] = []
     if "ingest" in parts:
-        rate_curve = ingest(True, tmp)
-        rate_ipc = ingest(False, tmp)
-        print(
-            f"heartbeat ingest, 100 DEALERs: CURVE TCP {rate_curve:,.0f} msg/s, ipc "
-            f"{rate_ipc:,.0f} msg/s (ratio {rate_curve / rate_ipc:.2f}; target >= 50,000)"
+        curves, ipcs = [], []
+        for _ in range(args.repeat):
+            sub = Path(tempfile.mkdtemp(dir=tmp))
+            curves.append(ingest(True, sub))
+            ipcs.append(ingest(False, sub))
+            print(f"  ingest: CURVE TCP {curves[-1]:,.0f} msg/s, ipc {ipcs[-1]:,.0f} msg/s "
+                  f"(load {load()})", flush=True)  # fmt: skip
+        ratios = [c / i for c, i in zip(curves, ipcs, strict=True)]
+        summary.append(
+            f"heartbeat ingest, 100 DEALERs: CURVE TCP {span(curves, '{:,.0f}')} msg/s, ipc "
+            f"{span(ipcs, '{:,.0f}')} msg/s (CURVE/ipc {span(ratios)}; target >= 50,000)"
         )
-    if not parts & {"startup", "death"}:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    extra = {}
-    if args.startup_concurrency:
-        extra["RAY_worker_maximum_startup_concurrency"] = str(args.startup_concurrency)
-    cluster = Cluster(tmp, fast=not args.default_health, extra=extra)
-    env = dict(cluster.env)
-    n = args.shards
-    try:
-        if "startup" in parts:
-            home = tmp / "home"
-            t_local, (p_local, _) = startup(n, [], home, env)
-            stop(p_local)
-            ray_args = ["--backend", "ray", "--ray-address", cluster.address, "--shard-cpus", "0"]
-            t_ray, (p_ray, _) = startup(n, ray_args, home, env)
-            actors, rss = actor_rss()
-            stop(p_ray)
-            print(
-                f"start-up, {n} sleeps running: ray {t_ray:.2f} s, local {t_local:.2f} s "
-                f"(ratio {t_ray / t_local:.0f}x; target <= 5 s)"
-            )
-            print(f"actor RSS: {actors} actors, {rss / actors / 2**20:.1f} MiB each beside a shard")
-        if "death" in parts:
-            death = node_death(cluster, tmp / "home2", env, tmp)
-            health = "Ray default" if args.default_health else "0.5 s x 4 health checks"
-            print(
-                f"node death ({health}): shards declared lost after {death['lost_s']:.1f} s, "
-                f"running again on the other node after {death['replaced_s']:.1f} s "
-                f"(re-placement {death['replaced_s'] - death['lost_s']:.1f} s after detection)"
-            )
-    finally:
-        cluster.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    if parts & {"startup", "death"}:
+        cluster = Cluster(tmp, fast=not args.default_health, extra={})
+        env = dict(cluster.env)
+        n = args.shards
+        try:
+            if "startup" in parts:
+                t_rays, t_locals, per = [], [], []
+                for r in range(args.repeat):
+                    home = tmp / f"home{r}"
+                    t_local, (p_local, _) = startup(n, [], home, env)
+                    stop(p_local)
+                    ray_args = ["--backend", "ray", "--ray-address", cluster.address,
+                                "--shard-cpus", "0"]  # fmt: skip
+                    t_ray, (p_ray, _) = startup(n, ray_args, home, env)
+                    roots = [cluster.raylet(name) for name in ("nodeA", "nodeB")]
+                    hosts, rss = actor_rss(roots)
+                    stop(p_ray)
+                    t_rays.append(t_ray)
+                    t_locals.append(t_local)
+                    per.append(rss / n / 2**20)
+                    print(
+                        f"  start-up: ray {t_ray:.2f} s, local {t_local:.2f} s; {hosts} host "
+                        f"actors, {rss / 2**20:.1f} MiB in all (load {load()})",
+                        flush=True,
+                    )
+                ratios = [r / lo for r, lo in zip(t_rays, t_locals, strict=True)]
+                summary.append(
+                    f"start-up, {n} sleeps running: ray {span(t_rays)} s, local "
+                    f"{span(t_locals)} s (ratio {span(ratios, '{:.1f}')}x; target <= 5 s)"
+                )
+                summary.append(
+                    f"host actor RSS per shard: {span(per)} MiB ({n} shards on 2 host actors)"
+                )
+            if "death" in parts:
+                back, rec_lost, rec_again = [], [], []
+                for r in range(args.repeat):
+                    death = node_death(cluster, f"nodeC{r}", tmp / f"death{r}", env, tmp)
+                    back.append(death["replaced_s"])
+                    rec_lost.append(death["lost_rec_s"])
+                    rec_again.append(death["again_rec_s"])
+                    print(
+                        f"  node death: recorded lost {rec_lost[-1]:.2f} s, next attempt started "
+                        f"{rec_again[-1]:.2f} s after the kill; seen running again by "
+                        f"`orch status` after {back[-1]:.2f} s (load {load()})",
+                        flush=True,
+                    )
+                health = "Ray default" if args.default_health else "0.5 s x 4 health checks"
+                after = [a - lo for a, lo in zip(rec_again, rec_lost, strict=True)]
+                seen = [b - lo for b, lo in zip(back, rec_lost, strict=True)]
+                summary.append(
+                    f"node death ({health}): orch recorded the shards lost {span(rec_lost)} s "
+                    f"after the kill and started their next attempts {span(rec_again)} s after "
+                    f"it ({span(after)} s after detection); `orch "
+                    f"status` saw them running on other nodes after {span(back)} s "
+                    f"({span(seen)} s after detection; target <= 2 s)"
+                )
+        finally:
+            cluster.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+    loads.append(load())
+    print(f"load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}")
+    for line in summary:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def prepare(
     shards = load_shards(task.shards, split=task.split, range_=task.range, fmt=task.format)
     preflight(task, compile_command(task), shards)
     if task.backend == "ray":
-        from orchestrator.backends.ray import check_cluster, join
+        from orchestrator.backends.ray import check_cluster, check_fits, join
 
         join(check_cluster(task.ray_address))  # before the run exists: nothing half-started
+        check_fits(task.shard_cpus, task.shard_memory_bytes, dict(task.resources))
     return task, shards

@@ -1,23 +1,29 @@
-"""The Ray actor that runs one attempt on its node (imported only by ``--backend ray``).
+"""The Ray actor that runs a run's attempts on one node (imported only by ``--backend ray``).
 
-One detached, named actor per attempt (``orch-<run>-<index>-<attempt>``, so
-a restarted master finds it with ``ray.get_actor``). It:
+One detached, named host actor per node per run (``orch-<run>-host-<node>``
+in namespace ``orch``, ``num_cpus=0``, pinned to its node), started once and
+kept for the whole run, so an attempt costs a subprocess, not a Ray worker.
+It runs many attempts, keyed by (index, attempt); for each it:
 
 - starts the shard's argv as a subprocess in its own session and process
   group (``setsid``), with ``ORCH_NODE`` set to the Ray node id, and a
-  parent-death signal so the leader dies with the actor;
-- buffers stdout/stderr, handed to the master by ``poll`` (a long poll: it
-  returns as soon as there is output or an exit, else after ``wait_s``);
+  parent-death signal so the leader dies with the host actor;
+- buffers stdout/stderr, handed to the master by ``poll`` (one long poll for
+  all of the node's attempts: it returns as soon as any has output or an
+  exit, else after ``wait_s``);
 - signals the whole group on request (SIGTERM is followed by SIGCONT);
 - reports the exit only once the whole group is gone: leftovers of a group
-  whose leader exited get SIGTERM, the grace period, then SIGKILL;
-- is its own guardian: every ``poll`` is contact with the master; without
-  one for longer than the heartbeat timeout the master is taken for dead
-  (or fenced), so the actor stops its group (SIGTERM, grace, SIGKILL) and
-  then ends its own process, leaving nothing behind on the node.
+  whose leader exited get SIGTERM, the grace period, then SIGKILL. An exit
+  is kept until the master acknowledges it (the next poll's ``acked``), so
+  a master that dies between poll and answer does not lose it.
 
-The actor is an asyncio actor: one event loop in the worker, no thread per
-pipe, calls (poll, signal) served concurrently.
+The actor is its own guardian: every call is contact with the master;
+without one for longer than the heartbeat timeout the master is taken for
+dead (or fenced), so the actor stops every group (SIGTERM, grace, SIGKILL)
+and ends its own process, leaving nothing behind on the node.
+
+It is an asyncio actor: one event loop in the worker, no thread per pipe,
+calls (poll, start, signal) served concurrently.
 """
 
 from __future__ import annotations
@@ -27,14 +33,18 @@ import ctypes
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
 #: How often the actor looks for a lost master and for a draining group.
 TICK_S = 0.1
 READ_BYTES = 1 << 16
-#: Output held for the master at most; beyond it the oldest bytes are dropped.
+#: Output held for the master per attempt at most; beyond it the oldest bytes are dropped.
 MAX_BUFFER_BYTES = 8 << 20
+STOPS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
+
+Key = tuple[int, int]
 
 
 def _die_with_parent() -> None:
@@ -65,78 +75,85 @@ def _killpg(pgid: int, signum: int) -> None:
         pass
 
 
-class AttemptActor:
-    """Runs one attempt; every method is called by the master (or a resumed one)."""
+@dataclass(slots=True)
+class _Attempt:
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    pgid: int | None = None
+    code: int | None = None
+    early_signal: int | None = None  # a stop that came before the process existed
 
-    def __init__(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        cwd: str | None,
-        master_timeout_s: float,
-        stop_timeout_s: float,
-    ) -> None:
+
+class HostActor:
+    """Runs one run's attempts on its node; every method is called by the master."""
+
+    def __init__(self, master_timeout_s: float, stop_timeout_s: float) -> None:
         import ray
 
-        self._argv = argv
-        self._env = env
-        self._cwd = cwd
         self._master_timeout_s = master_timeout_s
         self._stop_timeout_s = stop_timeout_s
         self.node = ray.get_runtime_context().get_node_id()
-        self._out = bytearray()
-        self._err = bytearray()
-        self._code: int | None = None
-        self._pgid: int | None = None
+        self._attempts: dict[Key, _Attempt] = {}
         self._changed: asyncio.Event | None = None
         self._contact = time.monotonic()
-        self._started = False
         self._orphaned = False
-        self._early_signal: int | None = None  # a stop that came before the start
+        self._watching = False
 
-    async def start(self) -> dict[str, Any]:
-        """Start the process (once); return where it runs."""
+    def _touch(self) -> asyncio.Event:
         self._contact = time.monotonic()
-        if self._started:
-            return {"node": self.node, "pid": self._pgid}
-        self._started = True
-        self._changed = asyncio.Event()
-        if self._early_signal in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
-            self._code = -self._early_signal  # stopped before it ever ran
-            self._changed.set()
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        if not self._watching:
+            self._watching = True
             asyncio.get_running_loop().create_task(self._watch_master())
+        return self._changed
+
+    async def start(
+        self, index: int, attempt: int, argv: list[str], env: dict[str, str], cwd: str | None
+    ) -> dict[str, Any]:
+        """Start the attempt's process (once per key); return where it runs."""
+        changed = self._touch()
+        if self._orphaned:
+            raise RuntimeError("this host actor lost its master and is stopping")
+        key = (index, attempt)
+        att = self._attempts.get(key)
+        if att is not None and (att.pgid is not None or att.code is not None):
+            return {"node": self.node, "pid": att.pgid}
+        if att is None:
+            att = self._attempts[key] = _Attempt()
+        if att.early_signal in STOPS:
+            att.code = -att.early_signal  # stopped before it ever ran
+            changed.set()
             return {"node": self.node, "pid": None}
-        env = dict(self._env)
-        env["ORCH_NODE"] = self.node
+        full_env = dict(env)
+        full_env["ORCH_NODE"] = self.node
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=self._cwd,
+                env=full_env,
+                cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
                 limit=READ_BYTES,
             )
         except OSError as exc:
-            what = f"{self._argv[0]!r} on node {self.node}: {exc.strerror or exc}"
-            self._err += f"orch: cannot start {what}\n".encode()
-            self._code = 127
-            self._changed.set()
-            asyncio.get_running_loop().create_task(self._watch_master())
+            what = f"{argv[0]!r} on node {self.node}: {exc.strerror or exc}"
+            att.err += f"orch: cannot start {what}\n".encode()
+            att.code = 127
+            changed.set()
             return {"node": self.node, "pid": None}
-        self._pgid = proc.pid
-        if self._early_signal is not None:  # came while the process was being started
-            _killpg(proc.pid, self._early_signal)
+        att.pgid = proc.pid
+        if att.early_signal is not None:  # came while the process was being started
+            _killpg(proc.pid, att.early_signal)
         loop = asyncio.get_running_loop()
         readers = [
-            loop.create_task(self._read(proc.stdout, self._out)),
-            loop.create_task(self._read(proc.stderr, self._err)),
+            loop.create_task(self._read(proc.stdout, att.out)),
+            loop.create_task(self._read(proc.stderr, att.err)),
         ]
-        loop.create_task(self._wait(proc, readers))
-        loop.create_task(self._watch_master())
+        loop.create_task(self._wait(att, proc, readers))
         return {"node": self.node, "pid": proc.pid}
 
     async def _read(self, stream: asyncio.StreamReader | None, buf: bytearray) -> None:
@@ -152,7 +169,9 @@ class AttemptActor:
             assert self._changed is not None
             self._changed.set()
 
-    async def _wait(self, proc: asyncio.subprocess.Process, readers: list[Any]) -> None:
+    async def _wait(
+        self, att: _Attempt, proc: asyncio.subprocess.Process, readers: list[Any]
+    ) -> None:
         """The exit, reported once the leader has exited and the whole group is gone."""
         code = await proc.wait()
         pgid = proc.pid
@@ -165,50 +184,78 @@ class AttemptActor:
                 await asyncio.sleep(TICK_S)
         # Pipes still held by a process that left the group: stop waiting for them.
         await asyncio.wait(readers, timeout=1.0)
-        self._code = code
+        att.code = code
         assert self._changed is not None
         self._changed.set()
 
+    def _running(self) -> list[int]:
+        return [a.pgid for a in self._attempts.values() if a.code is None and a.pgid is not None]
+
     async def _watch_master(self) -> None:
-        """No contact with the master for the heartbeat timeout: stop the group, then go."""
+        """No contact with the master for the heartbeat timeout: stop every group, then go."""
         kill_at = float("inf")
         while True:
             await asyncio.sleep(TICK_S)
-            if time.monotonic() - self._contact <= self._master_timeout_s:
+            if not self._orphaned and time.monotonic() - self._contact <= self._master_timeout_s:
                 continue
-            if self._code is None and self._pgid is not None:
+            running = self._running()
+            if running:
                 if not self._orphaned:
                     self._orphaned = True
-                    _killpg(self._pgid, signal.SIGTERM)
+                    for pgid in running:
+                        _killpg(pgid, signal.SIGTERM)
                     kill_at = time.monotonic() + self._stop_timeout_s
                 elif time.monotonic() >= kill_at:
-                    _killpg(self._pgid, signal.SIGKILL)
+                    for pgid in running:
+                        _killpg(pgid, signal.SIGKILL)
                 continue
-            os._exit(0)  # the group is gone: nobody will ask for this attempt again
+            os._exit(0)  # every group is gone: nobody will ask for these attempts again
 
-    async def poll(self, wait_s: float) -> dict[str, Any]:
-        """Output since the last poll, and the exit code once the group is gone."""
-        self._contact = time.monotonic()
-        changed = self._changed
-        if changed is not None and not self._out and not self._err and self._code is None:
+    async def poll(self, wait_s: float, acked: list[list[int]] | None = None) -> dict[str, Any]:
+        """Output of every attempt since the last poll, and the exits of those whose group
+        is gone (kept until ``acked`` by a later poll): ``{"node", "attempts": [[index,
+        attempt, out, err, code], ...]}``."""
+        changed = self._touch()
+        for index, attempt in acked or ():
+            att = self._attempts.get((index, attempt))
+            if att is not None and att.code is not None:
+                del self._attempts[(index, attempt)]
+        if not self._pending():
             try:
                 await asyncio.wait_for(changed.wait(), wait_s)
             except TimeoutError:
                 pass
-        if changed is not None:
-            changed.clear()
-        out, err = bytes(self._out), bytes(self._err)
-        self._out.clear()
-        self._err.clear()
+        changed.clear()
+        report = []
+        for (index, attempt), att in self._attempts.items():
+            if att.out or att.err or att.code is not None:
+                report.append([index, attempt, bytes(att.out), bytes(att.err), att.code])
+                att.out.clear()
+                att.err.clear()
         self._contact = time.monotonic()
-        return {"out": out, "err": err, "code": self._code, "node": self.node}
+        return {"node": self.node, "attempts": report}
 
-    async def signal(self, signum: int) -> None:
-        self._contact = time.monotonic()
-        if self._pgid is None:
-            self._early_signal = signum  # acted on by start
-        elif self._code is None:
-            _killpg(self._pgid, signum)
+    def _pending(self) -> bool:
+        return any(a.out or a.err or a.code is not None for a in self._attempts.values())
+
+    async def signal(self, index: int, attempt: int, signum: int) -> None:
+        self._touch()
+        att = self._attempts.get((index, attempt))
+        if att is None:
+            att = self._attempts[(index, attempt)] = _Attempt(early_signal=signum)
+            return  # acted on by start
+        if att.pgid is None:
+            att.early_signal = signum
+        elif att.code is None:
+            _killpg(att.pgid, signum)
+
+    async def alive(self) -> list[list[int]]:
+        """Keys of the attempts a (resumed) master can take back: running, or ended with
+        their exit not yet acknowledged."""
+        self._touch()
+        if self._orphaned:
+            return []
+        return [[i, a] for (i, a), att in self._attempts.items() if att.pgid is not None]
 
     async def rss(self) -> int:
         """This actor's own resident memory in bytes (bench/m_ray.py measures the overhead)."""

@@ -142,6 +142,31 @@ class Cluster:
                 return str(node_id)
         raise AssertionError(f"no live node {name}: {proc.stdout}")
 
+    def named_actors(self) -> list[str]:
+        """Names of the live named actors in namespace ``orch`` (asked in a child process)."""
+        code = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+            "print(json.dumps(sorted(a['name'] for a in "
+            "ray.util.list_named_actors(all_namespaces=True) if a['namespace'] == 'orch')))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        return list(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def workers(self, name: str) -> set[int]:
+        """Pids of the Ray worker processes running orch's host actors on node ``name``."""
+        pids = set()
+        for proc in self.raylet(name).children(recursive=True):
+            try:
+                title = proc.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if title and title[0].startswith("ray::HostActor"):
+                pids.add(proc.pid)
+        return pids
+
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
 

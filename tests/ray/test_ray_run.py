@@ -160,7 +160,26 @@ def test_node_killed_mid_run_its_shards_finish_elsewhere_from_checkpoints(
 
     doomed = poll_for(on_victim, timeout=60, interval=0.2)
     assert doomed, "no shard was placed on the victim node"
+    # One host actor per node for the run, each a Ray worker started once.
+    hosts = [n for n in cluster.named_actors() if n.startswith(f"orch-{run_id}-host-")]
+    assert len(hosts) == 3, hosts
+    workers = cluster.workers("nodeA") | cluster.workers("nodeB")
+    assert len(workers) == 2, workers
     cluster.kill_node(victim)
+
+    def replaced() -> bool:
+        shards = {s["id"]: s for s in env.status(run_id)["shards"]}
+        return all(
+            shards[i]["state"] in ("running", "done") and shards[i]["attempts"] >= 2
+            and shards[i]["node"] not in (victim_id, None)
+            for i in doomed
+        )  # fmt: skip
+
+    assert poll_for(replaced, timeout=90, interval=0.2), env.status(run_id)
+    # Re-placed on the surviving nodes' existing host actors: no new worker, no new actor.
+    assert cluster.workers("nodeA") | cluster.workers("nodeB") == workers
+    after = [n for n in cluster.named_actors() if n.startswith(f"orch-{run_id}-host-")]
+    assert sorted(after) == sorted(n for n in hosts if not victim_id.startswith(n[-16:]))
     assert master.wait(120) == 0, (env.cwd / "orch.stderr").read_text()
     detail = env.status(run_id)
     assert detail["items_done"] == detail["items_total"] == 6 * 40
@@ -177,3 +196,83 @@ def test_node_killed_mid_run_its_shards_finish_elsewhere_from_checkpoints(
             assert min(got) >= acked_before, (attempt, got, cps)  # never redone before a cp
     stdout = json.dumps(detail)
     assert f"node lost: {victim_id}" in (env.cwd / "orch.stdout").read_text() + stdout
+
+
+def test_two_runs_on_one_cluster_have_their_own_host_actors(cluster: Cluster, env: Env) -> None:
+    from helpers.world import start_orch
+
+    gate = env.cwd / "gate"
+    wait = env.script(
+        "wait.py",
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]):\n"
+        "    time.sleep(0.05)  # allowed-sleep: the test opens the gate\n",
+    )
+    args = ray_run_args(
+        cluster, "--split", "4", "--shard-cpus", "0", "--", "python", wait, str(gate)
+    )
+    other = env.cwd / "other"
+    other.mkdir()
+    first = env.start(*args)
+    second = start_orch(*args, cwd=other, home=env.home)
+    try:
+
+        def both_running() -> list[str]:
+            root = env.home / "runs"
+            runs = sorted(p.name for p in root.iterdir()) if root.exists() else []
+            if len(runs) != 2:
+                return []
+            ok = all(
+                {s["state"] for s in env.status(r)["shards"]} == {"running"}
+                and all(s["node"] for s in env.status(r)["shards"])
+                for r in runs
+            )
+            return runs if ok else []
+
+        runs = poll_for(both_running, timeout=90, interval=0.2)
+        assert runs, "the two runs did not both start"
+        names = cluster.named_actors()
+        for run in runs:
+            mine = [n for n in names if n.startswith(f"orch-{run}-host-")]
+            # 4 shards spread over both nodes: one host actor per node for this run.
+            assert len(mine) == 2, (run, names)
+        nodes = {s["node"] for r in runs for s in env.status(r)["shards"]}
+        assert len(nodes) == 2
+    finally:
+        gate.touch()
+    assert first.wait(60) == 0
+    assert second.wait(60) == 0
+    assert poll_for(
+        lambda: not [n for n in cluster.named_actors() if any(r in n for r in runs)], timeout=30
+    ), "host actors outlived their runs"
+
+
+def test_shards_that_fit_no_node_now_wait_their_turn(cluster: Cluster, env: Env) -> None:
+    # Two nodes of 2 CPUs: two shards of 2 CPUs at a time; the third waits in orch's queue.
+    hold = env.script(
+        "hold.py", "import time\ntime.sleep(1.5)  # allowed-sleep: the shard's work\n"
+    )
+    proc = env.orch(
+        *ray_run_args(cluster, "--split", "3", "--jobs", "3", "--shard-cpus", "2"),
+        "--", "python", hold,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    detail = env.status(env.run_id())
+    assert {s["state"] for s in detail["shards"]} == {"done"}
+    assert {s["attempts"] for s in detail["shards"]} == {1}
+    said = [Path(s["log_stderr"]).read_text() for s in detail["shards"]]
+    waited = [text for text in said if "orch: waiting for a node with CPU 2 free" in text]
+    assert len(waited) == 1, said
+
+
+def test_a_shard_no_node_can_ever_fit_is_refused_before_the_run(cluster: Cluster, env: Env) -> None:
+    proc = env.orch(
+        *ray_run_args(cluster, "--split", "2", "--shard-cpus", "8"), "--", "true", timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and "no node of the Ray cluster can run a shard needing CPU 8" in lines[0]
+    )
+    assert not (env.home / "runs").exists() or not list((env.home / "runs").iterdir())

@@ -76,6 +76,7 @@ def test_run_page_shows_every_shard_and_goes_done_without_reload(page: Any, serv
     assert page.locator("#run-state").inner_text() == "running"
     ids = page.locator("#shards-table tbody tr td:first-child").all_inner_texts()
     assert ids == [str(i) for i in range(12)]
+    assert page.locator("#node-th").is_hidden()  # a local run: no Node column
     assert page.evaluate("R.cells.length") == 12
     page.evaluate("window.__marker = 1")  # gone if the page reloads
     page.locator("#run-state", has_text="done").wait_for(timeout=60_000)

@@ -1,14 +1,18 @@
 """The Ray backend's bookkeeping, with a fake ``ray`` module (no cluster, no processes).
 
-What is checked: output and exits reach the listener in order through the
-master's loop (the pump thread only wakes it through a pipe), an actor that
-dies with its node is reported lost naming the node, an actor that dies on a
-live node is an ordinary SIGKILL exit, and a resumed master reattaches by
-actor name.
+What is checked: attempts go to the run's one host actor per node (created
+once, pinned to its node, ``num_cpus=0``), placed by this run's resource
+use, with a queue for those that fit no node now; output and exits reach
+the listener in order through the master's loop (the pump thread only wakes
+it through a pipe) and exits are acknowledged; a host actor that dies with
+its node makes every attempt on it lost naming the node, one that dies on a
+live node ends them with SIGKILL; a resumed master finds the host actors by
+name and takes back the attempts they run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 import types
@@ -29,32 +33,51 @@ class Unavailable(Exception):
     pass
 
 
-class FakeActor:
-    """Answers ``start`` once, then the scripted polls; a poll script item may be an error."""
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.remote = fn
 
-    def __init__(self, node: str, polls: list[Any]) -> None:
+
+class FakeHost:
+    """A host actor: records starts and signals; answers the scripted polls once an
+    attempt was started (a script item is a list of reports or an error), then idles."""
+
+    def __init__(self, node: str, polls: list[Any] | None = None) -> None:
         self.node = node
-        self.polls = list(polls)
-        self.signals: list[int] = []
+        self.polls = list(polls or [])
+        self.starts: list[tuple[Any, ...]] = []
+        self.signals: list[tuple[int, int, int]] = []
+        self.acked: list[list[list[int]]] = []
+        self.alive_keys: list[list[int]] = []
         outer = self
 
-        class _Method:
-            def __init__(self, fn: Any) -> None:
-                self.remote = fn
-
-        async def start() -> dict[str, Any]:
+        async def start(index: int, attempt: int, argv: Any, env: Any, cwd: Any) -> dict[str, Any]:
+            outer.starts.append((index, attempt, argv, env, cwd))
             return {"node": outer.node, "pid": 1}
 
-        async def poll(wait_s: float) -> dict[str, Any]:
-            item = outer.polls.pop(0) if outer.polls else ActorDied("gone")
+        async def poll(wait_s: float, acked: list[list[int]]) -> dict[str, Any]:
+            outer.acked.append(acked)
+            await asyncio.sleep(0.02)  # allowed-sleep: the fake's long poll
+            if not outer.polls or not (outer.starts or outer.alive_keys):
+                return {"node": outer.node, "attempts": []}
+            item = outer.polls.pop(0)
             if isinstance(item, Exception):
                 raise item
-            return {"out": b"", "err": b"", "code": None, "node": outer.node, **item}
+            return {"node": outer.node, "attempts": item}
 
-        async def signal(signum: int) -> None:
-            outer.signals.append(signum)
+        async def signal(index: int, attempt: int, signum: int) -> None:
+            outer.signals.append((index, attempt, signum))
+
+        async def alive() -> list[list[int]]:
+            return outer.alive_keys
 
         self.start, self.poll, self.signal = _Method(start), _Method(poll), _Method(signal)
+        self.alive = _Method(alive)
+
+
+class Affinity:
+    def __init__(self, node_id: str, soft: bool) -> None:
+        self.node_id, self.soft = node_id, soft
 
 
 class FakeRay(types.ModuleType):
@@ -63,12 +86,15 @@ class FakeRay(types.ModuleType):
         self.exceptions = types.SimpleNamespace(
             RayActorError=ActorDied, ActorUnavailableError=Unavailable
         )
-        self.next_actors: list[FakeActor] = []
-        self.named: dict[str, FakeActor] = {}
+        self.hosts: dict[str, FakeHost] = {}  # by node: the actor a creation returns
+        self.named: dict[str, FakeHost] = {}
         self.alive_nodes: set[str] = {"n1", "n2"}
-        self.killed: list[FakeActor] = []
+        self.resources = {
+            "n1": {"CPU": 2.0, "nodeA": 2.0},
+            "n2": {"CPU": 2.0, "nodeB": 2.0},
+        }
+        self.killed: list[FakeHost] = []
         self.created: list[tuple[str, dict[str, Any]]] = []
-        self.args: list[tuple[Any, ...]] = []
 
     def is_initialized(self) -> bool:
         return True
@@ -80,24 +106,30 @@ class FakeRay(types.ModuleType):
             def __init__(self, name: str, **opts: Any) -> None:
                 self.name, self.opts = name, opts
 
-            def remote(self, *args: Any) -> FakeActor:
+            def remote(self, *args: Any) -> FakeHost:
                 fake.created.append((self.name, self.opts))
-                fake.args.append(args)
-                actor = fake.next_actors.pop(0)
+                node = self.opts["scheduling_strategy"].node_id
+                actor = fake.hosts.setdefault(node, FakeHost(node))
                 fake.named[self.name] = actor
                 return actor
 
         return types.SimpleNamespace(options=_Options)
 
-    def get_actor(self, name: str, namespace: str) -> FakeActor:
+    def get_actor(self, name: str, namespace: str) -> FakeHost:
         if name not in self.named:
             raise ValueError(name)
         return self.named[name]
 
-    def nodes(self) -> list[dict[str, Any]]:
-        return [{"NodeID": n, "Alive": n in self.alive_nodes} for n in ("n1", "n2")]
+    def get(self, ref: Any, timeout: float | None = None) -> Any:
+        return asyncio.run(ref)
 
-    def kill(self, actor: FakeActor, no_restart: bool = True) -> None:
+    def nodes(self) -> list[dict[str, Any]]:
+        return [
+            {"NodeID": n, "Alive": n in self.alive_nodes, "Resources": self.resources[n]}
+            for n in ("n1", "n2")
+        ]
+
+    def kill(self, actor: FakeHost, no_restart: bool = True) -> None:
         self.killed.append(actor)
 
     def shutdown(self) -> None:
@@ -124,19 +156,23 @@ class Recorder:
 @pytest.fixture
 def fake_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRay]:
     fake = FakeRay()
+    strategies = types.ModuleType("ray.util.scheduling_strategies")
+    strategies.NodeAffinitySchedulingStrategy = Affinity  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.util", types.ModuleType("ray.util"))
+    monkeypatch.setitem(sys.modules, "ray.util.scheduling_strategies", strategies)
     yield fake
 
 
-def make(fake: FakeRay) -> tuple[Any, Loop, Recorder]:
+def make(fake: FakeRay, **kw: Any) -> tuple[Any, Loop, Recorder]:
     from orchestrator.backends.ray import Cluster, RayBackend
 
     loop = Loop()
     rec = Recorder()
+    options: dict[str, Any] = {"num_cpus": 0.5, "resources": {"nodeA": 1.0}, **kw}
     backend = RayBackend(
         loop, cluster=Cluster("127.0.0.1:1", "127.0.0.1", 1, "127.0.0.1"),
-        run_id="R", heartbeat_timeout_s=10.0, stop_timeout_s=1.0, num_cpus=0.5,
-        resources={"nodeA": 1.0},
+        run_id="R", heartbeat_timeout_s=10.0, stop_timeout_s=1.0, **options,
     )  # fmt: skip
     backend.bind(rec)
     return backend, loop, rec
@@ -147,15 +183,17 @@ def spec(index: int, attempt: int = 1) -> AttemptSpec:
     return AttemptSpec(index=index, shard_id=str(index), attempt=attempt, argv=["x"], env=env)
 
 
-def run_until(loop: Loop, rec: Recorder, n: int) -> list[tuple[Any, ...]]:
-    deadline = time.monotonic() + 5.0
+def run_until(loop: Loop, rec: Recorder, n: int, timeout: float = 5.0) -> list[tuple[Any, ...]]:
+    deadline = time.monotonic() + timeout
     while len(rec.events) < n and time.monotonic() < deadline:
         loop.run_once(0.05)
     return rec.events
 
 
-def test_output_and_exit_arrive_in_order_through_the_loop(fake_ray: FakeRay) -> None:
-    fake_ray.next_actors.append(FakeActor("n1", [{"out": b"a\n"}, {"err": b"e"}, {"code": 3}]))
+def test_output_and_exit_arrive_in_order_and_exits_are_acknowledged(fake_ray: FakeRay) -> None:
+    host = fake_ray.hosts["n1"] = FakeHost(
+        "n1", [[[0, 1, b"a\n", b"", None]], [[0, 1, b"", b"e", None]], [[0, 1, b"", b"", 3]]]
+    )
     backend, loop, rec = make(fake_ray)
     handle = backend.start(spec(0))
     assert handle.pid is None and backend.live() == [handle]
@@ -166,48 +204,104 @@ def test_output_and_exit_arrive_in_order_through_the_loop(fake_ray: FakeRay) -> 
         ("out", 0, Stream.STDERR, b"e"),
         ("exit", 0, 3),
     ]
-    assert backend.live() == [] and len(fake_ray.killed) == 1  # its worker is given back
+    assert backend.live() == []
+    assert run_until_acked(loop, host, [0, 1])
     name, opts = fake_ray.created[0]
-    assert name == "orch-R-0-1" and opts["lifetime"] == "detached"
-    assert opts["num_cpus"] == 0.5 and opts["resources"] == {"nodeA": 1.0}
+    assert name == "orch-R-host-n1" and opts["lifetime"] == "detached"
+    assert opts["num_cpus"] == 0 and "resources" not in opts
+    assert opts["scheduling_strategy"].node_id == "n1" and opts["scheduling_strategy"].soft is False
+    backend.close()
+    assert fake_ray.killed == [host]  # the run is over: its host actor goes
+
+
+def run_until_acked(loop: Loop, host: FakeHost, key: list[int]) -> bool:
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if any(key in acked for acked in host.acked):
+            return True
+        loop.run_once(0.05)
+    return False
+
+
+def test_attempts_share_the_nodes_host_actor_and_wait_for_room(fake_ray: FakeRay) -> None:
+    # nodeA 1 per attempt, and only n1 has nodeA (2): two at a time, on n1's one host actor.
+    backend, loop, rec = make(fake_ray)
+    for i in range(3):
+        backend.start(spec(i))
+    events = run_until(loop, rec, 3)
+    assert ("node", 0, "n1") in events and ("node", 1, "n1") in events
+    waiting = [e for e in events if e[0] == "out"]
+    assert waiting == [
+        ("out", 2, Stream.STDERR, b"orch: waiting for a node with CPU 0.5, nodeA 1 free "
+         b"(2 alive nodes, all taken by this run)\n")
+    ]  # fmt: skip
+    assert [name for name, _ in fake_ray.created] == ["orch-R-host-n1"]
+    host = fake_ray.hosts["n1"]
+    assert [s[:2] for s in host.starts] == [(0, 1), (1, 1)]
+    host.polls.append([[0, 1, b"", b"", 0]])  # the first ends: the waiting one starts
+    events = run_until(loop, rec, 5)
+    assert ("exit", 0, 0) in events and ("node", 2, "n1") in events
+    assert [s[:2] for s in host.starts] == [(0, 1), (1, 1), (2, 1)]
+    assert len(fake_ray.created) == 1
     backend.close()
 
 
-def test_actor_gone_with_its_node_is_lost_naming_the_node(fake_ray: FakeRay) -> None:
-    fake_ray.alive_nodes = {"n1"}
-    fake_ray.next_actors.append(FakeActor("n2", [{}, Unavailable(), ActorDied("node died")]))
+def test_a_waiting_attempt_stopped_never_runs(fake_ray: FakeRay) -> None:
+    backend, loop, rec = make(fake_ray, num_cpus=2.0, resources=None)
+    handles = [backend.start(spec(i)) for i in range(3)]  # two nodes of 2 CPUs
+    backend.signal(handles[2], 15)
+    events = run_until(loop, rec, 4)
+    assert ("exit", 2, -15) in events
+    assert {s[0] for h in fake_ray.hosts.values() for s in h.starts} == {0, 1}
+    assert {e[2] for e in events if e[0] == "node"} == {"n1", "n2"}  # spread
+    backend.close()
+
+
+def test_host_gone_with_its_node_makes_every_attempt_on_it_lost(fake_ray: FakeRay) -> None:
+    fake_ray.hosts["n1"] = FakeHost("n1", [[], Unavailable(), ActorDied("node died")])
     backend, loop, rec = make(fake_ray)
     backend.start(spec(4))
-    assert run_until(loop, rec, 2) == [("node", 4, "n2"), ("lost", 4, "node lost: n2")]
+    backend.start(spec(5))
+    fake_ray.alive_nodes = {"n2"}
+    events = run_until(loop, rec, 4)
+    assert sorted(events) == [
+        ("lost", 4, "node lost: n1"),
+        ("lost", 5, "node lost: n1"),
+        ("node", 4, "n1"),
+        ("node", 5, "n1"),
+    ]
+    assert backend.live() == []
     backend.close()
 
 
-def test_actor_dead_on_a_live_node_is_a_sigkill_exit(fake_ray: FakeRay) -> None:
-    fake_ray.next_actors.append(FakeActor("n1", [ActorDied("killed")]))
+def test_host_dead_on_a_live_node_is_a_sigkill_exit(fake_ray: FakeRay) -> None:
+    fake_ray.hosts["n1"] = FakeHost("n1", [ActorDied("killed")])
     backend, loop, rec = make(fake_ray)
     backend.start(spec(2))
     assert run_until(loop, rec, 2) == [("node", 2, "n1"), ("exit", 2, -9)]
     backend.close()
 
 
-def test_signals_reach_the_actor_and_secrets_stay_home(fake_ray: FakeRay) -> None:
-    actor = FakeActor("n1", [{}] * 50)
-    fake_ray.next_actors.append(actor)
+def test_signals_reach_the_host_and_secrets_stay_home(fake_ray: FakeRay) -> None:
     backend, loop, rec = make(fake_ray)
     handle = backend.start(spec(1))
+    run_until(loop, rec, 1)
     backend.signal(handle, 15)
+    host = fake_ray.hosts["n1"]
     deadline = time.monotonic() + 5.0
-    while not actor.signals and time.monotonic() < deadline:
+    while not host.signals and time.monotonic() < deadline:
         loop.run_once(0.05)
-    assert actor.signals == [15]
-    argv, env = fake_ray.args[0][:2]
+    assert host.signals == [(1, 1, 15)]
+    _, _, argv, env, _ = host.starts[0]
     assert argv == ["x"] and env["X"] == "1"
     assert "RAY_AUTH_TOKEN" not in env and "ORCH_MASTER_PID" not in env
     backend.close()
 
 
-def test_reattach_finds_the_attempt_by_name_or_says_none(fake_ray: FakeRay) -> None:
-    fake_ray.named["orch-R-3-2"] = FakeActor("n2", [{"out": b"still here"}, {"code": 0}])
+def test_reattach_finds_the_host_by_name_and_stops_what_no_shard_takes(fake_ray: FakeRay) -> None:
+    left = FakeHost("n2", [[[3, 2, b"still here", b"", None]], [[3, 2, b"", b"", 0]]])
+    left.alive_keys = [[3, 2], [7, 1]]
+    fake_ray.named["orch-R-host-n2"] = left
     backend, loop, rec = make(fake_ray)
     assert backend.reattach(spec(5, 1)) is None
     handle = backend.reattach(spec(3, 2))
@@ -218,4 +312,11 @@ def test_reattach_finds_the_attempt_by_name_or_says_none(fake_ray: FakeRay) -> N
         ("out", 3, Stream.STDOUT, b"still here"),
         ("exit", 3, 0),
     ]
+    backend.start(spec(5, 2))  # the reattach pass is over: (7, 1) was taken by no shard
+    deadline = time.monotonic() + 5.0
+    while not left.signals and time.monotonic() < deadline:
+        loop.run_once(0.05)
+    assert left.signals == [(7, 1, 9)]
+    # The found host actor is polled, not created again; the new attempt needs nodeA: n1.
+    assert [name for name, _ in fake_ray.created] == ["orch-R-host-n1"]
     backend.close()

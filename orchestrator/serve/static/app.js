@@ -452,10 +452,13 @@ async function loadPage() {
   $("prev").disabled = !R.page.history.length;
   $("next").disabled = !page.next_cursor;
   const live = R.run.state === "running";
+  const nodes = page.shards.some((s) => s.node);  // Ray runs: where each shard runs
+  $("node-th").hidden = !nodes;
   document.querySelector("#shards-table tbody").innerHTML = page.shards.map((s) => `
     <tr class="clickable" data-shard="${esc(s.id)}">
       <td class="mono">${esc(s.id)}</td>
       <td>${badge(s.state)}</td>
+      ${nodes ? `<td class="mono muted" title="${esc(s.node || "")}">${esc(s.node ? s.node.slice(0, 12) : "-")}</td>` : ""}
       <td>${progressCell(s.done, s.total, s.state)}</td>
       <td class="num">${s.rate != null ? rate(s.rate) : "-"}</td>
       <td class="num">${s.eta_s != null ? dur(s.eta_s) : "-"}</td>
