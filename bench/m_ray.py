@@ -1,6 +1,7 @@
 """The Ray backend (issue 13), side by side with the local backend on this machine.
 
     python -m bench.m_ray [--shards 100] [--repeat 3] [--default-health]
+    python -m bench --only ray     # the same rows in the table of docs/performance.md
 
 Starts its own two-node Ray cluster on 127.0.0.1 (``ray start`` twice, own
 temp dirs, ``ray stop --force`` at the end) and prints:
@@ -323,47 +324,33 @@ def node_death(
     }
 
 
-def span(values: list[float], fmt: str = "{:.2f}") -> str:
-    lo, hi = min(values), max(values)
-    return fmt.format(lo) if len(values) == 1 else f"{fmt.format(lo)}–{fmt.format(hi)}"
-
-
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shards", type=int, default=100)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--default-health", action="store_true")
-    ap.add_argument("--only", default="startup,ingest,death", help="comma-separated parts")
-    args = ap.parse_args()
-    parts = set(args.only.split(","))
+def measure(
+    n: int, repeat: int, parts: set[str], default_health: bool, say: Any = print
+) -> dict[str, list[float]]:
+    """Every figure of every part, ``repeat`` times each: name -> samples."""
+    got: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        got.setdefault(name, []).append(value)
+
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-ray-", dir="/tmp"))
-    loads = [load()]
-    summary: list[str] = []
-    if "ingest" in parts:
-        curves, ipcs = [], []
-        for _ in range(args.repeat):
-            sub = Path(tempfile.mkdtemp(dir=tmp))
-            curves.append(ingest(True, sub))
-            ipcs.append(ingest(False, sub))
-            print(f"  ingest: CURVE TCP {curves[-1]:,.0f} msg/s, ipc {ipcs[-1]:,.0f} msg/s "
-                  f"(load {load()})", flush=True)  # fmt: skip
-        ratios = [c / i for c, i in zip(curves, ipcs, strict=True)]
-        summary.append(
-            f"heartbeat ingest, 100 DEALERs: CURVE TCP {span(curves, '{:,.0f}')} msg/s, ipc "
-            f"{span(ipcs, '{:,.0f}')} msg/s (CURVE/ipc {span(ratios)}; target >= 50,000)"
-        )
-    if parts & {"startup", "death"}:
-        cluster = Cluster(tmp, fast=not args.default_health, extra={})
-        env = dict(cluster.env)
-        n = args.shards
-        try:
-            if "startup" in parts:
-                t_rays, t_locals, per = [], [], []
-                for r in range(args.repeat):
+    try:
+        if "ingest" in parts:
+            for _ in range(repeat):
+                sub = Path(tempfile.mkdtemp(dir=tmp))
+                add("ingest_curve", ingest(True, sub))
+                add("ingest_ipc", ingest(False, sub))
+                say(f"  ingest: CURVE TCP {got['ingest_curve'][-1]:,.0f} msg/s, ipc "
+                    f"{got['ingest_ipc'][-1]:,.0f} msg/s (load {load()})")  # fmt: skip
+        if parts & {"startup", "death"}:
+            cluster = Cluster(tmp, fast=not default_health, extra={})
+            env = dict(cluster.env)
+            try:
+                for r in range(repeat if "startup" in parts else 0):
                     home = tmp / f"home{r}"
                     t_local, (p_local, _) = startup(n, [], home, env)
                     stop(p_local)
@@ -373,52 +360,94 @@ def main() -> None:
                     roots = [cluster.raylet(name) for name in ("nodeA", "nodeB")]
                     hosts, rss = actor_rss(roots)
                     stop(p_ray)
-                    t_rays.append(t_ray)
-                    t_locals.append(t_local)
-                    per.append(rss / n / 2**20)
-                    print(
-                        f"  start-up: ray {t_ray:.2f} s, local {t_local:.2f} s; {hosts} host "
-                        f"actors, {rss / 2**20:.1f} MiB in all (load {load()})",
-                        flush=True,
-                    )
-                ratios = [r / lo for r, lo in zip(t_rays, t_locals, strict=True)]
-                summary.append(
-                    f"start-up, {n} sleeps running: ray {span(t_rays)} s, local "
-                    f"{span(t_locals)} s (ratio {span(ratios, '{:.1f}')}x; target <= 5 s)"
-                )
-                summary.append(
-                    f"host actor RSS per shard: {span(per)} MiB ({n} shards on 2 host actors)"
-                )
-            if "death" in parts:
-                back, rec_lost, rec_again = [], [], []
-                for r in range(args.repeat):
+                    add("startup_ray", t_ray)
+                    add("startup_local", t_local)
+                    add("actor_mib_per_shard", rss / n / 2**20)
+                    say(f"  start-up: ray {t_ray:.2f} s, local {t_local:.2f} s; {hosts} host "
+                        f"actors, {rss / 2**20:.1f} MiB in all (load {load()})")  # fmt: skip
+                for r in range(repeat if "death" in parts else 0):
                     death = node_death(cluster, f"nodeC{r}", tmp / f"death{r}", env, tmp)
-                    back.append(death["replaced_s"])
-                    rec_lost.append(death["lost_rec_s"])
-                    rec_again.append(death["again_rec_s"])
-                    print(
-                        f"  node death: recorded lost {rec_lost[-1]:.2f} s, next attempt started "
-                        f"{rec_again[-1]:.2f} s after the kill; seen running again by "
-                        f"`orch status` after {back[-1]:.2f} s (load {load()})",
-                        flush=True,
-                    )
-                health = "Ray default" if args.default_health else "0.5 s x 4 health checks"
-                after = [a - lo for a, lo in zip(rec_again, rec_lost, strict=True)]
-                seen = [b - lo for b, lo in zip(back, rec_lost, strict=True)]
-                summary.append(
-                    f"node death ({health}): orch recorded the shards lost {span(rec_lost)} s "
-                    f"after the kill and started their next attempts {span(rec_again)} s after "
-                    f"it ({span(after)} s after detection); `orch "
-                    f"status` saw them running on other nodes after {span(back)} s "
-                    f"({span(seen)} s after detection; target <= 2 s)"
-                )
-        finally:
-            cluster.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
-    loads.append(load())
-    print(f"load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}")
-    for line in summary:
-        print(line)
+                    for key, value in death.items():
+                        add(key, value)
+                    say(f"  node death: recorded lost {death['lost_rec_s']:.2f} s after the "
+                        f"kill, next attempt {death['again_rec_s']:.2f} s, seen running "
+                        f"{death['replaced_s']:.2f} s (load {load()})")  # fmt: skip
+            finally:
+                cluster.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return got
+
+
+def rows(got: dict[str, list[float]], n: int, default_health: bool) -> list[Any]:
+    """The figures as rows of ``python -m bench``'s table (family ``ray``)."""
+    from bench.common import Row, cell
+
+    health = "Ray's default health checks" if default_health else "health checks 0.5 s x 4"
+    out = []
+    if "startup_ray" in got:
+        out.append(Row(
+            key="ray_startup", family="ray", unit="s", better="lower",
+            metric=f"Ray backend: {n} sleeps running on a two-node local cluster",
+            orch=cell(got["startup_ray"]), limit=cell(got["startup_local"]),
+            limit_label="local backend", target=5.0,
+            note="includes joining the cluster as a driver and starting one host actor per "
+                 "node; the local backend of the same round is the limit column"))
+        out.append(Row(
+            key="ray_actor_rss", family="ray", unit="MiB", better="lower",
+            metric=f"Ray backend: host actor RSS per shard ({n} shards, 2 nodes)",
+            orch=cell(got["actor_mib_per_shard"])))
+    if "ingest_curve" in got:
+        out.append(Row(
+            key="ray_ingest", family="ray", unit="msg/s", better="higher",
+            metric="Ray backend: heartbeat ingest, 100 DEALERs over CURVE TCP",
+            orch=cell(got["ingest_curve"]), limit=cell(got["ingest_ipc"]),
+            limit_label="the same over ipc", target=50_000))
+    if "lost_rec_s" in got:
+        after = [a - lo for a, lo in zip(got["again_rec_s"], got["lost_rec_s"], strict=True)]
+        seen = [r - lo for r, lo in zip(got["replaced_s"], got["lost_rec_s"], strict=True)]
+        out.append(Row(
+            key="ray_node_lost", family="ray", unit="s", better="lower",
+            metric=f"Ray backend: node killed until its shards are declared lost ({health})",
+            orch=cell(got["lost_rec_s"]), note="Ray's detection; orch's own record"))
+        out.append(Row(
+            key="ray_replaced", family="ray", unit="s", better="lower",
+            metric="Ray backend: node loss detected until the next attempts started elsewhere",
+            orch=cell(after), target=2.0, note="from the run's attempt records"))
+        out.append(Row(
+            key="ray_seen_running", family="ray", unit="s", better="lower",
+            metric="Ray backend: node loss detected until orch status shows them running",
+            orch=cell(seen), target=2.0, note="orch status sampled every ~0.1 s"))
+    return out
+
+
+def ray(cfg: Any) -> list[Any]:
+    """``python -m bench --only ray``: the rows above (skipped without Ray)."""
+    from bench.common import Row, cell, log
+
+    if shutil.which(RAY) is None and not Path(RAY).exists():
+        return [Row(key="ray_startup", family="ray", unit="s", better="lower",
+                    metric="Ray backend", orch=cell(text="skipped (pip install '.[ray]')"))]
+    n = 20 if cfg.quick else 100
+    got = measure(n, cfg.repeat, {"startup", "ingest", "death"}, False,
+                  say=lambda line: log(cfg, line.strip()))  # fmt: skip
+    return rows(got, n, False)
+
+
+def main() -> None:
+    from bench import report
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--default-health", action="store_true")
+    ap.add_argument("--only", default="startup,ingest,death", help="comma-separated parts")
+    args = ap.parse_args()
+    before = load()
+    got = measure(args.shards, args.repeat, set(args.only.split(",")), args.default_health,
+                  say=lambda line: print(line, flush=True))  # fmt: skip
+    print(f"load average (1/5/15 min) before: {before}, after: {load()}")
+    print(report.render_text(rows(got, args.shards, args.default_health)))
 
 
 if __name__ == "__main__":

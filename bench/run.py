@@ -39,6 +39,7 @@ FAMILIES = {
     "recovery": ("bench.m_recovery", "recovery"),
     "scale": ("bench.m_scale", "scale"),
     "web": ("bench.m_web", "web"),
+    "ray": ("bench.m_ray", "ray"),
 }
 RESULTS = REPO / "bench" / "results" / "latest.json"
 DOC = REPO / "docs" / "performance.md"
