@@ -6,9 +6,9 @@ the control server) and hands them to ``Master`` in one ``Ports`` value.
 ``orch run`` (start.py) and the detached master (daemon.py) both call it.
 
 The run's ZeroMQ sockets (heartbeat channel, control server, event feed)
-are bound after the first batch of attempts has been started, in the
-loop's first iteration (``LateSockets``): ``import zmq`` and three binds are
-not in the way of the first spawns. Nothing is lost by the wait. The ipc
+are bound after the first batch of attempts has been started and committed,
+in the loop's second iteration (``LateSockets``): ``import zmq`` and three
+binds are not in the way of the first spawns. Nothing is lost by the wait. The ipc
 endpoints are paths known before binding, so every attempt gets its
 ``ORCH_ENDPOINT`` at once; a ZeroMQ DEALER (the SDK, a control client) that
 connects before the bind keeps its messages queued and retries until the
@@ -84,8 +84,9 @@ class LateSockets:
     Until then each stands in for its socket with what is known without it: the
     channel's and the control server's endpoints (ipc paths), nothing received, no
     reply to send (no attempt has been heard), events published to nobody.
-    ``open()`` is queued with ``Loop.call_when_idle`` by ``build_master``, so it runs
-    at the end of the loop's first iteration, after ``Master.open()`` dispatched.
+    ``build_master`` queues ``open_soon()`` for the loop's first pass, which queues
+    ``open()`` for the second: after ``Master.open()`` dispatched the first batch and
+    the first pass committed it.
     """
 
     def __init__(
@@ -107,6 +108,11 @@ class LateSockets:
         self.channel = LateChannel("ipc://" + hb_path, channel)
         self.control = LateControl("ipc://" + control_path)
         self.events = LateEvents()
+
+    def open_soon(self) -> None:
+        """``open()`` in the loop's next pass: the current one commits what the first
+        batch of attempts staged (so ``orch status`` sees them running) before the binds."""
+        self._loop.call_when_idle(self.open)
 
     def open(self) -> None:
         """Import zmq and bind whatever is not bound yet (once)."""
@@ -249,7 +255,7 @@ def build_master(
         channel: HeartbeatChannel | None = Channel(loop, hb_path, run_id, bound=bound)
         reattach = True
     else:
-        # Fork the guardian before any thread exists (the ZeroMQ context starts some).
+        # The guardian watches from before the first spawn.
         guardian = Guardian(task.stop_timeout_s, run_id)
         loop = Loop()
         backend = LocalBackend(loop, stop_timeout_s=task.stop_timeout_s, jobs=jobs)
@@ -263,8 +269,9 @@ def build_master(
         events_path=ipc_path(run_dir, run_id, "events.sock"),
         channel=channel,
     )
-    # After Master.open() has started the first attempts: the end of the loop's first pass.
-    loop.call_when_idle(sockets.open)
+    # After Master.open() has started the first attempts and the loop's first pass has
+    # committed them: bound in the second pass.
+    loop.call_when_idle(sockets.open_soon)
     ports = Ports(
         loop=loop,
         backend=backend,

@@ -80,7 +80,7 @@ def test_heartbeats_sent_before_the_bind_all_arrive(
         lambda identity, msg: messages.append(msg),
         lambda identity, hb, now: beats.append((hb[0], hb[1], hb[2])),
     )
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     try:
@@ -163,3 +163,16 @@ def test_orch_run_reaches_its_first_spawn_without_importing_zmq() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_sockets_are_bound_in_the_loops_second_pass(
+    sockets: tuple[Loop, LateSockets, Path],
+) -> None:
+    """build_master queues open_soon(): the first pass commits the first batch (what
+    ``orch status`` reads), the second binds."""
+    loop, late, tmp = sockets
+    loop.call_when_idle(late.open_soon)
+    loop.run_once(0)
+    assert not late.opened and not (tmp / "hb.sock").exists()
+    loop.run_once(0)
+    assert late.opened and (tmp / "hb.sock").exists()
