@@ -87,6 +87,9 @@ class Row:
     limit: Cell | None = None
     limit_label: str = ""
     target: float | None = None
+    #: a target given as a ratio to the limit column (orch / limit for "lower", limit /
+    #: orch for "higher"), judged on the medians of the same run
+    target_x_limit: float | None = None
     note: str = ""
 
     def best_peer(self) -> tuple[str, Cell] | None:
@@ -108,11 +111,24 @@ class Row:
             return float("inf") if better else 0.0
         return b / a if self.better == "lower" else a / b
 
+    def x_limit(self) -> float | None:
+        """How many times the limit orch takes (> 1: orch behind the limit)."""
+        lim = self.advantage(self.limit)
+        return 1 / lim if lim and lim != float("inf") else None
+
     def met(self) -> bool | None:
-        if self.target is None or not self.orch.ok:
+        if not self.orch.ok:
             return None
-        m = self.orch.median
-        return m <= self.target if self.better == "lower" else m >= self.target
+        verdicts = []
+        if self.target is not None:
+            m = self.orch.median
+            verdicts.append(m <= self.target if self.better == "lower" else m >= self.target)
+        if self.target_x_limit is not None:
+            x = self.x_limit()
+            if x is None:
+                return None
+            verdicts.append(x <= self.target_x_limit)
+        return all(verdicts) if verdicts else None
 
 
 @dataclass

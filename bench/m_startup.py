@@ -36,7 +36,7 @@ def time_to_running(name: str, cfg: Config, n: int, wait_n: int | None = None,
 def startup(cfg: Config) -> list[Row]:
     rows = []
     sizes = [100] if cfg.quick else [100, 1000]
-    targets = {100: 0.2, 1000: 1.5}
+    targets = {100: 1.5, 1000: 1.25}  # x the posix_spawn loop of the same round (issue 14)
     for n in sizes:
         contenders = {name: (lambda name=name, n=n: time_to_running(name, cfg, n))
                       for name in ("orch", *PEER_NAMES, "spawn-loop")}
@@ -44,7 +44,7 @@ def startup(cfg: Config) -> list[Row]:
         rows.append(Row(
             key=f"startup_{n}", family="startup", metric=f"Start-up: {n:,} sleeps running",
             unit="s", better="lower", orch=got.pop("orch"), limit=got.pop("spawn-loop"),
-            limit_label="posix_spawn loop", peers=got, target=targets.get(n),
+            limit_label="posix_spawn loop", peers=got, target_x_limit=targets.get(n),
         ))
     big, jobs = (2_000, 200) if cfg.quick else (10_000, 1000)
     got = collect(cfg.repeat, {"orch": lambda: time_to_running(

@@ -62,15 +62,17 @@ def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         best = r.best_peer()
         adv = r.advantage(best[1]) if best else None
-        lim = r.advantage(r.limit)
+        x_lim = r.x_limit()
         met = r.met()
         cmp = "≤" if r.better == "lower" else "≥"
+        goals = ([f"{cmp} {num(r.target)}"] if r.target is not None else []) + (
+            [f"≤ {r.target_x_limit:g}x limit"] if r.target_x_limit is not None else [])
         body.append([
             r.metric, r.unit, fmt(r.orch), *[fmt(r.peers.get(c)) for c in cols],
             (f"{ratio(adv)} ({best[0]})" if adv is not None and best else ""),
             (f"{fmt(r.limit, False)} ({r.limit_label})" if r.limit is not None else ""),
-            ratio(1 / lim) if lim and lim != float("inf") else "",
-            f"{cmp} {num(r.target)}" if r.target is not None else "",
+            ratio(x_lim),
+            ", ".join(goals),
             "" if met is None else ("met" if met else "MISSED"),
         ])
     return head, body
@@ -110,7 +112,8 @@ def to_json(rows: list[Row], meta: dict[str, Any]) -> bytes:
         "better": r.better, "orch": r.orch.to_json(),
         "peers": {n: c.to_json() for n, c in r.peers.items()},
         "limit": r.limit.to_json() if r.limit else None, "limit_label": r.limit_label,
-        "target": r.target, "met": r.met(), "note": r.note,
+        "target": r.target, "target_x_limit": r.target_x_limit, "met": r.met(),
+        "note": r.note,
         "advantage_vs_best_peer": (r.advantage(r.best_peer()[1])  # type: ignore[index]
                                    if r.best_peer() else None),
     } for r in rows]}
@@ -131,7 +134,7 @@ def from_json(path: str) -> tuple[list[Row], dict[str, Any]]:
                 better=r["better"], orch=_cell(r["orch"]) or Cell(),
                 peers={n: _cell(c) or Cell() for n, c in r["peers"].items()},
                 limit=_cell(r["limit"]), limit_label=r["limit_label"], target=r["target"],
-                note=r["note"]) for r in data["rows"]]
+                target_x_limit=r.get("target_x_limit"), note=r["note"]) for r in data["rows"]]
     return rows, data["meta"]
 
 

@@ -50,7 +50,6 @@ _NOTES = {
     "instance_var": "orch gives each shard its index as {index} (used for NODE_APP_INSTANCE)",
     "vizion": "no version metadata in orch",
     "post_update": "orch has no deploy hooks",
-    "autostart": "`orch serve` starting tasks at its start is not in this orch yet",
     "force": "orch never starts a second live run of a task by accident",
     "namespace": "orch has no namespaces; task names are unique per orch.toml",
     "filter_env": "orch passes the environment of the shell that runs it",
@@ -164,6 +163,13 @@ def _app(app: dict[str, Any], i: int, names: set[str], source: str) -> Task:
         count = max(1, (os.cpu_count() or 1) + count)
         task.note(f"instances = {instances}: all CPUs but {-int(instances)}")
     task.keys["split"] = max(1, count)
+    # pm2 starts every app of the file with it: `autostart: true` said outright becomes
+    # an orch service (`orch serve` starts it when it starts); unsaid, `orch run` does.
+    autostart = opts.pop("autostart", None)
+    if autostart is True:
+        task.keys["autostart"] = True
+    elif autostart is not None:
+        task.note(f"autostart = {autostart}: orch starts this task only when asked (orch run)")
     autorestart = opts.pop("autorestart", True)
     task.keys["restart"] = "always" if autorestart else "never"
     if "max_restarts" in opts:

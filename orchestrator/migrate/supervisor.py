@@ -163,11 +163,11 @@ def _program(
         task.keys["log_backups"] = _int(
             opts.pop("stdout_logfile_backups"), "stdout_logfile_backups", program
         )
+    # supervisord starts every program it loads unless told not to; orch's match is a
+    # service that `orch serve` starts when it starts (docs/config.md, autostart).
     autostart = opts.pop("autostart", "true").strip().lower()
     if autostart in ("true", "yes", "1", "on"):
-        task.note(
-            "autostart = true: `orch serve` starting tasks at its start is not in this orch yet"
-        )
+        task.keys["autostart"] = True
     environment = opts.pop("environment", None)
     if environment:
         for key, value in _environment(environment, program).items():

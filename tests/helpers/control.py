@@ -28,6 +28,8 @@ from typing import Any
 import orjson
 import zmq
 
+from helpers.reliability import alive, is_master, kill_home
+from helpers.reliability import home_pids as home_pids  # re-exported for the tests
 from helpers.world import Env, poll_for, run_pids
 from orchestrator.store import Store
 
@@ -40,12 +42,6 @@ def proc_stat(pid: int) -> list[str] | None:
     except OSError:
         return None
     return stat[stat.rfind(b")") + 2 :].decode().split()
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    fields = proc_stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -62,46 +58,9 @@ def environ(pid: int) -> dict[str, str]:
     return out
 
 
-def home_pids(home: Path) -> list[int]:
-    """Live processes whose environment has ``ORCH_HOME=home`` (never this process)."""
-    needle = b"ORCH_HOME=" + str(home).encode()
-    me = os.getpid()
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in env and alive(int(name)):
-            out.append(int(name))
-    return out
-
-
-def is_master(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"orchestrator.daemon" in argv or any(a.endswith(b"/orch") for a in argv[:2])
-
-
 def kill_everything(home: Path) -> None:
-    """SIGKILL, by pid, every process of this test's home, masters first, until none is left."""
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        pids = home_pids(home)
-        if not pids:
-            return
-        for pid in sorted(pids, key=lambda p: not is_master(p)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        poll_for(lambda: not home_pids(home), timeout=1.0)
+    """SIGKILL, by pidfd, every process of this test's home, masters first, until none is left."""
+    kill_home(home)
 
 
 def detached_env(tmp_path: Path) -> Iterator[Env]:

@@ -110,14 +110,14 @@ def signal_verified(pid: int, signum: int, needles: dict[bytes, bytes],
 
 
 def kill_home(home: Path) -> None:
-    """SIGKILL every process of this test's home until none is left (teardown)."""
+    """SIGKILL every process of this test's home, masters first, until none is left."""
     needles = {b"ORCH_HOME": str(home).encode()}
     deadline = time.monotonic() + 15.0
     while time.monotonic() < deadline:
         pids = home_pids(home)
         if not pids:
             return
-        for pid in pids:
+        for pid in sorted(pids, key=lambda p: not is_master(p)):  # no master restarts one
             signal_verified(pid, signal.SIGKILL, needles)
         poll_for(lambda: not home_pids(home), timeout=1.0)
 

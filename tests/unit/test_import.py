@@ -50,6 +50,7 @@ priority=10
 [program:once]
 command=./migrate.sh
 autorestart=false
+autostart=false
 startsecs=0
 
 [group:all]
@@ -68,6 +69,7 @@ PM2_APPS = """
       "instances": 4,
       "exec_mode": "cluster",
       "autorestart": true,
+      "autostart": true,
       "max_restarts": 10,
       "exp_backoff_restart_delay": 100,
       "max_memory_restart": "300M",
@@ -126,6 +128,9 @@ def test_supervisor_programs(tmp_path: Path) -> None:
     assert listener["range"] == "9000..9001" and listener["restart"] == "always"
     assert listener["command"] == "python3 listen.py --port={value} {{literal}}"  # literal braces
     assert tasks["once"]["restart"] == "never" and tasks["once"]["split"] == 1
+    # supervisord starts every program unless autostart=false: orch serve's services
+    assert crawler["autostart"] is True and listener["autostart"] is True
+    assert "autostart" not in tasks["once"]
     for unmapped in (
         "# exitcodes = 0,2",
         "# stopsignal = INT",
@@ -151,6 +156,7 @@ def test_pm2_json(tmp_path: Path) -> None:
     api = tasks["api"]
     assert api["command"] == ["node", "server.js", "--port", "3000", "--verbose"]
     assert api["split"] == 4 and api["restart"] == "always" and api["max_restarts"] == 10
+    assert api["autostart"] is True and "autostart" not in tasks["report_job"]
     assert api["backoff_initial"] == "100ms" and api["backoff_factor"] == 1.5
     assert api["max_memory"] == "300M" and api["stop_timeout"] == "5s"
     assert api["env"] == {"NODE_ENV": "production", "PORT": "3000", "NODE_APP_INSTANCE": "{index}"}
@@ -245,5 +251,6 @@ def test_import_prints_toml_on_stdout(tmp_path: Path) -> None:
     assert tomllib.loads(done.stdout)["tasks"]["web"] == {
         "command": "./web --port 80",
         "split": 1,
+        "autostart": True,
         "restart": "always",
     }
