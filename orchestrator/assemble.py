@@ -5,6 +5,16 @@ event loop, the local backend, the heartbeat channel, the event feed and
 the control server) and hands them to ``Master`` in one ``Ports`` value.
 ``orch run`` (start.py) and the detached master (daemon.py) both call it.
 
+The run's ZeroMQ sockets (heartbeat channel, control server, event feed)
+are bound after the first batch of attempts has been started and committed,
+in the loop's second iteration (``LateSockets``): ``import zmq`` and three
+binds are not in the way of the first spawns. Nothing is lost by the wait. The ipc
+endpoints are paths known before binding, so every attempt gets its
+``ORCH_ENDPOINT`` at once; a ZeroMQ DEALER (the SDK, a control client) that
+connects before the bind keeps its messages queued and retries until the
+socket exists; and no subscriber can know the event feed before the control
+socket hands it out, so events published earlier have no one to miss them.
+
 A new edge plugs in here and nowhere else: another backend is another
 ``Backend`` built in place of the local one (``--backend ray``: its own
 channel binding, CURVE over TCP, no guardian, and taking back on resume the
@@ -17,20 +27,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import Backend
 from orchestrator.backends.local import LocalBackend
-from orchestrator.channel import Channel
 from orchestrator.concurrency import default_jobs
 from orchestrator.config import TaskConfig
-from orchestrator.control import ControlServer, Events
 from orchestrator.guardian import Guardian
 from orchestrator.loop import Loop
 from orchestrator.master import Master
-from orchestrator.ports import EventSink, FanOut, Guard, NoGuard, Ports, View
+from orchestrator.ports import (
+    EventSink,
+    FanOut,
+    Guard,
+    HeartbeatChannel,
+    NoGuard,
+    OnHeartbeat,
+    OnMessage,
+    Ports,
+    Steerable,
+    View,
+)
 from orchestrator.runs import ipc_path
 from orchestrator.sources import ShardList
 from orchestrator.store import Store
+from shards.protocol import Message
+
+if TYPE_CHECKING:  # imported when the sockets are bound (LateSockets.open)
+    from orchestrator.control import ControlServer, Events
 
 
 def _ray_backend(loop: Loop, run_id: str, task: TaskConfig, store: Store) -> Backend:
@@ -52,6 +76,148 @@ def _ray_backend(loop: Loop, run_id: str, task: TaskConfig, store: Store) -> Bac
         resources=dict(task.resources),
         channel_port=port,
     )
+
+
+class LateSockets:
+    """The run's ZeroMQ sockets, bound by ``open()`` once the first attempts are started.
+
+    Until then each stands in for its socket with what is known without it: the
+    channel's and the control server's endpoints (ipc paths), nothing received, no
+    reply to send (no attempt has been heard), events published to nobody.
+    ``build_master`` queues ``open_soon()`` for the loop's first pass, which queues
+    ``open()`` for the second: after ``Master.open()`` dispatched the first batch and
+    the first pass committed it.
+    """
+
+    def __init__(
+        self,
+        loop: Loop,
+        *,
+        run_id: str,
+        hb_path: str,
+        control_path: str,
+        events_path: str,
+        channel: HeartbeatChannel | None = None,
+    ) -> None:
+        self._loop = loop
+        self._run_id = run_id
+        self._hb_path = hb_path
+        self._control_path = control_path
+        self._events_path = events_path
+        self.opened = False
+        self.channel = LateChannel("ipc://" + hb_path, channel)
+        self.control = LateControl("ipc://" + control_path)
+        self.events = LateEvents()
+
+    def open_soon(self) -> None:
+        """``open()`` in the loop's next pass: the current one commits what the first
+        batch of attempts staged (so ``orch status`` sees them running) before the binds."""
+        self._loop.call_when_idle(self.open)
+
+    def open(self) -> None:
+        """Import zmq and bind whatever is not bound yet (once)."""
+        if self.opened:
+            return
+        self.opened = True
+        from orchestrator.channel import Channel
+        from orchestrator.control import ControlServer, Events
+
+        if self.channel.real is None:
+            self.channel.attach(Channel(self._loop, self._hb_path, self._run_id))
+        feed = Events(self._events_path)
+        self.events.attach(feed)
+        self.control.attach(ControlServer(self._loop, self._control_path, feed.endpoint))
+
+
+class LateChannel:
+    """The ``HeartbeatChannel`` of a run until ``LateSockets.open()`` binds the real one
+    (or, for a backend that bound its own, the real one from the start)."""
+
+    def __init__(self, endpoint: str, real: HeartbeatChannel | None) -> None:
+        self.endpoint = endpoint if real is None else real.endpoint
+        self.real: HeartbeatChannel | None = None
+        self._handlers: tuple[OnMessage, OnHeartbeat] | None = None
+        if real is not None:
+            self.attach(real)
+
+    def attach(self, real: HeartbeatChannel) -> None:
+        self.real = real
+        if self._handlers is not None:
+            real.bind(*self._handlers)
+
+    @property
+    def received(self) -> int:
+        return self.real.received if self.real is not None else 0
+
+    @received.setter
+    def received(self, value: int) -> None:
+        if self.real is not None:
+            self.real.received = value
+
+    @property
+    def garbage(self) -> int:
+        return self.real.garbage if self.real is not None else 0
+
+    @garbage.setter
+    def garbage(self, value: int) -> None:
+        if self.real is not None:
+            self.real.garbage = value
+
+    def bind(self, on_message: OnMessage, on_heartbeat: OnHeartbeat) -> None:
+        self._handlers = (on_message, on_heartbeat)
+        if self.real is not None:
+            self.real.bind(on_message, on_heartbeat)
+
+    def reply(self, identity: bytes, msg: Message) -> None:
+        if self.real is not None:  # before the bind no attempt has been heard: none to answer
+            self.real.reply(identity, msg)
+
+    def close(self) -> None:
+        if self.real is not None:
+            self.real.close()
+
+
+class LateControl:
+    """The ``ControlPort`` of a run until ``LateSockets.open()`` binds the real one; a
+    client that connects meanwhile has its request answered once it is bound."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.real: ControlServer | None = None
+        self._master: Steerable | None = None
+
+    def attach(self, real: ControlServer) -> None:
+        self.real = real
+        if self._master is not None:
+            real.bind(self._master)
+
+    def bind(self, master: Steerable) -> None:
+        self._master = master
+        if self.real is not None:
+            self.real.bind(master)
+
+    def close(self) -> None:
+        if self.real is not None:
+            self.real.close()
+
+
+class LateEvents:
+    """The run's event feed (an ``EventSink``): events before the PUB socket is bound go
+    to nobody, as they would to a PUB socket nobody has subscribed to yet."""
+
+    def __init__(self) -> None:
+        self.real: Events | None = None
+
+    def attach(self, real: Events) -> None:
+        self.real = real
+
+    def publish(self, event: dict[str, Any]) -> None:
+        if self.real is not None:
+            self.real.publish(event)
+
+    def close(self) -> None:
+        if self.real is not None:
+            self.real.close()
 
 
 def build_master(
@@ -84,22 +250,34 @@ def build_master(
         loop = Loop()
         backend: Backend = _ray_backend(loop, run_id, task, store)
         bound = backend.bind_channel(loop, run_dir)
-        channel = Channel(loop, hb_path, run_id, bound=bound)
+        from orchestrator.channel import Channel
+
+        channel: HeartbeatChannel | None = Channel(loop, hb_path, run_id, bound=bound)
         reattach = True
     else:
-        # Fork the guardian before any thread exists (the ZeroMQ context starts some).
+        # The guardian watches from before the first spawn.
         guardian = Guardian(task.stop_timeout_s, run_id)
         loop = Loop()
         backend = LocalBackend(loop, stop_timeout_s=task.stop_timeout_s, jobs=jobs)
-        channel = Channel(loop, hb_path, run_id)
+        channel = None  # bound by LateSockets.open()
         reattach = False
-    feed = Events(ipc_path(run_dir, run_id, "events.sock"))
+    sockets = LateSockets(
+        loop,
+        run_id=run_id,
+        hb_path=hb_path,
+        control_path=ipc_path(run_dir, run_id, "control.sock"),
+        events_path=ipc_path(run_dir, run_id, "events.sock"),
+        channel=channel,
+    )
+    # After Master.open() has started the first attempts and the loop's first pass has
+    # committed them: bound in the second pass.
+    loop.call_when_idle(sockets.open_soon)
     ports = Ports(
         loop=loop,
         backend=backend,
-        channel=channel,
-        control=ControlServer(loop, ipc_path(run_dir, run_id, "control.sock"), feed.endpoint),
-        events=FanOut([feed, *sinks]),
+        channel=sockets.channel,
+        control=sockets.control,
+        events=FanOut([sockets.events, *sinks]),
         guardian=guardian,
         reattach=reattach,
     )

@@ -7,6 +7,14 @@ lines handed to the tracker) and, once the whole process group is gone,
 the exit, which becomes the lifecycle's ``Exited`` event. An attempt's
 start and its end are each recorded in one place, with one wall-clock
 read, in the attempts table and the shard's row alike.
+
+What the next spawn does not need waits until the batch is started:
+``start`` spawns and makes the attempt the shard's live one (``run.begin``,
+so the master can signal it at once); its records in the store, its logs,
+its guardian announcement and its liveness timer are done by ``settle``,
+which the master calls when its dispatch loop ends (and the loop's idle
+pass calls in any case). All of it happens before the loop looks for events
+again, so no output, exit, message or commit can see an attempt half-known.
 """
 
 from __future__ import annotations
@@ -102,6 +110,8 @@ class Attempts:
         # ``environ``: the environment the run started with (orchestrator.environ).
         self._base_env = base_env(os.environ if environ is None else environ)
         self._master_pid = str(os.getpid())
+        #: Attempts started and not yet settled: (shard, attempt, handle, wall-clock start).
+        self._starting: list[tuple[ShardRun, int, AttemptHandle, float]] = []
 
     # --- starting -------------------------------------------------------------------
 
@@ -115,8 +125,17 @@ class Attempts:
             self._record_end(run, attempt, None, f"cannot start: {exc}", at)
             self._apply(run, lc.SpawnFailed(str(exc), getattr(exc, "transient", False)))
             return
-        self._adopt(run, attempt, handle)
-        self._record_start(run, attempt, handle, self._wall())
+        self._begin(run, handle)
+        if not self._starting:
+            self._loop.call_when_idle(self.settle)
+        self._starting.append((run, attempt, handle, self._wall()))
+
+    def settle(self) -> None:
+        """Record, log, announce and watch the attempts started since the last call."""
+        starting, self._starting = self._starting, []
+        for run, attempt, handle, at in starting:
+            self._settle(run, attempt, handle)
+            self._record_start(run, attempt, handle, at)
 
     def reattach(self, run: ShardRun) -> bool:
         """On resume: take back the shard's last attempt if the backend finds it still
@@ -129,18 +148,17 @@ class Attempts:
         if handle is None:
             return False
         self._apply(run, lc.Reattached())
-        self._adopt(run, attempt, handle)
+        self._begin(run, handle)
+        self._settle(run, attempt, handle)
         self._store.reopen_attempt(run.index, attempt)
         self._store.set_shard(
             run.index, attempts=attempt, ended_at=None, exit_code=None, signal=None
         )
         return True
 
-    def _adopt(self, run: ShardRun, attempt: int, handle: AttemptHandle) -> None:
-        """Make ``handle`` the shard's live attempt: guardian, liveness watch, logs."""
+    def _begin(self, run: ShardRun, handle: AttemptHandle) -> None:
+        """Make ``handle`` the shard's live attempt, with its liveness watch."""
         task = self._task
-        if handle.pgid is not None:
-            self._guardian.watch(handle.pgid)
         now = self._loop.clock()
         run.begin(
             handle,
@@ -153,6 +171,12 @@ class Attempts:
                 heartbeat_always=task.heartbeat_timeout_set,
             ),
         )
+
+    def _settle(self, run: ShardRun, attempt: int, handle: AttemptHandle) -> None:
+        """The rest of an attempt's start: guardian, logs, the liveness timer."""
+        task = self._task
+        if handle.pgid is not None:
+            self._guardian.watch(handle.pgid)
         if run.logs is None:
             run.logs = ShardLogs(
                 self._logs_dir,
@@ -236,6 +260,8 @@ class Attempts:
     # --- output and exit ------------------------------------------------------------
 
     def output(self, run: ShardRun, handle: AttemptHandle, stream: Stream, data: bytes) -> None:
+        if self._starting:
+            self.settle()  # its logs exist before its first output
         logs = run.logs
         if logs is None:
             return
@@ -251,6 +277,8 @@ class Attempts:
 
     def placed(self, run: ShardRun, handle: AttemptHandle, node: str) -> None:
         """Where the attempt runs (backends with nodes): ``node`` in status."""
+        if self._starting:
+            self.settle()
         if run.handle is handle:
             run.node = node
             self._store.set_shard(run.index, node=node)
@@ -263,6 +291,8 @@ class Attempts:
         ``lost``: it went with its node (``node lost: <node>``); recorded like a SIGKILL,
         stepped as ``Lost``: re-placed without counting against ``max_restarts``.
         """
+        if self._starting:
+            self.settle()  # its start is recorded before its end
         if run.handle is not handle:
             return
         what = lost or lc.describe_exit(code)

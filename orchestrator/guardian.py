@@ -2,8 +2,8 @@
 
 A graceful master stops its shards itself. A master killed with SIGKILL
 cannot, and ``posix_spawn`` leaves no way to set a parent-death signal in
-the children. So at start the master forks this small process (before any
-thread exists) in its own session, and keeps the write end of a pipe to it.
+the children. So at start the master starts this small process in its own
+session, and keeps the write end of a pipe to it.
 The master writes ``+PGID`` when an attempt starts and ``-PGID`` when its
 group is gone (batched, once per loop iteration), and ``=`` when it has
 stopped everything itself. When the pipe reaches EOF, the master is gone: if groups are
@@ -70,26 +70,30 @@ def _guard(read_fd: int, grace_s: float, run_id: str) -> None:
 class Guardian:
     """The master's end of the guardian pipe.
 
-    The guardian is ``python -m orchestrator.guardian FD GRACE RUN_ID``,
-    forked and exec'd at once, so ``ps`` tells it from the master.
+    The guardian is ``python -m orchestrator.guardian FD GRACE RUN_ID``, its own
+    program (``ps`` tells it from the master), started with ``posix_spawn``.
     """
 
     def __init__(self, grace_s: float, run_id: str) -> None:
-        read_fd, write_fd = os.pipe()
+        read_fd, write_fd = os.pipe()  # both close-on-exec: the guardian gets the read end
         os.set_inheritable(read_fd, True)
         argv = [sys.executable, "-m", "orchestrator.guardian", str(read_fd), f"{grace_s:g}", run_id]
-        pid = os.fork()
-        if pid == 0:  # the guardian-to-be: no Python work between fork and exec
-            try:
-                os.close(write_fd)
-                os.setsid()
-                devnull = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(devnull, fd)
-                os.execv(sys.executable, argv)
-            finally:
-                os._exit(127)
-        os.close(read_fd)
+        # posix_spawn (vfork + exec), not fork: the master's page tables are not copied and
+        # its next writes take no copy-on-write faults while the guardian starts.
+        try:
+            pid = os.posix_spawn(
+                sys.executable,
+                argv,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+                    (os.POSIX_SPAWN_DUP2, 0, 1),
+                    (os.POSIX_SPAWN_DUP2, 0, 2),
+                ],
+                setsid=True,
+            )
+        finally:
+            os.close(read_fd)
         self.pid = pid
         self._fd: int | None = write_fd
         self._pending: list[str] = []

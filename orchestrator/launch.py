@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -45,7 +44,6 @@ from orchestrator.runs import (
     private,
 )
 from orchestrator.store import Store
-from orchestrator.views.summary import print_summary
 
 if TYPE_CHECKING:
     from orchestrator.ports import EventSink, View
@@ -155,6 +153,8 @@ def start(
 
         code = supervise(run, default_view(verbose), retry_failed=retry_failed)
         if run.store.failing is None:  # else the database holds no end: the line said it all
+            from orchestrator.views.summary import print_summary  # at the end: not in start-up
+
             print_summary(run.store, run.dir)
         return code
     finally:
@@ -165,7 +165,13 @@ def start(
 
 
 def _detach(run_dir: RunDir, lock_fd: int, *, resume: bool, retry_failed: bool) -> int:
-    """Start the master in the background, handing it the run lock; print the run id."""
+    """Start the master in the background, handing it the run lock; print the run id.
+
+    Returns once the master has recorded itself and bound its control socket (which it
+    does after starting its first attempts), so the caller can steer it at once.
+    """
+    import subprocess  # only orch run -d and orch resume -d start a process this way
+
     argv = [sys.executable, "-m", "orchestrator.daemon", run_dir.path, "--lock-fd", str(lock_fd)]
     if retry_failed:
         argv.append("--retry-failed")
@@ -188,7 +194,9 @@ def _detach(run_dir: RunDir, lock_fd: int, *, resume: bool, retry_failed: bool) 
     try:
         while time.monotonic() < deadline:
             run = store.run()
-            if run.get("master_pid") == proc.pid:
+            if run.get("master_pid") == proc.pid and (
+                run.get("state") != "running" or _bound(str(run.get("control") or ""))
+            ):
                 break  # running, or already finished (a very short run)
             if proc.poll() is not None:
                 raise OrchError(f"the master exited at start ({_last_line(run_dir)})")
@@ -205,6 +213,11 @@ def _detach(run_dir: RunDir, lock_fd: int, *, resume: bool, retry_failed: bool) 
     )
     print(run_dir.id)
     return RET_OK
+
+
+def _bound(endpoint: str) -> bool:
+    """Whether the ipc socket at ``endpoint`` exists (any other endpoint counts as bound)."""
+    return not endpoint.startswith("ipc://") or os.path.exists(endpoint[len("ipc://") :])
 
 
 def _last_line(run_dir: RunDir) -> str:

@@ -425,6 +425,7 @@ class Master:
             run = ready.pop()
             if run.life.state is State.PENDING:
                 self.apply(run, lc.Start())
+        self.attempts.settle()  # the batch's records, logs and watches, after its last spawn
 
     def _commit(self) -> None:
         """Announce new process groups, record start times, commit, then send the acks that

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends.local import resolve_executable
 from orchestrator.config import CALLABLE, TaskConfig, build_task, find_config, load_config
 from orchestrator.errors import ConfigError, SpawnError, UsageError
-from orchestrator.notifyconfig import Channel
-from orchestrator.opsconfig import ops_config
 from orchestrator.settings import cli_overrides
 from orchestrator.sources import ShardList, load_shards
 from orchestrator.template import CommandTemplate, check_fields, compile_command
+
+if TYPE_CHECKING:
+    from orchestrator.notifyconfig import Channel
 
 
 def env_pairs(pairs: tuple[str, ...]) -> dict[str, str] | None:
@@ -76,6 +77,8 @@ def notify_channels(head: str | None, opts: dict[str, Any]) -> tuple[Channel, ..
     cfg = load_config(path)
     if head not in cfg.tasks:
         return ()
+    from orchestrator.opsconfig import ops_config  # a task of orch.toml: not in `orch run -- CMD`
+
     channels = ops_config(cfg).notify.for_task(head)
     for channel in channels:
         channel.resolved_secret()

@@ -115,6 +115,7 @@ class LocalBackend(Backend):
         self._resolved: dict[tuple[str, str | None, str | None], str] = {}
         self._here: dict[str, bool] = {}
         self._unstamped: list[AttemptHandle] = []
+        self._unwatched: list[_Local] = []
         self.subreaper = become_subreaper()
         self.reaped_unknown = 0
 
@@ -188,9 +189,23 @@ class LocalBackend(Backend):
         local = _Local(handle=handle, out_fd=out_r, err_fd=err_r)
         self._by_pid[pid] = local
         self._unstamped.append(handle)
-        self._loop.add_reader(out_r, self._reader(local, Stream.STDOUT))
-        self._loop.add_reader(err_r, self._reader(local, Stream.STDERR))
+        # The pipes are watched from the end of this loop iteration (before the loop selects
+        # again): registering them is no work for the spawns still to come in the batch.
+        if not self._unwatched:
+            self._loop.call_when_idle(self._watch_pipes)
+        self._unwatched.append(local)
         return handle
+
+    def _watch_pipes(self) -> None:
+        """Watch the pipes of the attempts started since the last call (still open: an
+        attempt whose exit came first had its pipes drained and closed by ``_finish``)."""
+        locals_, self._unwatched = self._unwatched, []
+        add_reader = self._loop.add_reader
+        for local in locals_:
+            if local.out_fd is not None:
+                add_reader(local.out_fd, self._reader(local, Stream.STDOUT))
+            if local.err_fd is not None:
+                add_reader(local.err_fd, self._reader(local, Stream.STDERR))
 
     def _is_here(self, cwd: str) -> bool:
         """Whether ``cwd`` is the master's own directory (asked once per directory)."""
