@@ -307,7 +307,8 @@ def test_status_by_shared_name_prefers_the_live_run(denv: Env) -> None:
     assert _detail(denv, "nightly")["id"] == live  # the live one, not the newer done one
     gate.touch()
     assert denv.orch("wait", live).returncode == 0
-    newest = sorted(p.name for p in (denv.home / "runs").iterdir())[-1]
+    # The newer run is the other one (ids started in one second sort by a random suffix).
+    (newest,) = [p.name for p in (denv.home / "runs").iterdir() if p.name != live]
     assert _detail(denv, "nightly")["id"] == newest  # none live: the newest
 
 
