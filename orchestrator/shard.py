@@ -9,13 +9,17 @@ keeps one per shard in a list indexed like the store and the shard list;
 nothing else holds per-shard state.
 
 The record itself (the CSV row, the JSON object) stays in the shard list,
-read when an attempt is started, so 100,000 shards cost little memory.
+read when an attempt is started, so 100,000 shards cost little memory. The
+master holds them in ``ShardRuns``: a shard that never started (pending, with
+nothing stored about it) has no ``ShardRun`` until it is first asked for, so a
+run of 100,000 shards at ``--jobs 100`` holds about a hundred of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import orjson
 
@@ -24,6 +28,7 @@ from orchestrator.backends import AttemptHandle
 from orchestrator.lifecycle import State
 from orchestrator.liveness import Watch
 from orchestrator.logs import ShardLogs
+from orchestrator.sources import ShardList
 
 _FRESH = lc.Shard()
 
@@ -142,3 +147,87 @@ class ShardRun:
             "reason": new.reason,
             "intent": new.intent.value if new.intent is not None else None,
         }
+
+
+class ShardRuns(Sequence[ShardRun]):
+    """Every shard's ``ShardRun`` by index (``runs[i]`` is shard ``i``, like the store and
+    the shard list), made on first use for a shard that never started.
+
+    ``find`` looks a shard up by id through the shard list's own index (no second
+    dict of 100,000 entries); ``cached`` maps the ids of the shards looked up by id
+    while unfinished (the ones that send heartbeats) to their runs, for the
+    heartbeat's fast path. Iterating makes every run; ``made`` walks only those made.
+    """
+
+    __slots__ = ("_runs", "_shards", "cached", "unmade")
+
+    def __init__(self, shards: ShardList) -> None:
+        self._shards = shards
+        self._runs: list[ShardRun | None] = []
+        #: Shard id -> run, for unfinished shards looked up by id (see ``forget``).
+        self.cached: dict[str, ShardRun] = {}
+        #: Shards with no ``ShardRun`` yet (pending, never started).
+        self.unmade = 0
+
+    def add(self, run: ShardRun) -> None:
+        """The next shard's run (shard ``len(self)``)."""
+        self._runs.append(run)
+
+    def add_fresh(self) -> None:
+        """The next shard never started: its run is made when first asked for."""
+        self._runs.append(None)
+        self.unmade += 1
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    @overload
+    def __getitem__(self, i: int) -> ShardRun: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ShardRun]: ...
+
+    def __getitem__(self, i: int | slice) -> ShardRun | list[ShardRun]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self._runs)))]
+        run = self._runs[i]
+        if run is None:
+            if i < 0:
+                i += len(self._runs)
+            run = self._runs[i] = ShardRun(index=i, id=self._shards.id_at(i), life=_FRESH)
+            self.unmade -= 1
+        return run
+
+    def __iter__(self) -> Iterator[ShardRun]:
+        for i in range(len(self._runs)):
+            yield self[i]
+
+    def made(self) -> Iterator[ShardRun]:
+        """The runs made so far, by index (every shard that ever left ``_FRESH``)."""
+        return (run for run in self._runs if run is not None)
+
+    def index_of(self, shard_id: str) -> int | None:
+        """The index of the shard with id ``shard_id`` in this run, or None."""
+        i = self._shards.index_of(shard_id)
+        if i is None or i >= len(self._runs):
+            return None
+        run = self._runs[i]
+        # A made run holds the store's id; an unmade one was checked against it at load.
+        return i if run is None or run.id == shard_id else None
+
+    def find(self, shard_id: str) -> ShardRun | None:
+        """The run of the shard with id ``shard_id``, or None; cached while unfinished."""
+        run = self.cached.get(shard_id)
+        if run is not None:
+            return run
+        i = self.index_of(shard_id)
+        if i is None:
+            return None
+        run = self[i]
+        if not run.life.state.terminal:
+            self.cached[shard_id] = run
+        return run
+
+    def forget(self, run: ShardRun) -> None:
+        """``run`` finished: it leaves the cache (looked up again if it ever restarts)."""
+        self.cached.pop(run.id, None)
