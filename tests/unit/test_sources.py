@@ -152,7 +152,7 @@ def test_csv_round_trip(tmp_path: Path, rows: list[tuple[str, str]], delimiter: 
 def test_csv_ids_quoted_or_not_in_any_column(tmp_path: Path) -> None:
     data = (
         "name,id,n\n"
-        'Acme,acme,1\n'
+        "Acme,acme,1\n"
         '"A, ""quoted""",b,2\n'  # a quote before the id: the id is kept aside
         'C,"c,1",3\n'  # a quoted id
         'D,"d",4\n'  # quoted but plain
