@@ -155,8 +155,9 @@ class ShardRuns(Sequence[ShardRun]):
 
     ``find`` looks a shard up by id through the shard list's own index (no second
     dict of 100,000 entries); ``cached`` maps the ids of the shards looked up by id
-    while unfinished (the ones that send heartbeats) to their runs, for the
-    heartbeat's fast path. Iterating makes every run; ``made`` walks only those made.
+    while they held a slot (the ones that send heartbeats) to their runs, until they
+    finish, for the heartbeat's fast path. Iterating makes every run; ``made`` walks
+    only those made.
     """
 
     __slots__ = ("_runs", "_shards", "cached", "unmade")
@@ -164,7 +165,7 @@ class ShardRuns(Sequence[ShardRun]):
     def __init__(self, shards: ShardList) -> None:
         self._shards = shards
         self._runs: list[ShardRun | None] = []
-        #: Shard id -> run, for unfinished shards looked up by id (see ``forget``).
+        #: Shard id -> run, for shards looked up by id while running (see ``forget``).
         self.cached: dict[str, ShardRun] = {}
         #: Shards with no ``ShardRun`` yet (pending, never started).
         self.unmade = 0
@@ -216,7 +217,8 @@ class ShardRuns(Sequence[ShardRun]):
         return i if run is None or run.id == shard_id else None
 
     def find(self, shard_id: str) -> ShardRun | None:
-        """The run of the shard with id ``shard_id``, or None; cached while unfinished."""
+        """The run of the shard with id ``shard_id``, or None; cached while it holds a slot
+        (and after, until it finishes)."""
         run = self.cached.get(shard_id)
         if run is not None:
             return run
@@ -224,7 +226,7 @@ class ShardRuns(Sequence[ShardRun]):
         if i is None:
             return None
         run = self[i]
-        if not run.life.state.terminal:
+        if run.life.state.holds_slot:  # running or stopping: heartbeats will follow
             self.cached[shard_id] = run
         return run
 
