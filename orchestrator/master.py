@@ -365,6 +365,7 @@ class Master:
 
     def _changed(self, run: ShardRun, old: lc.Shard, new: lc.Shard) -> None:
         self.tally.change(old.state, new.state)
+        notes = run.notes  # the last failed attempt's, gone with the logs when the shard ends
         if new.state.terminal and not old.state.terminal:
             run.close_logs()
             self.shard_runs.forget(run)
@@ -379,8 +380,8 @@ class Master:
             self.ready.push(run.index)
         if new.state is State.FAILED:
             self.view.event(f"shard {run.id} failed: {new.reason}")
-            if run.notes:
-                fields["last_error"] = "\n".join(run.notes)
+            if notes:
+                fields["last_error"] = "\n".join(notes)
             limit = self.task.max_failed
             if limit is not None and not self.aborted and self.tally.by_state["failed"] > limit:
                 self.aborted = True  # from now on nothing starts; the rest stop when idle

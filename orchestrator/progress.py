@@ -232,7 +232,8 @@ class Tracker:
             self._beat_now = now
             self._beat_wall = self._wall()
         run.report(done, total, now, self._beat_wall)
-        if run.watch is not None and not run.watch_armed:
+        live = run.live
+        if live is not None and live.watch is not None and not live.watch_armed:
             self.arm_watch(run)
         dirty = self._dirty
         if not dirty:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Generic, TypeVar, overload
 
 import orjson
 
@@ -31,6 +31,58 @@ from orchestrator.logs import ShardLogs
 from orchestrator.sources import ShardList
 
 _FRESH = lc.Shard()
+T = TypeVar("T")
+
+
+@dataclass(slots=True, eq=False)
+class Live:
+    """What a shard holds from its first attempt until it ends (``ShardRun.live``): the
+    live attempt, the logs its attempts write to, the notes of the last failed one.
+
+    Apart from ``ShardRun`` so that a shard that never started, or has ended,
+    carries none of it (100,000 finished shards: ~64 bytes each less).
+    """
+
+    handle: AttemptHandle | None = None
+    watch: Watch | None = None
+    watch_armed: bool = False  # the watch's timer is set (Tracker.arm_watch)
+    started: float = 0.0  # monotonic
+    notes: list[str] | None = None  # stderr tail of the last failed attempt
+    bad_lines: int = 0  # malformed ##orch lines of the live attempt
+    logs: ShardLogs | None = None  # open from the first attempt until the shard ends
+    node: str | None = None  # where the live attempt runs (backends with nodes: ray)
+
+
+class _LiveField(Generic[T]):
+    """A ``ShardRun`` attribute kept in its ``Live``: the default while it has none; set
+    to anything but the default, it gets one."""
+
+    __slots__ = ("_default", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._default = getattr(Live(), name)
+
+    @overload
+    def __get__(self, run: None, owner: type[Any]) -> _LiveField[T]: ...
+
+    @overload
+    def __get__(self, run: ShardRun, owner: type[Any]) -> T: ...
+
+    def __get__(self, run: ShardRun | None, owner: type[Any]) -> T | _LiveField[T]:
+        if run is None:
+            return self
+        live = run.live
+        return self._default if live is None else getattr(live, self._name)  # type: ignore[no-any-return]
+
+    def __set__(self, run: ShardRun, value: T) -> None:
+        live = run.live
+        if live is None:
+            default = self._default
+            if value is default or (value == default and type(value) is type(default)):
+                return
+            live = run.live = Live()
+        setattr(live, self._name, value)
 
 
 @dataclass(slots=True, eq=False)
@@ -47,15 +99,18 @@ class ShardRun:
     checkpoint: Any = None
     has_checkpoint: bool = False  # a stored JSON null is a checkpoint too
     checkpoint_done: int | None = None
-    # the live attempt
-    handle: AttemptHandle | None = None
-    watch: Watch | None = None
-    watch_armed: bool = False  # the watch's timer is set (Tracker.arm_watch)
-    attempt_started: float = 0.0  # monotonic
-    notes: list[str] | None = None  # stderr tail of the last failed attempt
-    bad_lines: int = 0  # malformed ##orch lines of the live attempt
-    logs: ShardLogs | None = None  # open from the first attempt until the shard ends
-    node: str | None = None  # where the live attempt runs (backends with nodes: ray)
+    # the live attempt and the logs, from the first attempt until the shard ends
+    live: Live | None = None
+
+    # ``Live``'s fields, read and written as the run's own (not dataclass fields).
+    handle = _LiveField[AttemptHandle | None]("handle")
+    watch = _LiveField[Watch | None]("watch")
+    watch_armed = _LiveField[bool]("watch_armed")
+    attempt_started = _LiveField[float]("started")
+    notes = _LiveField[list[str] | None]("notes")
+    bad_lines = _LiveField[int]("bad_lines")
+    logs = _LiveField[ShardLogs | None]("logs")
+    node = _LiveField[str | None]("node")
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...], retry_failed: bool) -> ShardRun:
@@ -96,18 +151,23 @@ class ShardRun:
 
     def begin(self, handle: AttemptHandle, now: float, watch: Watch) -> None:
         """A new attempt runs: it starts from the last checkpoint's count."""
-        self.handle = handle
-        self.watch = watch
-        self.attempt_started = now
-        self.notes = None
-        self.bad_lines = 0
+        live = self.live
+        if live is None:
+            live = self.live = Live()
+        live.handle = handle
+        live.watch = watch
+        live.started = now
+        live.notes = None
+        live.bad_lines = 0
+        live.node = None
         self.done = self.checkpoint_done
-        self.node = None
 
     def end(self) -> None:
         """The live attempt's process group is gone."""
-        self.handle = None
-        self.watch = None
+        live = self.live
+        if live is not None:
+            live.handle = None
+            live.watch = None
 
     def report(
         self, done: int | None, total: int | None, now: float, wall: float, sdk: bool = True
@@ -120,8 +180,9 @@ class ShardRun:
         if total is not None:
             self.total = total
         self.heartbeat_at = wall
-        if self.watch is not None:
-            self.watch.beat(now, self.done, self.total, sdk=sdk)
+        live = self.live
+        if live is not None and live.watch is not None:
+            live.watch.beat(now, self.done, self.total, sdk=sdk)
 
     def keep_checkpoint(self, checkpoint: Any, done: int | None) -> None:
         """Hold ``checkpoint`` as the one the next attempt resumes from."""
@@ -130,9 +191,12 @@ class ShardRun:
         self.checkpoint_done = done if done is not None else self.done
 
     def close_logs(self) -> None:
-        if self.logs is not None:
-            self.logs.close()
-            self.logs = None
+        """The shard ended: its logs close, and what it held for its attempts goes."""
+        live = self.live
+        if live is not None:
+            self.live = None
+            if live.logs is not None:
+                live.logs.close()
 
     def change_event(self, old: lc.Shard, t: float) -> dict[str, Any]:
         """What the event feed says about this shard's change from ``old`` to its state now."""
