@@ -73,10 +73,11 @@ def _read_text(path: str) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _physical_lines(text: str) -> Iterator[str]:
+def _physical_lines(text: str, start: int = 0) -> Iterator[str]:
     """Lines split on "\\n" only (keeping it), unlike str.splitlines which also splits
-    on form feeds and U+2028 that may legally sit inside a CSV or JSON value."""
-    start, n, find = 0, len(text), text.find
+    on form feeds and U+2028 that may legally sit inside a CSV or JSON value; from
+    offset ``start``."""
+    n, find = len(text), text.find
     while start < n:
         end = find("\n", start)
         if end == -1:
@@ -181,6 +182,13 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
         row = next(csv.reader(_physical_lines(chunk), delimiter=delimiter, strict=True))
         return dict(zip(names, row, strict=True))
 
+    def records() -> Iterator[dict[str, str]]:
+        """Every record in order, read by one reader (what creating the run stores)."""
+        rows = csv.reader(_physical_lines(text, starts[0]), delimiter=delimiter, strict=True)
+        for row in rows:
+            if row and (len(row) > 1 or row[0].strip()):
+                yield dict(zip(names, row, strict=True))
+
     return ShardList(
         source=src,
         path=abspath,
@@ -191,6 +199,7 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
         record_at=record_at,
         line_at=lines.__getitem__,
         index_of=index.get,
+        records=records,
     )
 
 

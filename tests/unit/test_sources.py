@@ -65,6 +65,7 @@ def test_csv_bom_blank_lines_and_crlf(tmp_path: Path) -> None:
     shards = load_shards(_write(tmp_path / "m.csv", data))
     assert shards.fields == {"id", "n"}
     assert [(s.id, s.line, s.record["n"]) for s in shards] == [("a", 3, "1"), ("b", 6, "2")]
+    assert list(shards) == [shards[0], shards[1]]
 
 
 def test_csv_quoted_newlines_keep_physical_line_numbers(tmp_path: Path) -> None:
@@ -72,6 +73,7 @@ def test_csv_quoted_newlines_keep_physical_line_numbers(tmp_path: Path) -> None:
     shards = load_shards(_write(tmp_path / "m.csv", data))
     assert [(s.id, s.line) for s in shards] == [("a", 2), ("b", 4), ("c", 5), ("d", 8)]
     assert shards[2].record["note"] == "three\n\nlines"
+    assert list(shards) == [shards[i] for i in range(4)]
 
 
 def test_csv_width_error_after_quoted_newline_names_physical_line(tmp_path: Path) -> None:
@@ -147,6 +149,8 @@ def test_csv_round_trip(tmp_path: Path, rows: list[tuple[str, str]], delimiter: 
     # Ids are slices of the text, or kept aside when quoted: the index finds every one.
     assert [shards.index_of(row[0]) for row in expected] == list(range(len(expected)))
     assert shards.index_of("no such id") is None
+    # Iterating reads every record with one reader; indexing parses one: the same shards.
+    assert list(shards) == [shards[i] for i in range(len(shards))]
 
 
 def test_csv_ids_quoted_or_not_in_any_column(tmp_path: Path) -> None:
