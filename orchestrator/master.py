@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import lifecycle as lc
@@ -33,7 +33,7 @@ from orchestrator.ports import FanOut, Ports, View
 from orchestrator.progress import MEMORY_CHECK_S, Tracker
 from orchestrator.ready import ReadyQueue
 from orchestrator.rolling import RollingRestart
-from orchestrator.shard import ShardRun
+from orchestrator.shard import ShardRun, ShardRuns
 from orchestrator.sources import ShardList
 from orchestrator.store import Store, StoreUnwritable
 from orchestrator.storeretry import StoreRetry
@@ -41,36 +41,6 @@ from orchestrator.tally import Tally, items
 from orchestrator.template import compile_command
 
 __all__ = ["Master"]
-
-
-class _RunsById(Mapping[str, ShardRun]):
-    """Shard id -> ShardRun through the shard list's own index: no second dict of
-    100,000 entries (``shard_runs[i]`` is shard ``i``)."""
-
-    __slots__ = ("_runs", "_shards")
-
-    def __init__(self, shards: ShardList, runs: list[ShardRun]) -> None:
-        self._shards = shards
-        self._runs = runs
-
-    def __getitem__(self, shard_id: str) -> ShardRun:
-        i = self._shards.index_of(shard_id)
-        if i is None or i >= len(self._runs) or self._runs[i].id != shard_id:
-            raise KeyError(shard_id)
-        return self._runs[i]
-
-    def get(self, shard_id: str, default: Any = None) -> Any:
-        i = self._shards.index_of(shard_id)
-        if i is None or i >= len(self._runs):
-            return default
-        run = self._runs[i]
-        return run if run.id == shard_id else default
-
-    def __iter__(self) -> Iterator[str]:
-        return (run.id for run in self._runs)
-
-    def __len__(self) -> int:
-        return len(self._runs)
 
 
 class Master:
@@ -103,8 +73,8 @@ class Master:
         self.jobs = jobs
         self.retry_failed = retry_failed
         self.policy = lc.Policy.from_task(task)
-        self.shard_runs: list[ShardRun] = []  # by index, like the store and the shard list
-        self._by_id = _RunsById(shards, self.shard_runs)
+        #: By index, like the store and the shard list (made when first used).
+        self.shard_runs = ShardRuns(shards)
         self.ready = ReadyQueue()
         self.tally = Tally()
         self.interrupted: int | None = None
@@ -122,7 +92,7 @@ class Master:
         self.tracker = Tracker(
             loop=self.loop,
             store=store,
-            by_id=self._by_id,
+            runs=self.shard_runs,
             backend=self.backend,
             channel=self.channel,
             view=self.view,
@@ -196,7 +166,8 @@ class Master:
         if ports.reattach:
             # Attempts a previous master left alive (a Ray actor survives its master)
             # are taken back before anything is scheduled.
-            for run in self.shard_runs:
+            # (A shard never started has no attempt to take back.)
+            for run in list(self.shard_runs.made()):
                 if run.life.state is State.PENDING:
                     self.attempts.reattach(run)
         self.view.started(self)
@@ -207,19 +178,38 @@ class Master:
         self._schedule()
 
     def _load(self) -> None:
-        """One ``ShardRun`` per stored shard: fresh runs and resumed ones alike."""
+        """One ``ShardRun`` per stored shard: fresh runs and resumed ones alike; a shard
+        that never started (pending, nothing stored) gets its run when first used."""
         pending = State.PENDING.value
+        runs, shards, ready, tally = self.shard_runs, self.shards, self.ready, self.tally
+        listed = len(shards)
         for row in self.store.resume_rows():
+            idx, shard_id, state, attempts, reason, _, total, _, cp_done, has_cp = row
+            if (
+                state == pending
+                and not attempts
+                and reason is None
+                and total is None
+                and cp_done is None
+                and not has_cp
+                and idx == len(runs)
+                and idx < listed
+                and shards.id_at(idx) == shard_id
+            ):
+                runs.add_fresh()
+                tally.add(State.PENDING)
+                ready.push(idx)
+                continue
             run = ShardRun.from_row(row, self.retry_failed)
-            if run.index < len(self.shards):
-                shard_id = self.shards.id_at(run.index)
-                if shard_id == run.id:
-                    run.id = shard_id  # one string per id, the shard list's (not the store's too)
-            self.shard_runs.append(run)
-            self.tally.add(run.life.state)
+            if run.index < listed:
+                list_id = shards.id_at(run.index)
+                if list_id == run.id:
+                    run.id = list_id  # one string per id, the shard list's (not the store's too)
+            runs.add(run)
+            tally.add(run.life.state)
             if not run.life.state.terminal:
-                self.ready.push(run)
-                if row[2] != pending:
+                ready.push(run.index)
+                if state != pending:
                     self.store.set_shard(run.index, state=pending, pid=None)
 
     def close(self) -> int:
@@ -286,8 +276,7 @@ class Master:
     # --- steering (the control port) ------------------------------------------------
 
     def shard_index(self, shard_id: str) -> int | None:
-        run = self._by_id.get(shard_id)
-        return run.index if run is not None else None
+        return self.shard_runs.index_of(shard_id)
 
     def stop_all(self, intent: Intent = Intent.STOP) -> None:
         self.ready.clear()
@@ -296,18 +285,18 @@ class Master:
 
     def stop_shard(self, idx: int) -> None:
         run = self.shard_runs[idx]
-        self.ready.forget(run)
+        self.ready.forget(idx)
         self.apply(run, lc.StopRequested(Intent.STOP))
 
     def restart_shard(self, idx: int) -> None:
         run = self.shard_runs[idx]
-        self.ready.first_next_time(run)
+        self.ready.first_next_time(idx)
         self.apply(run, lc.RestartRequested())
 
     def restart_all(self, rolling: int | None = None) -> int:
         """Restart every running shard; with ``rolling`` K, at most K at a time, the next
         one once a restarted one is running again. Returns how many will be restarted."""
-        live = [r for r in self.shard_runs if r.life.state is State.RUNNING]
+        live = [r for r in self.shard_runs.made() if r.life.state is State.RUNNING]
         if rolling is None:
             for run in live:
                 self.restart_shard(run.index)
@@ -320,12 +309,12 @@ class Master:
         stopped (SIGTERM, grace) and go back to pending, to resume when a slot frees."""
         self.jobs = jobs
         self.store.set_run(jobs=jobs)  # `orch status` shows the limit in force; resume keeps it
-        running = [r for r in self.shard_runs if r.life.state is State.RUNNING]
+        running = [r for r in self.shard_runs.made() if r.life.state is State.RUNNING]
         surplus = len(running) - jobs
         if surplus > 0:
             newest = sorted(running, key=lambda r: (r.life.started_at or 0.0, r.index))
             for run in reversed(newest[-surplus:]):
-                self.ready.first_next_time(run)  # first in line when capacity returns
+                self.ready.first_next_time(run.index)  # first in line when capacity returns
                 self.apply(run, lc.StopRequested(Intent.SCALE))
         self.loop.call_when_idle(self._commit)
         self._schedule()
@@ -376,8 +365,10 @@ class Master:
 
     def _changed(self, run: ShardRun, old: lc.Shard, new: lc.Shard) -> None:
         self.tally.change(old.state, new.state)
+        notes = run.notes  # the last failed attempt's, gone with the logs when the shard ends
         if new.state.terminal and not old.state.terminal:
             run.close_logs()
+            self.shard_runs.forget(run)
         fields: dict[str, Any] = {
             "state": new.state.value,
             "reason": new.reason,
@@ -386,11 +377,11 @@ class Master:
         if self.rolling.settled(run, new.state):
             self.loop.call_when_idle(self.rolling.roll)
         if new.state is State.PENDING:
-            self.ready.push(run)
+            self.ready.push(run.index)
         if new.state is State.FAILED:
             self.view.event(f"shard {run.id} failed: {new.reason}")
-            if run.notes:
-                fields["last_error"] = "\n".join(run.notes)
+            if notes:
+                fields["last_error"] = "\n".join(notes)
             limit = self.task.max_failed
             if limit is not None and not self.aborted and self.tally.by_state["failed"] > limit:
                 self.aborted = True  # from now on nothing starts; the rest stop when idle
@@ -422,7 +413,7 @@ class Master:
             and self.store_retry.error is None
             and not self.aborted
         ):
-            run = ready.pop()
+            run = self.shard_runs[ready.pop()]
             if run.life.state is State.PENDING:
                 self.apply(run, lc.Start())
         self.attempts.settle()  # the batch's records, logs and watches, after its last spawn
@@ -471,7 +462,7 @@ class Master:
             self.loop.timers.set("sinks", deadline, self._sinks_tick)
 
     def _check_memory(self) -> None:
-        self.tracker.check_memory(self.shard_runs)
+        self.tracker.check_memory(self.shard_runs.made())
         self.loop.timers.set("memory", self.loop.clock() + MEMORY_CHECK_S, self._check_memory)
 
     # --- the run's figures (kept by the tally) ---------------------------------------------
@@ -481,7 +472,9 @@ class Master:
         return self.tally.running
 
     def items(self) -> tuple[int, int | None]:
-        return items(self.shard_runs)
+        done, total = items(self.shard_runs.made())
+        # A shard never started has reported no total: the run's total is not known yet.
+        return done, (None if self.shard_runs.unmade else total)
 
     def counts(self) -> dict[str, int]:
         return self.tally.counts()

@@ -13,7 +13,7 @@ and the memory check, each as a lifecycle ``Kill``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -24,7 +24,7 @@ from orchestrator.lifecycle import State
 from orchestrator.logs import stamp
 from orchestrator.loop import Loop
 from orchestrator.ports import HeartbeatChannel, Reporter
-from orchestrator.shard import ShardRun
+from orchestrator.shard import ShardRun, ShardRuns
 from orchestrator.store import Store
 from orchestrator.units import format_bytes
 from shards import protocol as proto
@@ -76,7 +76,7 @@ class Tracker:
         *,
         loop: Loop,
         store: Store,
-        by_id: Mapping[str, ShardRun],
+        runs: ShardRuns,
         backend: Backend,
         channel: HeartbeatChannel,
         view: Reporter,
@@ -87,7 +87,9 @@ class Tracker:
     ) -> None:
         self._loop = loop
         self._store = store
-        self._by_id = by_id
+        self._runs = runs
+        #: Unfinished shards looked up by id: the heartbeat's fast path (``ShardRuns.find``).
+        self._cached = runs.cached
         self._backend = backend
         self._channel = channel
         self._view = view
@@ -156,7 +158,7 @@ class Tracker:
 
     # --- memory -------------------------------------------------------------------
 
-    def check_memory(self, runs: list[ShardRun]) -> None:
+    def check_memory(self, runs: Iterable[ShardRun]) -> None:
         """Restart attempts over ``max_memory`` (pm2's max_memory_restart), reason ``memory``.
 
         An attempt's memory is what the backend measures for it (locally: the
@@ -184,7 +186,7 @@ class Tracker:
         One from an attempt that is not its shard's current one, or from no shard of
         this run (forged or misrouted), is counted, and a checkpoint or end refused.
         """
-        run = self._by_id.get(msg.shard)
+        run = self._cached.get(msg.shard) or self._runs.find(msg.shard)
         if run is None or run.life.attempt != msg.attempt:
             if run is None:
                 self.unknown_messages += 1
@@ -217,7 +219,9 @@ class Tracker:
         once per batch too. Counted exactly as ``on_message`` counts.
         """
         shard, attempt, done, total, rss = fields
-        run = self._by_id.get(shard)
+        run = self._cached.get(shard)
+        if run is None:
+            run = self._runs.find(shard)
         if run is None:
             self.unknown_messages += 1
             return
@@ -228,7 +232,8 @@ class Tracker:
             self._beat_now = now
             self._beat_wall = self._wall()
         run.report(done, total, now, self._beat_wall)
-        if run.watch is not None and not run.watch_armed:
+        live = run.live
+        if live is not None and live.watch is not None and not live.watch_armed:
             self.arm_watch(run)
         dirty = self._dirty
         if not dirty:

@@ -5,9 +5,11 @@ byte, a short row, an empty or duplicate id is reported as one line naming the
 file and the physical line (quoted CSV fields may span lines; the line given is
 where the record starts). Nothing is half-started because of a bad row 90,000.
 
-Memory is kept lean because a shard list of 100,000 rows is ordinary: CSV rows
-are stored as tuples sharing one header, ``--split``/``--range`` are virtual,
-and ``Shard`` objects are built only when asked for.
+Memory is kept lean because a shard list of 100,000 rows is ordinary: a CSV
+is kept as its text with a few offsets per row (a record is parsed when asked
+for, an id is a slice of the text), ids are found through an open-addressing
+table of indexes (``model.IdIndex``), ``--split``/``--range`` are virtual, and
+``Shard`` objects are built only when asked for.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from orchestrator.errors import ShardListError
-from orchestrator.sources.model import ShardList, common_keys
+from orchestrator.sources.model import IdIndex, ShardList, common_keys
 
 _FORMATS = {
     "csv": "csv",
@@ -28,6 +28,8 @@ _FORMATS = {
     "txt": "text",
 }
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+#: Offsets and line numbers of a text under 2 GiB: 4 bytes each.
+_OFFSET = "i"
 
 
 def load_file(path: str, fmt: str | None) -> ShardList:
@@ -71,10 +73,11 @@ def _read_text(path: str) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _physical_lines(text: str) -> Iterator[str]:
+def _physical_lines(text: str, start: int = 0) -> Iterator[str]:
     """Lines split on "\\n" only (keeping it), unlike str.splitlines which also splits
-    on form feeds and U+2028 that may legally sit inside a CSV or JSON value."""
-    start, n, find = 0, len(text), text.find
+    on form feeds and U+2028 that may legally sit inside a CSV or JSON value; from
+    offset ``start``."""
+    n, find = len(text), text.find
     while start < n:
         end = find("\n", start)
         if end == -1:
@@ -101,19 +104,32 @@ class _Cursor:
 
 
 def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
-    """Validate every row now; keep the text and each record's span, parsed on demand.
+    """Validate every row now; keep the text and where each record and its id sit in it,
+    the record parsed on demand.
 
-    100,000 rows then cost their text, two offsets and an id each, not a tuple
-    of strings per row (records are read once per attempt, at spawn).
+    100,000 rows then cost their text and 16 bytes each (three offsets and a line
+    number) plus about 10 of id index, not a tuple of strings per row nor a string
+    and a dict entry per id (records are read once per attempt, at spawn; an id is
+    a slice of the text).
     """
     cursor = _Cursor(text)
     reader = csv.reader(cursor.lines, delimiter=delimiter, strict=True)
     header: tuple[str, ...] | None = None
-    ids: list[str] = []
-    starts = array("q")
-    ends = array("q")
-    lines = array("q")
-    index: dict[str, int] = {}
+    code = _OFFSET if len(text) < 2**31 else "q"
+    starts = array(code)  # where each record starts
+    lines = array(code)  # the physical line it starts on
+    # Where its id sits in the text: [id_from, id_to), or for an id that is not the text
+    # itself (a quoted field) id_to -1 and id_from its place in ``quoted``.
+    id_from = array(code)
+    id_to = array(code)
+    quoted: list[str] = []
+    find = text.find
+
+    def id_at(i: int) -> str:
+        end = id_to[i]
+        return text[id_from[i] : end] if end >= 0 else quoted[id_from[i]]
+
+    index = IdIndex(id_at, text.count("\n") + 1)
     id_col, prev = 0, 0
     while True:
         start = prev + 1
@@ -139,39 +155,59 @@ def _load_csv(text: str, src: str, abspath: str, delimiter: str) -> ShardList:
         shard_id = row[id_col]
         if not shard_id.strip():
             raise ShardListError(f"{src}:{start}: empty shard id in column {header[id_col]!r}")
+        at = begin
+        if id_col:
+            at += sum(map(len, row[:id_col])) + id_col  # the fields before it and their commas
+        if find('"', begin, cursor.pos) < 0 and text.startswith(shard_id, at):
+            id_from.append(at)  # no quote in the record: every field is its text
+            id_to.append(at + len(shard_id))
+        else:
+            id_from.append(len(quoted))
+            id_to.append(-1)
+            quoted.append(shard_id)
         _add_id(index, lines, shard_id, start, src)
-        ids.append(shard_id)
         starts.append(begin)
-        ends.append(cursor.pos)
     if header is None:
         raise ShardListError(f"{src}: no header row (the file is empty)")
-    if not ids:
+    if not starts:
         raise ShardListError(f"{src}: no shards (header but no rows)")
     names = header
+    last = len(starts) - 1
+    starts.append(len(text))  # a record ends where the next one starts (blank lines between)
 
     def record_at(i: int) -> dict[str, str]:
-        chunk = text[starts[i] : ends[i]]
+        if not 0 <= i <= last:
+            raise IndexError(f"shard index {i} out of range")
+        chunk = text[starts[i] : starts[i + 1]]
         row = next(csv.reader(_physical_lines(chunk), delimiter=delimiter, strict=True))
         return dict(zip(names, row, strict=True))
+
+    def records() -> Iterator[dict[str, str]]:
+        """Every record in order, read by one reader (what creating the run stores)."""
+        rows = csv.reader(_physical_lines(text, starts[0]), delimiter=delimiter, strict=True)
+        for row in rows:
+            if row and (len(row) > 1 or row[0].strip()):
+                yield dict(zip(names, row, strict=True))
 
     return ShardList(
         source=src,
         path=abspath,
         format="csv",
         fields=frozenset(names),
-        length=len(ids),
-        id_at=ids.__getitem__,
+        length=last + 1,
+        id_at=id_at,
         record_at=record_at,
         line_at=lines.__getitem__,
         index_of=index.get,
+        records=records,
     )
 
 
-def _add_id(index: dict[str, int], lines: array[int], shard_id: str, line: int, src: str) -> None:
+def _add_id(index: IdIndex, lines: array[int], shard_id: str, line: int, src: str) -> None:
     """Record a new shard's id and line; a duplicate names both lines."""
     if "\0" in shard_id:  # the id travels in ORCH_SHARD_ID: no environment can carry a NUL
         raise ShardListError(f"{src}:{line}: shard id {shard_id!r} contains a NUL byte")
-    first = index.setdefault(shard_id, len(lines))
+    first = index.add(shard_id, len(lines))
     if first != len(lines):
         raise ShardListError(
             f"{src}:{line}: duplicate shard id {shard_id!r} (first at line {lines[first]})"
@@ -196,8 +232,8 @@ def _check_header(header: tuple[str, ...], src: str, line: int) -> int:
 def _load_jsonl(text: str, src: str, abspath: str) -> ShardList:
     records: list[dict[str, Any]] = []
     ids: list[str] = []
-    lines = array("q")
-    index: dict[str, int] = {}
+    lines = array(_OFFSET if len(text) < 2**31 else "q")
+    index = IdIndex(ids.__getitem__, text.count("\n") + 1)
     for number, raw in enumerate(_physical_lines(text), 1):
         if not raw.strip():
             continue
@@ -212,9 +248,9 @@ def _load_jsonl(text: str, src: str, abspath: str) -> ShardList:
                 f"{src}:{number}: expected a JSON object, got {_json_kind(record)}"
             )
         shard_id = _jsonl_id(record, src, number)
+        ids.append(shard_id)  # first: the index reads ids through ``ids``
         _add_id(index, lines, shard_id, number, src)
         records.append(record)
-        ids.append(shard_id)
     if not records:
         raise ShardListError(f"{src}: no shards (no JSON lines)")
     return ShardList(
@@ -263,14 +299,14 @@ def _json_kind(value: object) -> str:
 
 def _load_text(text: str, src: str, abspath: str) -> ShardList:
     values: list[str] = []
-    lines = array("q")
-    index: dict[str, int] = {}
+    lines = array(_OFFSET if len(text) < 2**31 else "q")
+    index = IdIndex(values.__getitem__, text.count("\n") + 1)
     for number, raw in enumerate(_physical_lines(text), 1):
         value = raw.strip()
         if not value:
             continue
+        values.append(value)  # first: the index reads ids through ``values``
         _add_id(index, lines, value, number, src)
-        values.append(value)
     if not values:
         raise ShardListError(f"{src}: no shards (the file has no non-blank lines)")
     return ShardList(

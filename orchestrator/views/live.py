@@ -162,7 +162,7 @@ class LiveView(PlainView):
         grid.add_row(f"{what}{tail}  [dim]{elapsed}[/]")
         grid.add_row(counts_text(counts, lifecycle_order=True))
         nodes = Counter(
-            rt.node[:12] for rt in master.shard_runs if rt.node and rt.state is State.RUNNING
+            rt.node[:12] for rt in master.shard_runs.made() if rt.node and rt.state is State.RUNNING
         )
         if nodes:  # --backend ray: where the running shards are
             placed = ", ".join(f"{n} {c} running" for n, c in sorted(nodes.items()))
@@ -178,8 +178,8 @@ class LiveView(PlainView):
         running: list[tuple[float, int]] = []
         now = master.loop.clock()
         quiet_s = max(5.0, 5 * master.task.heartbeat_interval_s)
-        for i, rt in enumerate(master.shard_runs):
-            state = rt.life.state
+        for rt in master.shard_runs.made():  # a shard never started is neither
+            i, state = rt.index, rt.life.state
             if state is State.BACKOFF:
                 if len(failing) < limit:
                     failing.append(f"[yellow]{master.shards[i].id}[/] {waiting(rt, now)}")

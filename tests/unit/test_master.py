@@ -1249,3 +1249,55 @@ def outbox(db: str) -> list[tuple[str, str, dict[str, Any]]]:
     finally:
         conn.close()
     return [(c, e, orjson.loads(b)) for c, e, b in got]
+
+
+# --- many shards: a shard never started costs no ShardRun -----------------------------------
+
+
+def test_a_shard_gets_its_shard_run_when_dispatched_not_before(make: Any) -> None:
+    h = make(n=1000, jobs=2)
+    h.open()
+    runs = h.master.shard_runs
+    assert [r.index for r in runs.made()] == [0, 1]
+    assert runs.unmade == 998 and len(runs) == 1000
+    assert h.master.items() == (0, None)  # shards never started have reported no total
+    h.exit(0, 0)
+    assert h.actions()[-1] == ("start", "2", 1)
+    assert [r.index for r in runs.made()] == [0, 1, 2]
+    assert runs.unmade == 997
+    assert runs[999].life.state.value == "pending" and runs.unmade == 996  # made when asked
+    assert h.master.shard_index("999") == 999 and h.master.shard_index("1000") is None
+
+
+def test_a_message_for_a_shard_never_started_is_stale_and_a_finished_one_leaves_the_cache(
+    make: Any,
+) -> None:
+    h = make(n=5, jobs=1)
+    h.open()
+    h.message(HB, "3", 1)  # shard 3 has had no attempt 1
+    assert h.master.status()["dropped"] == {"garbage": 0, "stale": 1}
+    h.message(HB, "0", 1, done=2)
+    assert set(h.master.shard_runs.cached) == {"0"}  # the running shard, looked up once
+    h.exit(0, 0)
+    assert "0" not in h.master.shard_runs.cached  # done: no longer in the heartbeat cache
+    beat = h.master.tracker.on_heartbeat
+    beat(b"peer", ("0", 2, 3, None, None), h.loop.clock())  # found without the cache
+    assert h.master.status()["dropped"] == {"garbage": 0, "stale": 2}
+    assert "0" not in h.master.shard_runs.cached
+    beat(b"peer", ("1", 1, 4, 8, 100), h.loop.clock())  # the next shard, now running
+    assert h.master.shard_runs[1].done == 4 and h.master.shard_runs[1].rss == 100
+    assert set(h.master.shard_runs.cached) == {"1"}
+    beat(b"peer", ("nope", 1, 4, 8, 100), h.loop.clock())
+    assert h.master.status()["dropped"] == {"garbage": 1, "stale": 2}
+
+
+def test_resumed_shards_with_a_past_are_made_at_load_the_others_when_dispatched(
+    make: Any,
+) -> None:
+    h = make(n=6, jobs=2, prepare=_earlier_run)
+    h.open()
+    assert [r.index for r in h.master.shard_runs.made()] == [0, 1, 2, 3]
+    assert h.actions() == [("start", "1", 3), ("start", "3", 2)]
+    h.exit(1, 0)
+    assert h.actions()[-1] == ("start", "4", 1)  # then the fresh ones, in shard order
+    assert h.master.counts() == {"done": 2, "failed": 1, "running": 2, "pending": 1}

@@ -65,6 +65,7 @@ def test_csv_bom_blank_lines_and_crlf(tmp_path: Path) -> None:
     shards = load_shards(_write(tmp_path / "m.csv", data))
     assert shards.fields == {"id", "n"}
     assert [(s.id, s.line, s.record["n"]) for s in shards] == [("a", 3, "1"), ("b", 6, "2")]
+    assert list(shards) == [shards[0], shards[1]]
 
 
 def test_csv_quoted_newlines_keep_physical_line_numbers(tmp_path: Path) -> None:
@@ -72,6 +73,7 @@ def test_csv_quoted_newlines_keep_physical_line_numbers(tmp_path: Path) -> None:
     shards = load_shards(_write(tmp_path / "m.csv", data))
     assert [(s.id, s.line) for s in shards] == [("a", 2), ("b", 4), ("c", 5), ("d", 8)]
     assert shards[2].record["note"] == "three\n\nlines"
+    assert list(shards) == [shards[i] for i in range(4)]
 
 
 def test_csv_width_error_after_quoted_newline_names_physical_line(tmp_path: Path) -> None:
@@ -144,6 +146,53 @@ def test_csv_round_trip(tmp_path: Path, rows: list[tuple[str, str]], delimiter: 
         return
     shards = load_shards(path)
     assert [(s.id, s.record["value"]) for s in shards] == expected
+    # Ids are slices of the text, or kept aside when quoted: the index finds every one.
+    assert [shards.index_of(row[0]) for row in expected] == list(range(len(expected)))
+    assert shards.index_of("no such id") is None
+    # Iterating reads every record with one reader; indexing parses one: the same shards.
+    assert list(shards) == [shards[i] for i in range(len(shards))]
+
+
+def test_csv_ids_quoted_or_not_in_any_column(tmp_path: Path) -> None:
+    data = (
+        "name,id,n\n"
+        "Acme,acme,1\n"
+        '"A, ""quoted""",b,2\n'  # a quote before the id: the id is kept aside
+        'C,"c,1",3\n'  # a quoted id
+        'D,"d",4\n'  # quoted but plain
+        "E,e\u00e9,5\r\n"  # CRLF, a non-ASCII id
+    )
+    shards = load_shards(_write(tmp_path / "m.csv", data))
+    ids = ["acme", "b", "c,1", "d", "e\u00e9"]
+    assert [s.id for s in shards] == ids
+    assert [shards.id_at(i) for i in range(len(ids))] == ids
+    assert [shards.index_of(i) for i in ids] == [0, 1, 2, 3, 4]
+    assert shards.index_of('"d"') is None and shards.index_of("c") is None
+    assert shards[1].record == {"name": 'A, "quoted"', "id": "b", "n": "2"}
+    assert shards[4].record == {"name": "E", "id": "e\u00e9", "n": "5"}
+
+
+def test_csv_duplicate_of_a_quoted_id_names_both_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path / "m.csv", 'id,n\n"a,b",1\nx,2\n"a,b",3\n')
+    assert _error(path) == f"{path}:4: duplicate shard id 'a,b' (first at line 2)"
+    path = _write(tmp_path / "p.csv", 'n,id\n1,a\n"2",a\n')
+    assert _error(path) == f"{path}:3: duplicate shard id 'a' (first at line 2)"
+
+
+def test_id_index_grows_and_finds_every_id() -> None:
+    from orchestrator.sources.model import IdIndex
+
+    ids: list[str] = []
+    index = IdIndex(ids.__getitem__)  # no size given: starts small, grows as ids come
+    for i in range(5000):
+        ids.append(f"id-{i * 7919 % 5003}")
+        assert index.add(ids[-1], i) == i
+    assert len(index) == 5000
+    assert all(index.get(shard_id) == i for i, shard_id in enumerate(ids))
+    ids.append(ids[1234])
+    assert index.add(ids[-1], 5000) == 1234  # a duplicate: the first one's index
+    assert len(index) == 5000
+    assert index.get("id-5003") is None and index.get("") is None
 
 
 # ----------------------------------------------------------------------------- JSON lines
