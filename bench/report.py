@@ -187,6 +187,8 @@ def render_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- Rounds: {meta['repeat']}; total bench time {meta['elapsed_s']:.0f} s",
         *[f"- Re-measured on {r['date']} with `{r['command']}`: {', '.join(r['families'])}"
+          + (f" (load at the end {r['load']}, {r['elapsed_s']:.0f} s)"
+             if r.get("load") and r.get("elapsed_s") is not None else "")
           for r in meta.get("reruns", [])], "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]

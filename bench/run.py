@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                     for r in rows] + [m for m in more if m.key not in {r.key for r in rows}]
             meta.setdefault("reruns", []).append(
                 {"families": more_meta["families"], "date": more_meta["machine"]["date"],
-                 "command": more_meta["command"]})
+                 "command": more_meta["command"], "load": more_meta["machine"].get("load"),
+                 "elapsed_s": more_meta.get("elapsed_s")})
         print(report.render_text(rows))
         report.write_markdown(str(DOC), rows, meta)
         print(f"docs: {os.path.relpath(DOC)}")
