@@ -185,8 +185,9 @@ def render_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         *([f"- Load average at the end (1, 5, 15 min): {m['load']}"]
           if "load" in m else []),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- Rounds: {meta['repeat']}; total bench time {meta['elapsed_s']:.0f} s",
-        *[f"- Re-measured on {r['date']} with `{r['command']}`: {', '.join(r['families'])}"
+        f"- Rounds: {meta['repeat']}; total bench time {meta['elapsed_s']:.0f} s"
+        + (" (every file below included)" if meta.get("reruns") else ""),
+        *[f"- Rows of {', '.join(r['families'])}: measured on {r['date']} with `{r['command']}`"
           + (f" (load at the end {r['load']}, {r['elapsed_s']:.0f} s)"
              if r.get("load") and r.get("elapsed_s") is not None else "")
           for r in meta.get("reruns", [])], "",

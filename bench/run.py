@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"families": more_meta["families"], "date": more_meta["machine"]["date"],
                  "command": more_meta["command"], "load": more_meta["machine"].get("load"),
                  "elapsed_s": more_meta.get("elapsed_s")})
+            meta["elapsed_s"] = meta.get("elapsed_s", 0.0) + (more_meta.get("elapsed_s") or 0.0)
         print(report.render_text(rows))
         report.write_markdown(str(DOC), rows, meta)
         print(f"docs: {os.path.relpath(DOC)}")
