@@ -82,6 +82,7 @@ def idle(cfg: Config) -> list[Row]:
         rows.append(Row(key=f"idle_guardian_rss_{n}", family="idle",
                         metric=f"orch guardian RSS, {n:,} children", unit="MiB",
                         better="lower", orch=cell(g) if g is not None else cell(text="n/a"),
-                        note="the forked process that stops attempts if the master is "
-                             "SIGKILLed; shares pages with the master (copy-on-write)"))
+                        note="the process that stops attempts if the master is SIGKILLed: "
+                             "its own small program (python -m orchestrator.guardian), "
+                             "started with posix_spawn"))
     return rows
