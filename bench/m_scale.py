@@ -6,9 +6,9 @@ plus one run of 10,000 shards with ``--jobs`` at the ceiling (``--quick``:
 2,000 shards, ``--jobs 500``).
 
 The ceiling is what the open-files hard limit allows at orch's own count of
-descriptors per live attempt (``FDS_PER_ATTEMPT``: its two pipes; log files
-are capped at 4,096 open in all and reserved once), which the "open
-descriptors" row shows.
+descriptors per live attempt (``FDS_PER_ATTEMPT``: its two pipes and its
+heartbeat connection; log files are capped at 4,096 open in all and reserved
+once), which the "open descriptors" row shows.
 
 Per N, orch runs detached (``orch run -d --jobs N``) and one fleet gives,
 in order: time to all running (launch of the command until N children run

@@ -26,15 +26,16 @@ master does not change.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import Backend
 from orchestrator.backends.local import LocalBackend
-from orchestrator.concurrency import default_jobs
+from orchestrator.concurrency import FDS_PER_ATTEMPT, default_jobs, fd_ceiling
 from orchestrator.config import TaskConfig
 from orchestrator.guardian import Guardian
-from orchestrator.loop import Loop
+from orchestrator.loop import Loop, raise_fd_limit
 from orchestrator.master import Master
 from orchestrator.ports import (
     EventSink,
@@ -241,6 +242,7 @@ def build_master(
         os.chdir(task.cwd)
     # The concurrency in force: `orch scale` records it, so a resumed run keeps it.
     jobs = default_jobs(len(shards), store.run().get("jobs") or task.jobs)
+    _warn_past_fd_ceiling(min(jobs, len(shards)))
     hb_path = ipc_path(run_dir, run_id, "hb.sock")
     if task.backend == "ray":
         # Attempts on a cluster: the actors stop their own groups if the master dies (no
@@ -293,3 +295,21 @@ def build_master(
         retry_failed=retry_failed,
         base_env=base_env,
     )
+
+
+def _warn_past_fd_ceiling(live: int) -> None:
+    """One line on stderr when ``--jobs`` asks for more live attempts than the open-files
+    limit holds if every shard connects for heartbeats (libzmq aborts a process whose
+    ``accept`` runs out of descriptors). Plain commands that never connect fit more, so
+    this warns rather than refuses."""
+    limit = raise_fd_limit()
+    ceiling = fd_ceiling(limit)
+    if live > ceiling:
+        print(
+            f"orch: warning: --jobs {live}: the open-files limit ({limit}) holds {ceiling} "
+            f"live attempts whose shards send heartbeats ({FDS_PER_ATTEMPT} descriptors each, "
+            "plus log files); past that the master can be stopped by 'Too many open files': "
+            "raise the hard limit (ulimit -Hn) or lower --jobs",
+            file=sys.stderr,
+            flush=True,
+        )
