@@ -397,3 +397,16 @@ def managed(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
         yield proc
     finally:
         stop(proc)
+
+
+def kill_master_timed(mgr: int, pids: list[int], timeout_s: float = 60.0) -> float:
+    """SIGKILL the master ``mgr``; seconds until every one of ``pids`` is gone (Skip if not)."""
+    t0 = time.perf_counter()
+    os.kill(mgr, signal.SIGKILL)
+    left = pids
+    while left and time.perf_counter() - t0 < timeout_s:
+        left = [p for p in left if alive(p)]
+        time.sleep(0.005)  # allowed-sleep: /proc polling interval
+    if left:
+        raise Skip(f"error: {len(left)} attempts alive {timeout_s:g} s after the master's SIGKILL")
+    return time.perf_counter() - t0

@@ -8,8 +8,6 @@ until N children run again below it.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 from bench.common import (
@@ -18,10 +16,10 @@ from bench.common import (
     Config,
     Row,
     Skip,
-    alive,
     base_env,
     cell,
     collect,
+    kill_master_timed,
     launch,
     stop,
 )
@@ -37,16 +35,7 @@ def one(cfg: Config, n: int, resumed: list[float]) -> float:
             raise Skip(f"error: {n} not running")
         mgr = fleet.manager()
         assert mgr is not None
-        pids = sleeps(mgr)
-        t0 = time.perf_counter()
-        os.kill(mgr, signal.SIGKILL)
-        left = pids
-        while left and time.perf_counter() - t0 < 60:
-            left = [p for p in left if alive(p)]
-            time.sleep(0.005)
-        gone = time.perf_counter() - t0
-        if left:
-            raise Skip(f"error: {len(left)} attempts alive 60 s after the master's SIGKILL")
+        gone = kill_master_timed(mgr, sleeps(mgr))
         argv = [*ORCH, "resume", fleet.run_id or "", "--home", fleet.home or ""]
         t1 = time.perf_counter()
         resume = Fleet("orch", launch(argv, cwd=fleet.workdir, env=base_env()), fleet.workdir, t1)

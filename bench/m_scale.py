@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import signal
 import subprocess
 import time
 from typing import Any
@@ -44,11 +43,11 @@ from bench.common import (
     Config,
     Row,
     Skip,
-    alive,
     base_env,
     cell,
     children,
     cpu_ns,
+    kill_master_timed,
     launch,
     log,
     proc_stat,
@@ -179,16 +178,7 @@ def orch_round(cfg: Config, n: int, out: dict[str, list[float]], jobs: int | Non
         if not full:
             return
         out.setdefault("hb_cpu", []).extend(_heartbeat_cpu(fleet, 4.0 if cfg.quick else 6.0))
-        pids = sleeps(mgr)
-        t0 = time.perf_counter()
-        os.kill(mgr, signal.SIGKILL)
-        left = pids
-        while left and time.perf_counter() - t0 < 60:
-            left = [p for p in left if alive(p)]
-            time.sleep(0.005)
-        if left:
-            raise Skip(f"error: {len(left)} attempts alive 60 s after the master's SIGKILL")
-        out.setdefault("kill", []).append(time.perf_counter() - t0)
+        out.setdefault("kill", []).append(kill_master_timed(mgr, sleeps(mgr)))
         argv = [*ORCH, "resume", fleet.run_id or "", "--home", fleet.home or ""]
         t1 = time.perf_counter()
         resume = Fleet("orch", launch(argv, cwd=fleet.workdir, env=base_env()), fleet.workdir,

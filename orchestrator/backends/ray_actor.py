@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.procfs import group_alive
+
 PR_SET_PDEATHSIG = 1
 #: How often the actor looks for a lost master and for a draining group.
 TICK_S = 0.1
@@ -54,16 +56,6 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _killpg(pgid: int, signum: int) -> None:
@@ -175,10 +167,10 @@ class HostActor:
         """The exit, reported once the leader has exited and the whole group is gone."""
         code = await proc.wait()
         pgid = proc.pid
-        if _group_alive(pgid):
+        if group_alive(pgid):
             _killpg(pgid, signal.SIGTERM)
             deadline = time.monotonic() + self._stop_timeout_s
-            while _group_alive(pgid):
+            while group_alive(pgid):
                 if time.monotonic() >= deadline:
                     _killpg(pgid, signal.SIGKILL)
                 await asyncio.sleep(TICK_S)
