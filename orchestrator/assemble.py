@@ -232,6 +232,7 @@ def build_master(
     retry_failed: bool = False,
     sinks: Sequence[EventSink] = (),
     base_env: Mapping[str, str] | None = None,
+    guardian: Guardian | None = None,
 ) -> Master:
     """A master for the opened run, with its local ports bound; call ``run()`` on it next.
 
@@ -248,7 +249,7 @@ def build_master(
         # Attempts on a cluster: the actors stop their own groups if the master dies (no
         # guardian), shards reach the master over TCP with CURVE, and a resumed master
         # takes back the attempts its predecessor left alive.
-        guardian: Guard = NoGuard()
+        guard: Guard = NoGuard()
         loop = Loop()
         backend: Backend = _ray_backend(loop, run_id, task, store)
         bound = backend.bind_channel(loop, run_dir)
@@ -257,8 +258,9 @@ def build_master(
         channel: HeartbeatChannel | None = Channel(loop, hb_path, run_id, bound=bound)
         reattach = True
     else:
-        # The guardian watches from before the first spawn.
-        guardian = Guardian(task.stop_timeout_s, run_id)
+        # The guardian watches from before the first spawn (``guardian``: started by the
+        # caller before it imported this module, see launch.early_guardian).
+        guard = guardian if guardian is not None else Guardian(task.stop_timeout_s, run_id)
         loop = Loop()
         backend = LocalBackend(loop, stop_timeout_s=task.stop_timeout_s, jobs=jobs)
         channel = None  # bound by LateSockets.open()
@@ -280,7 +282,7 @@ def build_master(
         channel=sockets.channel,
         control=sockets.control,
         events=FanOut([sockets.events, *sinks]),
-        guardian=guardian,
+        guardian=guard,
         reattach=reattach,
     )
     return Master(

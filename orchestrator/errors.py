@@ -8,7 +8,6 @@ a user never sees a traceback for their own mistake.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 #: Every shard of the run ended ``done``.
@@ -36,6 +35,7 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
     names = list(dict.fromkeys(candidates))
     if word in names:
         return word
+    import difflib  # only on a mistake: not at every start
 
     def ratio(candidate: str) -> float:
         return difflib.SequenceMatcher(None, word, candidate).ratio()

@@ -46,6 +46,7 @@ from orchestrator.runs import (
 from orchestrator.store import Store
 
 if TYPE_CHECKING:
+    from orchestrator.guardian import Guardian
     from orchestrator.ports import EventSink, View
 
 START_TIMEOUT_S = 15.0
@@ -66,12 +67,16 @@ class NothingToResume(OrchError):
         self.exit_code = exit_code
 
 
-def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
+def supervise(
+    run: OpenedRun, view: View, *, retry_failed: bool = False, guardian: Guardian | None = None
+) -> int:
     """Build the run's master and run it to the end; return the run's exit code.
 
     The only place a ``Master`` is constructed (the foreground run and the
-    detached master both come here).
+    detached master both come here). ``guardian``: the one ``early_guardian`` started.
     """
+    if guardian is None:
+        guardian = early_guardian(run)
     # The master's stack (ZeroMQ, the backend, the views) is loaded only by the process that
     # supervises: `orch run -d` and `orch resume -d` hand the run over without it.
     from orchestrator.assemble import build_master
@@ -86,8 +91,23 @@ def supervise(run: OpenedRun, view: View, *, retry_failed: bool = False) -> int:
         retry_failed=retry_failed,
         base_env=run.environ,
         sinks=_notify_sinks(run),
+        guardian=guardian,
     )
     return master.run()
+
+
+def early_guardian(run: OpenedRun) -> Guardian | None:
+    """Start a local run's guardian now, before the master's stack is imported.
+
+    The guardian is a Python program of its own: its interpreter starts on the other core
+    while this one imports, instead of competing with the first spawns for a core
+    (docs/performance.md). A Ray run has none (its host actors guard their attempts).
+    """
+    if run.task.backend == "ray":
+        return None
+    from orchestrator.guardian import Guardian
+
+    return Guardian(run.task.stop_timeout_s, run.id)
 
 
 def _notify_sinks(run: OpenedRun) -> list[EventSink]:
@@ -149,9 +169,10 @@ def start(
         run.store.close()
         return _detach(run.dir, run.hand_over_lock(), resume=resume, retry_failed=retry_failed)
     try:
+        guardian = early_guardian(run)
         from orchestrator.views.live import default_view  # loads the master (see supervise)
 
-        code = supervise(run, default_view(verbose), retry_failed=retry_failed)
+        code = supervise(run, default_view(verbose), retry_failed=retry_failed, guardian=guardian)
         if run.store.failing is None:  # else the database holds no end: the line said it all
             from orchestrator.views.summary import print_summary  # at the end: not in start-up
 

@@ -28,7 +28,6 @@ import contextlib
 import fcntl
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -401,6 +400,8 @@ def ipc_path(run_dir: str, run_id: str, name: str) -> str:
     path = os.path.join(run_dir, name)
     if len(path) <= MAX_IPC_PATH:
         return path
+    import tempfile  # rarely needed: not at every start
+
     base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}")
     try:
         os.mkdir(base, 0o700)

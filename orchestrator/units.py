@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import math
 import re
-from fractions import Fraction
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import UnitError
+
+if TYPE_CHECKING:
+    from fractions import Fraction
 
 __all__ = ["format_bytes", "format_duration", "parse_duration", "parse_size", "parse_timeout"]
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_UNITS: dict[str, Fraction] = {
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
-    "d": Fraction(86400),
+# Seconds per unit as (numerator, denominator). Exact arithmetic uses fractions.Fraction,
+# imported when a value is parsed: `orch run -- CMD` parses none (start-up time).
+_DURATION_UNITS: dict[str, tuple[int, int]] = {
+    "ms": (1, 1000),
+    "s": (1, 1),
+    "m": (60, 1),
+    "h": (3600, 1),
+    "d": (86400, 1),
 }
 _PLAIN_RE = re.compile(rf"\s*({_NUMBER})\s*", re.ASCII)
 _DURATION_PART_RE = re.compile(rf"\s*({_NUMBER})\s*(ms|s|m|h|d)\s*", re.ASCII | re.IGNORECASE)
@@ -52,6 +57,8 @@ def _number(value: object) -> Fraction | None:
         return None
     if value < 0:
         return None
+    from fractions import Fraction
+
     return Fraction(value)
 
 
@@ -93,6 +100,8 @@ def parse_timeout(value: object, *, where: str) -> float | None:
 
 
 def _parse_duration_text(text: str) -> Fraction | None:
+    from fractions import Fraction
+
     plain = _PLAIN_RE.fullmatch(text)
     if plain:
         return Fraction(plain.group(1))
@@ -101,7 +110,7 @@ def _parse_duration_text(text: str) -> Fraction | None:
         match = _DURATION_PART_RE.match(text, pos)
         if match is None or match.end() == pos:
             return None
-        total += Fraction(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+        total += Fraction(match.group(1)) * Fraction(*_DURATION_UNITS[match.group(2).lower()])
         pos, parts = match.end(), parts + 1
     return total if parts else None
 
@@ -124,6 +133,8 @@ def parse_size(value: object, *, where: str) -> int:
 
 
 def _parse_size_text(text: str) -> Fraction | None:
+    from fractions import Fraction
+
     match = _SIZE_RE.fullmatch(text)
     if match is None:
         return None
