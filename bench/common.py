@@ -300,10 +300,10 @@ def become_subreaper() -> None:
 
 def launch(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
            stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.DEVNULL,
-           ) -> subprocess.Popen[bytes]:
+           stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session (so a killpg reaches its group)."""
     proc = subprocess.Popen(argv, env=env if env is not None else base_env(), cwd=cwd,
-                            stdin=subprocess.DEVNULL, stdout=stdout,
+                            stdin=stdin, stdout=stdout,
                             stderr=stderr, start_new_session=True)
     _popen_pids.add(proc.pid)
     return proc

@@ -7,9 +7,13 @@ One DEALER socket per shard id, each sending valid protocol heartbeats
 ``flood`` (send AMOUNT messages round-robin over the sockets as fast as
 possible; every ``STALE_EVERY``-th message carries a stale attempt number,
 which the master counts in ``dropped.stale``, so the number of processed
-messages can be read from its status) or ``paced`` (for AMOUNT seconds, each
-socket sends one heartbeat a second, spread evenly). Prints JSON: messages
-sent, stale ones among them, and the wall time sending started.
+messages can be read from its status), ``fill`` (the same messages, queued
+on command: once every socket is connected it prints ``connected`` and waits
+for a line on stdin, then queues them all, prints ``queued`` and delivers
+them; the caller stops the receiver meanwhile, so that its drain is timed
+alone) or ``paced`` (for AMOUNT seconds, each socket sends one heartbeat a
+second, spread evenly). Prints JSON last: messages sent, stale ones among
+them, and the wall time sending started.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ def main(argv: list[str]) -> None:
     socks = []
     for _ in ids:
         s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 60_000 if mode == "flood" else 0)  # deliver every message
-        s.setsockopt(zmq.SNDHWM, 200)
+        s.setsockopt(zmq.LINGER, 0 if mode == "paced" else 60_000)  # deliver every message
+        # fill: a socket's whole share fits its queue, so queuing never waits for the receiver
+        s.setsockopt(zmq.SNDHWM, int(amount) // len(ids) + 100 if mode == "fill" else 200)
         s.connect(endpoint)
         socks.append(s)
     a = int(attempt)
@@ -43,8 +48,11 @@ def main(argv: list[str]) -> None:
     pairs = list(zip(socks, frames, stale, strict=True))
     sent = n_stale = 0
     time.sleep(0.5)  # let the connections settle
+    if mode == "fill":
+        print("connected", flush=True)
+        sys.stdin.readline()
     t_start = time.time()
-    if mode == "flood":
+    if mode in ("flood", "fill"):
         quota = int(amount)
         while sent < quota:
             for sock, frame, old in pairs[: quota - sent]:
@@ -66,6 +74,8 @@ def main(argv: list[str]) -> None:
                 delay = nxt - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+    if mode == "fill":
+        print("queued", flush=True)
     for s in socks:
         s.close()
     ctx.term()  # returns once every queued message is delivered (LINGER)
