@@ -52,14 +52,6 @@ for _ in range(total):
 print(time.time(), flush=True)
 """
 
-_BARE_BLOCKING = """
-import sys, zmq
-ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.setsockopt(zmq.LINGER, 0); s.bind(sys.argv[1])
-recv = s.recv_multipart
-while True:
-    recv()
-"""
-
 
 def advance(cfg: Config) -> list[Row]:
     from bench import bench_sdk
@@ -288,9 +280,9 @@ def _paced_cpu(pid: int, endpoint: str, run_id: str, ids: list[str],
 def _paced_bare_cpu(endpoint: str, run_id: str, ids: list[str], window: float) -> list[float]:
     """The same paced traffic into a bare ROUTER blocked in ``recv_multipart``: the floor
     that one ZeroMQ connection per shard costs any receiver."""
-    bare = launch([PY, "-c", _BARE_BLOCKING, endpoint])
+    bare = launch([PY, "-c", _BARE, endpoint, str(1 << 62)], stdout=subprocess.PIPE)
     try:
-        time.sleep(0.3)
+        _await_line([bare], b"bound", 30)
         return _paced_cpu(bare.pid, endpoint, run_id, ids, window)
     finally:
         stop(bare)
