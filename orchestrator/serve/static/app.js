@@ -143,7 +143,7 @@ function renderRuns() {
     const st = runsState.stats[r.id] || {};
     const done = st.items_done ?? r.items_done;
     const total = st.items_total ?? r.items_total;
-    const counts = st.counts || r.counts || {};
+    const counts = (r.state === "running" && st.counts) || r.counts || st.counts || {};
     const doneShards = counts.done || 0;
     const prog = total ? progressCell(done, total, r.state)
       : progressCell(doneShards, r.shard_count, r.state).replace("</span>", " shards</span>");
@@ -274,7 +274,7 @@ function renderHead() {
   const exact = st.items_total ?? r.items_total;
   const total = exact ?? st.items_total_estimate;
   const approx = exact == null && total != null ? "≈ " : "";
-  const counts = st.counts || r.counts || {};
+  const counts = (state === "running" && st.counts) || r.counts || st.counts || {};
   const p = total ? pct(done, total) : r.shard_count ? (100 * (counts.done || 0)) / r.shard_count : 0;
   const bar = $("run-bar");
   bar.style.width = (state === "done" ? 100 : p) + "%";
@@ -319,6 +319,8 @@ const refreshRun = throttle(async () => {
   try {
     const r = await api(`/runs/${encodeURIComponent(R.id)}?shards=0`);
     R.run = { ...R.run, ...r };
+    // the header's counts come from whichever snapshot is newest: this one now
+    if (R.stats && r.counts) R.stats = { ...R.stats, counts: r.counts };
     renderHead();
   } catch (e) { /* the next event retries */ }
 }, 700);
