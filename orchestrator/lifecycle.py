@@ -122,49 +122,96 @@ class Shard:
 # --- events -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class _Value:
+    """A frozen value: its fields are its ``__slots__``; equal to a value of the same
+    type with equal fields, hashable, and shown as ``Exited(code=1)``.
+
+    The events and actions below are written out instead of being dataclasses:
+    ``@dataclass`` compiles five or six methods per class when the module is
+    imported, 0.5 ms a class, and this module is imported before every
+    ``orch run`` spawns anything (docs/performance.md, start-up).
+    """
+
+    __slots__ = ()
+    __match_args__: tuple[str, ...] = ()
+
+    def __init_subclass__(cls) -> None:
+        type.__setattr__(cls, "__match_args__", cls.__dict__["__slots__"])  # positional patterns
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__match_args__)
+
+    def __hash__(self) -> int:
+        return hash((type(self), *(getattr(self, n) for n in self.__match_args__)))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__match_args__)
+        return f"{type(self).__name__}({inner})"
+
+
+_set = object.__setattr__
+
+
+class Start(_Value):
     """The master has a free slot for this pending shard."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Spawned:
+
+class Spawned(_Value):
     """The attempt's process exists."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class SpawnFailed:
+
+class SpawnFailed(_Value):
     """The attempt could not be started; ``reason`` is in plain words.
 
     A ``transient`` cause (out of file descriptors) is retried with backoff
     like a crash; any other (no such executable) ends the shard at once.
     """
 
+    __slots__ = ("reason", "transient")
     reason: str
-    transient: bool = False
+    transient: bool
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        _set(self, "reason", reason)
+        _set(self, "transient", transient)
 
 
-@dataclass(frozen=True, slots=True)
-class Exited:
+class Exited(_Value):
     """The attempt's process and its whole process group are gone.
 
     ``code`` is the exit status, or ``-N`` when signal N killed it.
     """
 
+    __slots__ = ("code",)
     code: int
 
+    def __init__(self, code: int) -> None:
+        _set(self, "code", code)
 
-@dataclass(frozen=True, slots=True)
-class Reattached:
+
+class Reattached(_Value):
     """A resumed master found the shard's last attempt still alive and took it back.
 
     The shard runs again without a new attempt (same number, nothing spawned):
     the previous master's attempt is the one live attempt.
     """
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Lost:
+
+class Lost(_Value):
     """The attempt is gone with the machine it ran on (``node lost: <node>``).
 
     Its processes died with their node, so it is as ended as an ``Exited``
@@ -173,35 +220,47 @@ class Lost:
     against ``max_restarts``.
     """
 
+    __slots__ = ("reason",)
     reason: str
 
+    def __init__(self, reason: str) -> None:
+        _set(self, "reason", reason)
 
-@dataclass(frozen=True, slots=True)
-class Kill:
+
+class Kill(_Value):
     """Liveness or memory watch says the running attempt must go."""
 
+    __slots__ = ("intent", "reason")
     intent: Intent
     reason: str
 
+    def __init__(self, intent: Intent, reason: str) -> None:
+        _set(self, "intent", intent)
+        _set(self, "reason", reason)
 
-@dataclass(frozen=True, slots=True)
-class StopRequested:
-    intent: Intent = Intent.STOP
+
+class StopRequested(_Value):
+    __slots__ = ("intent",)
+    intent: Intent
+
+    def __init__(self, intent: Intent = Intent.STOP) -> None:
+        _set(self, "intent", intent)
 
 
-@dataclass(frozen=True, slots=True)
-class RestartRequested:
+class RestartRequested(_Value):
     """The user wants a fresh attempt now, with the backoff reset."""
 
-
-@dataclass(frozen=True, slots=True)
-class BackoffElapsed:
-    pass
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class GraceElapsed:
+class BackoffElapsed(_Value):
+    __slots__ = ()
+
+
+class GraceElapsed(_Value):
     """The stop timeout has passed since SIGTERM: escalate to SIGKILL."""
+
+    __slots__ = ()
 
 
 Event = (
@@ -227,27 +286,40 @@ class TimerKind(enum.StrEnum):
     GRACE = "grace"
 
 
-@dataclass(frozen=True, slots=True)
-class Spawn:
+class Spawn(_Value):
+    __slots__ = ("attempt",)
     attempt: int
 
+    def __init__(self, attempt: int) -> None:
+        _set(self, "attempt", attempt)
 
-@dataclass(frozen=True, slots=True)
-class Signal:
+
+class Signal(_Value):
     """Send ``signum`` to the attempt's whole process group."""
 
+    __slots__ = ("signum",)
     signum: int
 
+    def __init__(self, signum: int) -> None:
+        _set(self, "signum", signum)
 
-@dataclass(frozen=True, slots=True)
-class SetTimer:
+
+class SetTimer(_Value):
+    __slots__ = ("kind", "at")
     kind: TimerKind
     at: float
 
+    def __init__(self, kind: TimerKind, at: float) -> None:
+        _set(self, "kind", kind)
+        _set(self, "at", at)
 
-@dataclass(frozen=True, slots=True)
-class CancelTimer:
+
+class CancelTimer(_Value):
+    __slots__ = ("kind",)
     kind: TimerKind
+
+    def __init__(self, kind: TimerKind) -> None:
+        _set(self, "kind", kind)
 
 
 Action = Spawn | Signal | SetTimer | CancelTimer
