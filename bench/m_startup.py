@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from bench.common import ORCH, SLEEP, Config, Row, Skip, cell, collect, launch, status_kb
+from bench.common import ORCH, SLEEP, Cell, Config, Row, Skip, cell, collect, launch, status_kb
 from bench.peers import PEER_NAMES, Fleet, Spec, start
 
 SLEEP_ARGV = [SLEEP, "1000"]
@@ -33,18 +33,30 @@ def time_to_running(name: str, cfg: Config, n: int, wait_n: int | None = None,
         fleet.close()
 
 
+def _piped_note(orch: Cell, piped: Cell) -> str:
+    """The loop that also keeps each child's two pipes open, as orch does to read them."""
+    if not piped.ok:
+        return f"loop keeping each child's 2 pipes: {piped.text or 'n/a'}"
+    text = f"loop keeping each child's 2 pipes open (as orch does): {piped.median:.3f} s"
+    if orch.ok and piped.median > 0:
+        text += f", orch at {orch.median / piped.median:.2f}x of it"
+    return text
+
+
 def startup(cfg: Config) -> list[Row]:
     rows = []
     sizes = [100] if cfg.quick else [100, 1000]
     targets = {100: 1.5, 1000: 1.25}  # x the posix_spawn loop of the same round (issue 14)
     for n in sizes:
         contenders = {name: (lambda name=name, n=n: time_to_running(name, cfg, n))
-                      for name in ("orch", *PEER_NAMES, "spawn-loop")}
+                      for name in ("orch", *PEER_NAMES, "spawn-loop", "spawn-loop-pipes")}
         got = collect(cfg.repeat, contenders, cfg, f"start-up N={n}")
+        orch, piped = got.pop("orch"), got.pop("spawn-loop-pipes")
         rows.append(Row(
             key=f"startup_{n}", family="startup", metric=f"Start-up: {n:,} sleeps running",
-            unit="s", better="lower", orch=got.pop("orch"), limit=got.pop("spawn-loop"),
+            unit="s", better="lower", orch=orch, limit=got.pop("spawn-loop"),
             limit_label="posix_spawn loop", peers=got, target_x_limit=targets.get(n),
+            note=_piped_note(orch, piped),
         ))
     big, jobs = (2_000, 200) if cfg.quick else (10_000, 1000)
     got = collect(cfg.repeat, {"orch": lambda: time_to_running(

@@ -153,7 +153,8 @@ class Fleet:
 
 def start(name: str, spec: Spec, workdir: str) -> Fleet:
     starter = {"orch": _orch, "supervisor": _supervisor, "circus": _circus, "pm2": _pm2,
-               "parallel": _parallel, "spawn-loop": _spawn_loop}[name]
+               "parallel": _parallel, "spawn-loop": _spawn_loop,
+               "spawn-loop-pipes": _spawn_loop_pipes}[name]
     return starter(spec, workdir)
 
 
@@ -323,7 +324,31 @@ time.sleep(3600)
 """
 
 
-def _spawn_loop(spec: Spec, workdir: str) -> Fleet:
+#: The same loop, but each child gets a stdout and a stderr pipe whose read ends the
+#: parent keeps open, as orch keeps them to read the output: every spawn then copies
+#: (and its exec closes) a descriptor table that grows by two per child.
+_SPAWN_LOOP_PIPES = """
+import os, sys, time
+argv = sys.argv[2:]
+kept = []
+for _ in range(int(sys.argv[1])):
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+        (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+    os.close(out_w)
+    os.close(err_w)
+    kept += (out_r, err_r)
+time.sleep(3600)
+"""
+
+
+def _spawn_loop(spec: Spec, workdir: str, script: str = _SPAWN_LOOP,
+                name: str = "spawn-loop") -> Fleet:
     t0 = time.perf_counter()
-    proc = launch([PY, "-c", _SPAWN_LOOP, str(spec.n), *spec.argv], cwd=workdir, env=base_env())
-    return Fleet("spawn-loop", proc, workdir, t0)
+    proc = launch([PY, "-c", script, str(spec.n), *spec.argv], cwd=workdir, env=base_env())
+    return Fleet(name, proc, workdir, t0)
+
+
+def _spawn_loop_pipes(spec: Spec, workdir: str) -> Fleet:
+    return _spawn_loop(spec, workdir, _SPAWN_LOOP_PIPES, "spawn-loop-pipes")

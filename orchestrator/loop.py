@@ -4,17 +4,18 @@ Everything that happens (a child exits, output arrives, a heartbeat lands, a
 timer fires, a signal comes in, a control request arrives) is turned into a
 callback run by this loop, so one thread owns all shard state and no lock is
 ever needed. Signal handlers only record the signal; ``signal.set_wakeup_fd``
-on a non-blocking socketpair wakes ``select`` at once.
+on a non-blocking pipe wakes ``select`` at once (a pipe, not a socketpair:
+``socket`` is not imported before ``orch run``'s first spawn).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import resource
 import selectors
 import signal
-import socket
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -95,7 +96,7 @@ class Loop:
         self.timers = Timers()
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._os_signals = os_signals
-        self._wake: tuple[socket.socket, socket.socket] | None = None
+        self._wake: tuple[int, int] | None = None  # (read end, write end)
         self._signals: list[int] = []
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._old_handlers: dict[int, Any] = {}
@@ -128,11 +129,9 @@ class Loop:
         if not self._os_signals:
             return
         if self._wake is None:
-            wake_r, wake_w = self._wake = socket.socketpair()
-            wake_r.setblocking(False)
-            wake_w.setblocking(False)
+            wake_r, wake_w = self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._selector.register(wake_r, selectors.EVENT_READ, self._drain_wakeups)
-            self._old_wakeup_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+            self._old_wakeup_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for signum in handlers:
             self._old_handlers[signum] = signal.signal(signum, self._record_signal)
 
@@ -155,7 +154,7 @@ class Loop:
     def _drain_wakeups(self) -> None:
         assert self._wake is not None
         try:
-            while self._wake[0].recv(4096):
+            while os.read(self._wake[0], 4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
@@ -192,8 +191,8 @@ class Loop:
         self.restore_signals()
         self._selector.close()
         if self._wake is not None:
-            for sock in self._wake:
-                sock.close()
+            for fd in self._wake:
+                os.close(fd)
             self._wake = None
 
 

@@ -150,13 +150,15 @@ def test_a_run_that_ends_before_the_bind_closes_cleanly(
 
 def test_orch_run_reaches_its_first_spawn_without_importing_zmq() -> None:
     """What ``orch run`` imports before its master's first batch (cli, launch, start,
-    assemble, the plain view): zmq, the control server and the summary come later."""
+    assemble, the plain view): zmq, the control server and the summary come later, and
+    the standard library modules only some runs need are imported where they are used."""
     code = (
         "import sys\n"
         "import orchestrator.cli, orchestrator.launch, orchestrator.start\n"
         "import orchestrator.assemble, orchestrator.views.live\n"
         "heavy = ('zmq', 'orchestrator.channel', 'orchestrator.control',\n"
-        "         'orchestrator.views.summary', 'orchestrator.opsconfig', 'subprocess')\n"
+        "         'orchestrator.views.summary', 'orchestrator.opsconfig', 'subprocess',\n"
+        "         'socket', 'tomllib', 'fractions', 'tempfile', 'difflib')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(
