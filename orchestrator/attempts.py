@@ -112,6 +112,8 @@ class Attempts:
         self._master_pid = str(os.getpid())
         #: Attempts started and not yet settled: (shard, attempt, handle, wall-clock start).
         self._starting: list[tuple[ShardRun, int, AttemptHandle, float]] = []
+        #: Shards whose live attempt waits for a node with room (its message says so).
+        self._waited: set[int] = set()
 
     # --- starting -------------------------------------------------------------------
 
@@ -275,13 +277,27 @@ class Attempts:
         if block and self._view.verbose:
             self._view.line(handle.spec.shard_id, stream, block)
 
+    def waiting(self, run: ShardRun, handle: AttemptHandle, why: str) -> None:
+        """The attempt waits for a node with room: until it is placed, ``why`` is the
+        shard's message (the REASON of ``orch status``, ``message`` in its JSON)."""
+        if self._starting:
+            self.settle()
+        if run.handle is handle:
+            self._waited.add(run.index)
+            self._store.set_shard(run.index, message=why)
+
     def placed(self, run: ShardRun, handle: AttemptHandle, node: str) -> None:
-        """Where the attempt runs (backends with nodes): ``node`` in status."""
+        """Where the attempt runs (backends with nodes): ``node`` in status. The message
+        that it waited for room goes (it has not said anything of its own yet)."""
         if self._starting:
             self.settle()
         if run.handle is handle:
             run.node = node
-            self._store.set_shard(run.index, node=node)
+            if run.index in self._waited:
+                self._waited.discard(run.index)
+                self._store.set_shard(run.index, node=node, message=None)
+            else:
+                self._store.set_shard(run.index, node=node)
 
     def exited(
         self, run: ShardRun, handle: AttemptHandle, code: int, lost: str | None = None
@@ -306,6 +322,9 @@ class Attempts:
             if code != 0:
                 run.notes = logs.stderr_tail()
         run.end()
+        if run.index in self._waited:  # it never left the queue for a node
+            self._waited.discard(run.index)
+            self._store.set_shard(run.index, message=None)
         if handle.pgid is not None:
             self._guardian.forget(handle.pgid)
         self._tracker.disarm_watch(run)

@@ -243,6 +243,10 @@ class Master:
     def on_exit(self, handle: AttemptHandle, code: int) -> None:
         self.attempts.exited(self.shard_runs[handle.spec.index], handle, code)
 
+    def on_waiting(self, handle: AttemptHandle, why: str) -> None:
+        self.attempts.waiting(self.shard_runs[handle.spec.index], handle, why)
+        self.loop.call_when_idle(self._commit)
+
     def on_node(self, handle: AttemptHandle, node: str) -> None:
         self.attempts.placed(self.shard_runs[handle.spec.index], handle, node)
         self.loop.call_when_idle(self._commit)

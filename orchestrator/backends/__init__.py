@@ -58,6 +58,10 @@ class Listener(Protocol):
     def on_exit(self, handle: AttemptHandle, code: int) -> None:
         """The attempt and its whole process group are gone; ``code`` is -N for signal N."""
 
+    def on_waiting(self, handle: AttemptHandle, why: str) -> None:
+        """The attempt waits for room before it is placed (backends that place attempts):
+        ``why`` in plain words, until ``on_node``."""
+
     def on_node(self, handle: AttemptHandle, node: str) -> None:
         """The attempt was placed on ``node`` (backends that run attempts elsewhere)."""
 

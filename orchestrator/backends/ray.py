@@ -394,10 +394,11 @@ class RayBackend(Backend):
         if remote.node is None:
             nodes = len(self._alive())
             why = (
-                f"orch: waiting for a node with {describe(self.demand)} free "
-                f"({nodes} alive node{'s' if nodes != 1 else ''}, all taken by this run)\n"
+                f"waiting for a node with {describe(self.demand)} free "
+                f"({nodes} alive node{'s' if nodes != 1 else ''}, all taken by this run)"
             )
-            self._post("out", key, why.encode())
+            self._post("out", key, f"orch: {why}\n".encode())
+            self._post("waiting", key, why)
         return handle
 
     async def _start(
@@ -543,6 +544,8 @@ class RayBackend(Backend):
                     continue
                 if kind == "placed":
                     listener.on_node(remote.handle, value)
+                elif kind == "waiting":
+                    listener.on_waiting(remote.handle, value)
                 elif kind == "out":
                     listener.on_output(remote.handle, Stream.STDERR, value)
                 elif kind == "failed":

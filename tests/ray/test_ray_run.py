@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.ray_cluster import WORK, Cluster, items_by_attempt
@@ -248,21 +249,44 @@ def test_two_runs_on_one_cluster_have_their_own_host_actors(cluster: Cluster, en
 
 
 def test_shards_that_fit_no_node_now_wait_their_turn(cluster: Cluster, env: Env) -> None:
-    # Two nodes of 2 CPUs: two shards of 2 CPUs at a time; the third waits in orch's queue.
-    hold = env.script(
-        "hold.py", "import time\ntime.sleep(1.5)  # allowed-sleep: the shard's work\n"
+    # Two nodes of 2 CPUs: two shards of 2 CPUs at a time; the third waits in orch's queue,
+    # and says so in orch status until it is placed.
+    gate = env.cwd / "gate"
+    wait = env.script(
+        "wait.py",
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]):\n"
+        "    time.sleep(0.05)  # allowed-sleep: the test opens the gate\n",
     )
-    proc = env.orch(
+    proc = env.start(
         *ray_run_args(cluster, "--split", "3", "--jobs", "3", "--shard-cpus", "2"),
-        "--", "python", hold,
-        timeout=120,
+        "--", "python", wait, str(gate),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    why = "waiting for a node with CPU 2 free (2 alive nodes, all taken by this run)"
+    try:
+
+        def one_waits() -> list[dict[str, Any]]:
+            root = env.home / "runs"
+            if not root.exists() or not list(root.iterdir()):
+                return []
+            shards = env.status(env.run_id())["shards"]
+            placed = [s for s in shards if s["state"] == "running" and s["node"]]
+            queued = [s for s in shards if s["state"] == "running" and not s["node"]]
+            return shards if len(placed) == 2 and len(queued) == 1 else []
+
+        shards = poll_for(one_waits, timeout=90, interval=0.2)
+        assert shards, "two shards did not start with the third waiting"
+        assert sorted(s["message"] or "" for s in shards) == ["", "", why]
+        assert proc.poll() is None
+    finally:
+        gate.touch()
+    assert proc.wait(120) == 0
     detail = env.status(env.run_id())
     assert {s["state"] for s in detail["shards"]} == {"done"}
     assert {s["attempts"] for s in detail["shards"]} == {1}
+    assert {s["message"] for s in detail["shards"]} == {None}
     said = [Path(s["log_stderr"]).read_text() for s in detail["shards"]]
-    waited = [text for text in said if "orch: waiting for a node with CPU 2 free" in text]
+    waited = [text for text in said if f"orch: {why}" in text]
     assert len(waited) == 1, said
 
 

@@ -135,6 +135,11 @@ class FakeBackend(Backend):
         assert self.listener is not None
         self.listener.on_node(self.running[index], node)
 
+    def queue(self, index: int, why: str) -> None:
+        """The attempt waits for a node with room (a backend that places attempts)."""
+        assert self.listener is not None
+        self.listener.on_waiting(self.running[index], why)
+
     def lose(self, index: int, node: str) -> None:
         handle = self.running.pop(index)
         assert self.listener is not None
@@ -995,6 +1000,26 @@ def test_resume_takes_back_an_attempt_still_alive_without_a_new_one(make: Any) -
 
 
 # --- a node is lost (backends with nodes) ---
+
+
+def test_an_attempt_waiting_for_a_node_says_so_until_it_is_placed(make: Any) -> None:
+    """What the backend says while the attempt waits for room is the shard's message (the
+    REASON of orch status) until it is placed, or ends without ever being placed."""
+    h = make(n=2, jobs=2)
+    h.open()
+    why = "waiting for a node with CPU 2 free (2 alive nodes, all taken by this run)"
+    h.backend.queue(1, why)
+    h.settle()
+    assert (h.row(0)["message"], h.row(1)["message"]) == (None, why)
+    h.backend.place(1, "node-b")
+    h.settle()
+    assert (h.row(1)["node"], h.row(1)["message"]) == ("node-b", None)
+    h.backend.queue(0, why)
+    h.settle()
+    assert h.row(0)["message"] == why
+    h.exit(0, 1)  # it never left the queue: the message goes with it
+    h.settle()
+    assert h.row(0)["message"] is None
 
 
 def test_lost_attempts_are_re_placed_without_counting_against_max_restarts(make: Any) -> None:

@@ -146,6 +146,9 @@ class Recorder:
     def on_exit(self, handle: AttemptHandle, code: int) -> None:
         self.events.append(("exit", handle.spec.index, code))
 
+    def on_waiting(self, handle: AttemptHandle, why: str) -> None:
+        self.events.append(("waiting", handle.spec.index, why))
+
     def on_node(self, handle: AttemptHandle, node: str) -> None:
         self.events.append(("node", handle.spec.index, node))
 
@@ -228,18 +231,19 @@ def test_attempts_share_the_nodes_host_actor_and_wait_for_room(fake_ray: FakeRay
     backend, loop, rec = make(fake_ray)
     for i in range(3):
         backend.start(spec(i))
-    events = run_until(loop, rec, 3)
+    events = run_until(loop, rec, 4)
     assert ("node", 0, "n1") in events and ("node", 1, "n1") in events
-    waiting = [e for e in events if e[0] == "out"]
+    waiting = [e for e in events if e[0] in ("out", "waiting")]
+    why = "waiting for a node with CPU 0.5, nodeA 1 free (2 alive nodes, all taken by this run)"
     assert waiting == [
-        ("out", 2, Stream.STDERR, b"orch: waiting for a node with CPU 0.5, nodeA 1 free "
-         b"(2 alive nodes, all taken by this run)\n")
-    ]  # fmt: skip
+        ("out", 2, Stream.STDERR, f"orch: {why}\n".encode()),
+        ("waiting", 2, why),
+    ]
     assert [name for name, _ in fake_ray.created] == ["orch-R-host-n1"]
     host = fake_ray.hosts["n1"]
     assert [s[:2] for s in host.starts] == [(0, 1), (1, 1)]
     host.polls.append([[0, 1, b"", b"", 0]])  # the first ends: the waiting one starts
-    events = run_until(loop, rec, 5)
+    events = run_until(loop, rec, 6)
     assert ("exit", 0, 0) in events and ("node", 2, "n1") in events
     assert [s[:2] for s in host.starts] == [(0, 1), (1, 1), (2, 1)]
     assert len(fake_ray.created) == 1
@@ -250,7 +254,7 @@ def test_a_waiting_attempt_stopped_never_runs(fake_ray: FakeRay) -> None:
     backend, loop, rec = make(fake_ray, num_cpus=2.0, resources=None)
     handles = [backend.start(spec(i)) for i in range(3)]  # two nodes of 2 CPUs
     backend.signal(handles[2], 15)
-    events = run_until(loop, rec, 4)
+    events = run_until(loop, rec, 5)  # out, waiting, exit of #2; two nodes
     assert ("exit", 2, -15) in events
     assert {s[0] for h in fake_ray.hosts.values() for s in h.starts} == {0, 1}
     assert {e[2] for e in events if e[0] == "node"} == {"n1", "n2"}  # spread
