@@ -250,7 +250,7 @@ def test_two_runs_on_one_cluster_have_their_own_host_actors(cluster: Cluster, en
 
 def test_shards_that_fit_no_node_now_wait_their_turn(cluster: Cluster, env: Env) -> None:
     # Two nodes of 2 CPUs: two shards of 2 CPUs at a time; the third waits in orch's queue,
-    # and says so in orch status until it is placed.
+    # says so in orch status, and is placed on a node that joins the cluster meanwhile.
     gate = env.cwd / "gate"
     wait = env.script(
         "wait.py",
@@ -277,10 +277,24 @@ def test_shards_that_fit_no_node_now_wait_their_turn(cluster: Cluster, env: Env)
         shards = poll_for(one_waits, timeout=90, interval=0.2)
         assert shards, "two shards did not start with the third waiting"
         assert sorted(s["message"] or "" for s in shards) == ["", "", why]
+        queued = next(s["id"] for s in shards if s["message"])
+        cluster.add_node("nodeD")  # a node joins mid-run: the waiting shard goes there
+        joined = cluster.node_id("nodeD")
+
+        def on_the_new_node() -> dict[str, Any] | None:
+            shard = {s["id"]: s for s in env.status(env.run_id())["shards"]}[queued]
+            return shard if shard["node"] == joined else None
+
+        placed = poll_for(on_the_new_node, timeout=60, interval=0.2)
+        assert placed, env.status(env.run_id())
+        assert (placed["state"], placed["message"]) == ("running", None)
         assert proc.poll() is None
     finally:
         gate.touch()
-    assert proc.wait(120) == 0
+        code = proc.wait(120)
+        if "nodeD" in cluster.node_ports:
+            cluster.kill_node("nodeD")  # the next tests count on two nodes of their own
+    assert code == 0
     detail = env.status(env.run_id())
     assert {s["state"] for s in detail["shards"]} == {"done"}
     assert {s["attempts"] for s in detail["shards"]} == {1}
