@@ -13,7 +13,20 @@ from __future__ import annotations
 import os
 import time
 
-from bench.common import ORCH, SLEEP, Cell, Config, Row, Skip, cell, collect, launch, status_kb
+from bench.common import (
+    ORCH,
+    PY,
+    SLEEP,
+    Cell,
+    Config,
+    Row,
+    Skip,
+    cell,
+    collect,
+    launch,
+    run_cmd,
+    status_kb,
+)
 from bench.peers import PEER_NAMES, Fleet, Spec, start
 
 SLEEP_ARGV = [SLEEP, "1000"]
@@ -43,6 +56,27 @@ def _piped_note(orch: Cell, piped: Cell) -> str:
     return text
 
 
+#: What ``orch run`` imports before its first spawn (the set tests/unit/test_late_sockets.py
+#: keeps zmq and the rest out of).
+_FIRST_SPAWN_IMPORTS = (
+    "import orchestrator.cli, orchestrator.launch, orchestrator.start, "
+    "orchestrator.assemble, orchestrator.views.live"
+)
+
+
+def import_floor_s(rounds: int = 7) -> float:
+    """The interpreter time ``orch run`` spends importing before its first spawn: the best
+    of ``rounds`` runs of ``python -c IMPORTS`` minus the best of a bare ``python -c pass``
+    (alternated)."""
+    bare, imports = [], []
+    for _ in range(rounds):
+        for code, out in (("pass", bare), (_FIRST_SPAWN_IMPORTS, imports)):
+            t0 = time.perf_counter()
+            run_cmd([PY, "-c", code], 60)
+            out.append(time.perf_counter() - t0)
+    return min(imports) - min(bare)
+
+
 def startup(cfg: Config) -> list[Row]:
     rows = []
     sizes = [100] if cfg.quick else [100, 1000]
@@ -56,7 +90,9 @@ def startup(cfg: Config) -> list[Row]:
             key=f"startup_{n}", family="startup", metric=f"Start-up: {n:,} sleeps running",
             unit="s", better="lower", orch=orch, limit=got.pop("spawn-loop"),
             limit_label="posix_spawn loop", peers=got, target_x_limit=targets.get(n),
-            note=_piped_note(orch, piped),
+            note=_piped_note(orch, piped) + (
+                f"; imports before the first spawn: {import_floor_s() * 1000:.0f} ms"
+                if n == sizes[0] else ""),
         ))
     big, jobs = (2_000, 200) if cfg.quick else (10_000, 1000)
     got = collect(cfg.repeat, {"orch": lambda: time_to_running(
