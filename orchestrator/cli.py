@@ -37,7 +37,28 @@ def _home_option(f: Any) -> Any:
     )(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _ReaderLeft(Exception):
+    """Raised when whoever reads orch's output went away (``orch logs RUN | head``)."""
+
+
+def _drop_stdout() -> None:
+    """Send what is left to print to /dev/null: nobody reads it any more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # Past click, which would make this exit 1: the reader leaving is not an error.
+            _drop_stdout()
+            raise _ReaderLeft from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="orch")
 def cli() -> None:
     """orch: run a command once per shard, supervised, with progress and checkpoints."""
@@ -408,7 +429,15 @@ def main(argv: list[str] | None = None) -> None:
             # which also takes the descriptor before a log or the database could get it.
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115
     try:
-        cli.main(args=argv, prog_name="orch", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="orch", standalone_mode=False)
+        finally:
+            try:
+                sys.stdout.flush()  # a reader that left shows here at the latest
+            except BrokenPipeError:
+                _drop_stdout()  # and the command's own exit code stands
+    except _ReaderLeft:
+        sys.exit(0)
     except OrchError as exc:
         click.echo(f"orch: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -432,9 +461,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"orch: {_permission_problem(exc)}", err=True)
         sys.exit(RET_USAGE)
     except BrokenPipeError:
-        # `orch logs RUN | head`: the reader left; that is not an error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # `orch logs RUN | head`, seen outside a command: the reader left; not an error.
+        _drop_stdout()
         sys.exit(0)
     except KeyboardInterrupt:
         sys.exit(130)

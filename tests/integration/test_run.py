@@ -530,6 +530,23 @@ sys.exit(1 if me == "0" else 0)
     assert [s["state"] for s in detail["shards"]] == ["failed", "done"]
 
 
+def test_a_reader_of_orch_logs_that_leaves_early_is_not_an_error(env: Env) -> None:
+    """``orch logs RUN | head -1``: the reader leaving is not a failure of orch: exit 0,
+    nothing on stderr (the output is larger than a pipe holds, so the write does fail)."""
+    lines = "i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done"
+    assert env.orch("run", "--split", "3", "--", "sh", "-c", lines).returncode == 0
+    proc = subprocess.Popen(
+        [ORCH, "logs", env.run_id()], cwd=env.cwd, env=orch_env(env.home),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env.procs.append(proc)  # type: ignore[arg-type]
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away
+    assert proc.wait(timeout=30) == 0
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
+
+
 def test_started_with_stdout_closed(env: Env) -> None:
     """``orch run ... >&-`` (cron, some daemons): no traceback, the run is done and recorded."""
     proc = subprocess.run(
