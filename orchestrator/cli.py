@@ -445,9 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__.startswith("NoArgsIsHelp") and exc.ctx is not None:
             click.echo(exc.ctx.get_help())
             sys.exit(RET_USAGE)
-        hint = (
-            f" (orch {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "orch" else ""
-        )
+        ctx = exc.ctx
+        hint = f" ({ctx.command_path} --help)" if ctx is not None and ctx.parent is not None else ""
         click.echo(f"orch: {exc.format_message()}{hint}", err=True)
         sys.exit(RET_USAGE)
     except click.exceptions.Abort:

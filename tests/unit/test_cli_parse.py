@@ -397,7 +397,7 @@ def test_import_prints_without_an_extra_newline(
         (["import", "--home", "h", "f"], "No such option '--home'. Did you mean '--help'? "
          "(orch import --help)"),
         (["events", "r", "r2"], "Got unexpected extra argument (r2) (orch events --help)"),
-        (["notify", "test"], "Missing argument 'CHANNEL'. (orch test --help)"),
+        (["notify", "test"], "Missing argument 'CHANNEL'. (orch notify test --help)"),
         (["notify", "x"], "No such command 'x'. (orch notify --help)"),
         (["notify", "--bogus"], "No such option '--bogus'. (orch notify --help)"),
         (["nope"], "No such command 'nope'."),
