@@ -15,7 +15,7 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -298,6 +298,48 @@ def _stamp(line: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
+class _Stdout:
+    """A process's stdout read as it comes: whole lines, each with its arrival time (wall clock).
+
+    One reader for the process's whole life, so no line is cut between two reads.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.lines: list[tuple[float, str]] = []
+        self.ended = False  # end of file: the process closed its stdout
+        self._buf = b""
+
+    def read_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Read until ``done()``, the end of file or ``timeout`` s; return ``done()``."""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.fd, selectors.EVENT_READ)
+            while not done() and not self.ended:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if not sel.select(timeout=left):
+                    continue
+                try:
+                    chunk = os.read(self.fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    self.ended = True
+                    break
+                now = time.time()
+                *lines, self._buf = (self._buf + chunk).split(b"\n")
+                self.lines.extend((now, ln.decode(errors="replace")) for ln in lines)
+        return done()
+
+
+def _ticks(lines: list[tuple[float, str]]) -> list[int]:
+    return [int(ln.rsplit(" ", 1)[1]) for _, ln in lines if " tick " in ln]
+
+
 def test_logs_follow_shows_lines_as_they_are_written(denv: Env) -> None:
     tick = "i=0; while [ $i -lt 300 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done"
     run = Run(denv, start_detached(denv, "--split", "2", "--", "sh", "-c", tick))
@@ -308,25 +350,40 @@ def test_logs_follow_shows_lines_as_they_are_written(denv: Env) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for key, extra in (("one", ["--shard", "1"]), ("all", []))
     }
+    one, both = _Stdout(follows["one"]), _Stdout(follows["all"])
+
+    def followed() -> list[tuple[float, str]]:
+        """The tick lines -f printed as they were written: stamped after its first line
+        arrived, so not in its dump of what was there when it started (its start may take
+        a second or more on a loaded machine, and the dump then holds that many lines)."""
+        if not one.lines:
+            return []
+        began = one.lines[0][0]
+        return [(at, ln) for at, ln in one.lines if " tick " in ln and _stamp(ln) > began]
+
+    def trickled() -> bool:
+        lines = followed()
+        return len(lines) >= 10 and lines[-1][0] - lines[0][0] > 0.5
+
     try:
-        one = _read_lines(follows["one"], 15, timeout=10)
-        both = _read_lines(follows["all"], 15, timeout=10)
-        ticks = [ln for _, ln in one if " tick " in ln]
-        assert len(ticks) >= 10, one
-        numbers = [int(ln.rsplit(" ", 1)[1]) for ln in ticks]
-        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+        assert one.read_until(trickled, timeout=20), ("lines trickled in over time", one.lines)
+        assert both.read_until(lambda: len(both.lines) >= 15, timeout=10), both.lines
+        numbers = _ticks(one.lines)
+        assert numbers == list(range(len(numbers))), numbers  # each once, in order: dump, then -f
         # As they are written: each line arrives soon after its timestamp, not in a batch.
-        latency = [arrived - _stamp(ln) for arrived, ln in one if " tick " in ln]
-        assert max(latency[-5:]) < 2.5, latency
-        assert one[-1][0] - one[0][0] > 0.5, "lines trickled in over time"
-        prefixes = {ln.split(" ", 1)[0] for _, ln in both}
-        assert prefixes == {"[0]", "[1]"}, both
+        latency = [arrived - _stamp(ln) for arrived, ln in followed()]
+        assert max(latency) < 2.5, latency
+        prefixes = {ln.split(" ", 1)[0] for _, ln in both.lines}
+        assert prefixes == {"[0]", "[1]"}, both.lines
 
         # When the run ends, -f prints the last lines and exits by itself.
         assert denv.orch("stop", run.id).returncode == 0
-        rest = _read_lines(follows["one"], 10_000, timeout=10)
+        assert one.read_until(lambda: one.ended, timeout=20), one.lines[-3:]
         assert follows["one"].wait(timeout=5) == 0
-        assert "## orch: attempt 1 ended" in rest[-1][1], rest[-3:]
+        assert "## orch: attempt 1 ended" in one.lines[-1][1], one.lines[-3:]
+        numbers = _ticks(one.lines)
+        assert numbers == list(range(len(numbers))), numbers  # to the last: none lost or twice
+        assert both.read_until(lambda: both.ended, timeout=20), both.lines[-3:]
         assert follows["all"].wait(timeout=10) == 0
     finally:
         for p in follows.values():
