@@ -70,6 +70,10 @@ def require(peer: str) -> str:
 def versions() -> dict[str, str]:
     out: dict[str, str] = {}
     out["orch"] = run_cmd([*ORCH, "--version"], 20).stdout.strip().split()[-1]
+    # Where the measured orch comes from: an editable install slows every Python start.
+    where = run_cmd([PY, "-c", "import orchestrator; print(orchestrator.__file__)"], 20,
+                    cwd="/").stdout.strip()
+    out["orch"] += " (installed)" if "site-packages" in where else f" (editable: {where})"
     for peer in PEER_NAMES:
         path = peer_bin(peer)
         if path is None:

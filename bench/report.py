@@ -166,6 +166,9 @@ METHOD = """\
   has no such feature shows "n/a (...)"; no figure is ever made up.
 - Peers are installed by `bench/install_peers.sh` into a separate
   environment (/tmp/bench-peers).
+- orch is measured as a user installs it (`pip install .`, not editable):
+  an editable install's finder adds ~15 ms of `site` to every Python start,
+  orch's and the bare loop's alike, which flatters orch's start-up ratios.
 """
 
 
