@@ -734,3 +734,48 @@ def test_a_user_stop_overrides_a_scale_down_under_way() -> None:
         ]
     )
     assert shard.reason == "stopped by user"
+
+
+# --- the events and actions are frozen values ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        lc.Start(),
+        lc.Exited(3),
+        lc.SpawnFailed("executable not found: 'x'", transient=True),
+        lc.Kill(lc.Intent.HUNG, "no heartbeat for 30s"),
+        lc.StopRequested(),
+        lc.SetTimer(lc.TimerKind.GRACE, 12.5),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_events_and_actions_are_frozen_values(value: Any) -> None:
+    import copy
+    import pickle
+
+    fields = type(value).__match_args__
+    same = type(value)(*(getattr(value, n) for n in fields))
+    assert same == value and hash(same) == hash(value)
+    assert value != lc.Spawned() and value != object()
+    assert pickle.loads(pickle.dumps(value)) == value
+    assert copy.deepcopy(value) == value
+    shown = ", ".join(f"{n}={getattr(value, n)!r}" for n in fields)
+    assert repr(value) == f"{type(value).__name__}({shown})"
+    for name in (*fields, "other"):
+        with pytest.raises(AttributeError, match="is frozen"):
+            setattr(value, name, 1)
+    if fields:
+        with pytest.raises(AttributeError, match="is frozen"):
+            delattr(value, fields[0])
+
+
+def test_an_event_with_other_fields_is_another_event() -> None:
+    assert lc.Exited(1) != lc.Exited(2)
+    assert lc.Kill(lc.Intent.HUNG, "a") != lc.Kill(lc.Intent.STALLED, "a")
+    assert lc.StopRequested() == lc.StopRequested(lc.Intent.STOP)
+    assert lc.Lost("x") != lc.SpawnFailed("x")  # same fields' values, another type
+    match lc.SetTimer(lc.TimerKind.BACKOFF, 3.0):
+        case lc.SetTimer(kind, at):  # positional patterns, as with a dataclass
+            assert (kind, at) == (lc.TimerKind.BACKOFF, 3.0)
