@@ -266,33 +266,6 @@ def test_a_run_is_steered_by_its_name(denv: Env) -> None:
 # --- logs -f ----------------------------------------------------------------------------------
 
 
-def _read_lines(
-    proc: subprocess.Popen[bytes], want: int, timeout: float
-) -> list[tuple[float, str]]:
-    """Up to ``want`` stdout lines with their arrival time (wall clock), within ``timeout``."""
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    out: list[tuple[float, str]] = []
-    buf = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < want and time.monotonic() < deadline:
-            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                continue
-            chunk = proc.stdout.read() or b""
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            now = time.time()
-            out.extend((now, ln.decode(errors="replace")) for ln in lines)
-    finally:
-        sel.close()
-    return out
-
-
 def _stamp(line: str) -> float:
     text = line.split("] ", 1)[-1].split(" ", 1)[0]
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
@@ -411,19 +384,21 @@ def test_events_stream_state_changes_until_the_run_ends(denv: Env) -> None:
     feed = subprocess.Popen([ORCH, "events", run.id], cwd=denv.cwd, env=orch_env(denv.home),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+    reader = _Stdout(feed)  # one reader: a line cut between two reads is kept whole
     try:
         # A subscriber joins at some point after it connects (ZeroMQ PUB/SUB): restart a
         # shard until its state changes come through.
-        seen: list[dict[str, object]] = []
         for _ in range(10):
             assert denv.orch("restart", run.id, "--shard", "0").returncode == 0
-            seen += [json.loads(ln) for _, ln in _read_lines(feed, 2, timeout=1.5) if ln]
-            if seen:
+            if reader.read_until(lambda: len(reader.lines) >= 2, timeout=1.5) or reader.lines:
                 break
+        seen = [json.loads(ln) for _, ln in reader.lines if ln]
         assert seen, "no event within 10 restarts"
         assert all(e["v"] == 1 and e["shard"] == "0" for e in seen), seen
+        before = len(reader.lines)
         assert denv.orch("stop", run.id).returncode == 0
-        rest = [json.loads(ln) for _, ln in _read_lines(feed, 10_000, timeout=10) if ln]
+        assert reader.read_until(lambda: reader.ended, timeout=10), reader.lines[-3:]
+        rest = [json.loads(ln) for _, ln in reader.lines[before:] if ln]
         assert feed.wait(timeout=5) == 0, feed.stderr.read()  # type: ignore[union-attr]
     finally:
         if feed.poll() is None:
