@@ -16,6 +16,18 @@ def ray_run_args(cluster: Cluster, *extra: str) -> list[str]:
     return ["run", "--backend", "ray", "--ray-address", cluster.address, *extra]
 
 
+def gated_command(env: Env) -> tuple[Path, str]:
+    """A gate file and a shard script that runs until the test creates the gate."""
+    gate = env.cwd / "gate"
+    wait = env.script(
+        "wait.py",
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]):\n"
+        "    time.sleep(0.05)  # allowed-sleep: the test opens the gate\n",
+    )
+    return gate, wait
+
+
 def test_eight_shards_run_on_both_nodes_every_item_once(cluster: Cluster, env: Env) -> None:
     work = env.script("work.py", WORK)
     items = env.cwd / "items"
@@ -202,13 +214,7 @@ def test_node_killed_mid_run_its_shards_finish_elsewhere_from_checkpoints(
 def test_two_runs_on_one_cluster_have_their_own_host_actors(cluster: Cluster, env: Env) -> None:
     from helpers.world import start_orch
 
-    gate = env.cwd / "gate"
-    wait = env.script(
-        "wait.py",
-        "import os, sys, time\n"
-        "while not os.path.exists(sys.argv[1]):\n"
-        "    time.sleep(0.05)  # allowed-sleep: the test opens the gate\n",
-    )
+    gate, wait = gated_command(env)
     args = ray_run_args(
         cluster, "--split", "4", "--shard-cpus", "0", "--", "python", wait, str(gate)
     )
@@ -251,13 +257,7 @@ def test_two_runs_on_one_cluster_have_their_own_host_actors(cluster: Cluster, en
 def test_shards_that_fit_no_node_now_wait_their_turn(cluster: Cluster, env: Env) -> None:
     # Two nodes of 2 CPUs: two shards of 2 CPUs at a time; the third waits in orch's queue,
     # says so in orch status, and is placed on a node that joins the cluster meanwhile.
-    gate = env.cwd / "gate"
-    wait = env.script(
-        "wait.py",
-        "import os, sys, time\n"
-        "while not os.path.exists(sys.argv[1]):\n"
-        "    time.sleep(0.05)  # allowed-sleep: the test opens the gate\n",
-    )
+    gate, wait = gated_command(env)
     proc = env.start(
         *ray_run_args(cluster, "--split", "3", "--jobs", "3", "--shard-cpus", "2"),
         "--", "python", wait, str(gate),
