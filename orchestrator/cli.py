@@ -48,11 +48,18 @@ def _drop_stdout() -> None:
     os.close(devnull)
 
 
+#: Commands whose output is all they do: their reader leaving early is not an error. The
+#: others (orch run, resume, wait ...) keep an exit code that says how the run went.
+_READ_ONLY_OUTPUT = frozenset({"status", "logs", "events", "schedules", "import"})
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
+            if ctx.invoked_subcommand not in _READ_ONLY_OUTPUT:
+                raise
             # Past click, which would make this exit 1: the reader leaving is not an error.
             _drop_stdout()
             raise _ReaderLeft from None
