@@ -293,11 +293,11 @@ class Attempts:
             self.settle()
         if run.handle is handle:
             run.node = node
+            fields: dict[str, str | None] = {"node": node}
             if run.index in self._waited:
                 self._waited.discard(run.index)
-                self._store.set_shard(run.index, node=node, message=None)
-            else:
-                self._store.set_shard(run.index, node=node)
+                fields["message"] = None
+            self._store.set_shard(run.index, **fields)
 
     def exited(
         self, run: ShardRun, handle: AttemptHandle, code: int, lost: str | None = None
